@@ -1,0 +1,180 @@
+"""BLASST decode on the CPU: split-KV (flash-decoding) with a log-sum-exp merge.
+
+Decode is memory-bound: each K and V element is read once for only ``group * Lq`` query
+rows, so the time is the bytes moved. A skipped tile never touches its V rows, which is
+where the speedup comes from: at sparsity ``s`` the bytes are ``K + (1 - s) V``, an ideal
+speedup of ``2 / (2 - s)`` for ``Dqk == Dv``.
+
+Two kernels, as on a GPU:
+
+1. :func:`decode_split_kernel`, a ``prange`` over (batch, kv head, split): the rows of every
+   tile are all query rows of all query heads of one kv group (they decide together whether
+   to skip), and each split starts with its own running max (its first tile is dense). It
+   writes the split's partial state ``(m, l, acc)``.
+2. :func:`decode_merge_kernel`, a ``prange`` over (batch, kv head): rescales the partial
+   states to the common max and divides by the merged sum.
+
+The tile products are plain loops: with ``group * Lq`` rows (4 for Llama-style GQA) a BLAS
+call costs more in overhead than the arithmetic, and the loops keep each K/V row in L1 while
+all rows use it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import literally, njit, prange
+
+from ._math import FASTMATH, exp
+from .prefill import COMPUTED, SKIPPED, _nan_max
+
+
+@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+def decode_split_kernel(q, k, v, log_thresh, causal, scale, block_k, split_tiles, skip_test,
+                        part_m, part_l, part_acc, tile_map):
+    """Partial BLASST states of every split-KV chunk.
+
+    Args:
+        q: ``(B, Hq, Lq, Dqk)``; k: ``(B, Hkv, Lk, Dqk)``; v: ``(B, Hkv, Lk, Dv)``; C-contiguous,
+            one float dtype.
+        log_thresh, causal, scale, block_k: as in the prefill kernel.
+        split_tiles: key tiles per split (``tiling.decode_split_tiles``).
+        skip_test: literal bool; False compiles the skip test out.
+        part_m, part_l: ``(B, Hkv, n_splits, R)`` with ``R = (Hq // Hkv) * Lq``, written.
+        part_acc: ``(B, Hkv, n_splits, R, Dv)``, written.
+        tile_map: int8 ``(B, Hkv, 1, n_k_tiles)``, zero on entry.
+
+    Row ``r`` of a group is query head ``g * group + r // Lq`` at query position ``r % Lq``.
+    """
+    literally(skip_test)
+    dt = q.dtype.type
+    n_b, n_hq, lq, dqk = q.shape
+    n_hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    group = n_hq // n_hkv
+    n_rows = group * lq
+    offset = lk - lq
+    n_kt = (lk + block_k - 1) // block_k
+    n_splits = part_m.shape[2]
+    neg_inf = dt(-np.inf)
+
+    k_tiles = n_kt
+    if causal:  # tiles past the last query row's horizon are masked for every row
+        last_visible = lq - 1 + offset
+        k_tiles = 0 if last_visible < 0 else min(n_kt, last_visible // block_k + 1)
+
+    for w in prange(n_b * n_hkv * n_splits):
+        b = w // (n_hkv * n_splits)
+        g = (w // n_splits) % n_hkv
+        sp = w % n_splits
+
+        q_rows = np.empty((n_rows, dqk), q.dtype)
+        for r in range(n_rows):
+            for d in range(dqk):
+                q_rows[r, d] = q[b, g * group + r // lq, r % lq, d] * dt(scale)
+        m = np.full(n_rows, neg_inf, q.dtype)
+        l = np.zeros(n_rows, q.dtype)
+        acc = np.zeros((n_rows, dv), q.dtype)
+        s = np.empty((n_rows, block_k), q.dtype)
+        tile_max = np.empty(n_rows, q.dtype)
+        alpha = np.empty(n_rows, q.dtype)
+
+        for kt in range(sp * split_tiles, min(k_tiles, (sp + 1) * split_tiles)):
+            j0 = kt * block_k
+            nc = min(lk, j0 + block_k) - j0
+            # S = Q K^T, one key row at a time so that it stays in L1 for all rows
+            for j in range(nc):
+                for r in range(n_rows):
+                    dot = dt(0.0)
+                    for d in range(dqk):
+                        dot += q_rows[r, d] * k[b, g, j0 + j, d]
+                    s[r, j] = dot
+            for r in range(n_rows):
+                lim = nc
+                if causal:
+                    lim = min(nc, max(0, r % lq + offset - j0 + 1))
+                mx = neg_inf
+                for j in range(lim):
+                    mx = _nan_max(mx, s[r, j])
+                tile_max[r] = mx
+
+            if skip_test:
+                skip = True
+                for r in range(n_rows):
+                    if not (tile_max[r] - m[r] < log_thresh):
+                        skip = False
+                        break
+                if skip:  # the V rows of this tile are never read
+                    tile_map[b, g, 0, kt] = SKIPPED
+                    continue
+            tile_map[b, g, 0, kt] = COMPUTED
+
+            for r in range(n_rows):
+                lim = nc
+                if causal:
+                    lim = min(nc, max(0, r % lq + offset - j0 + 1))
+                m_new = _nan_max(m[r], tile_max[r])
+                shift = dt(0.0) if m_new == neg_inf else m_new
+                alpha[r] = exp(m[r] - shift)
+                row_sum = dt(0.0)
+                for j in range(lim):
+                    p = exp(s[r, j] - shift)
+                    s[r, j] = p
+                    row_sum += p
+                for j in range(lim, nc):
+                    s[r, j] = dt(0.0)
+                l[r] = l[r] * alpha[r] + row_sum
+                m[r] = m_new
+                if alpha[r] != dt(1.0):
+                    for d in range(dv):
+                        acc[r, d] *= alpha[r]
+            # O += P V, one V row at a time for all rows
+            for j in range(nc):
+                for r in range(n_rows):
+                    p = s[r, j]
+                    for d in range(dv):
+                        acc[r, d] += p * v[b, g, j0 + j, d]
+
+        for r in range(n_rows):
+            part_m[b, g, sp, r] = m[r]
+            part_l[b, g, sp, r] = l[r]
+            for d in range(dv):
+                part_acc[b, g, sp, r, d] = acc[r, d]
+
+
+@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+def decode_merge_kernel(part_m, part_l, part_acc, causal, lk, out):
+    """Merge split-KV partial states by log-sum-exp into ``out`` ``(B, Hq, Lq, Dv)``.
+
+    Each split's ``(l, acc)`` is relative to its own max ``m_s``; relative to the common max
+    ``M`` it is weighted by ``exp(m_s - M)`` (0 for a split that saw nothing)."""
+    dt = out.dtype.type
+    n_b, n_hkv, n_splits, n_rows = part_m.shape
+    n_hq, lq, dv = out.shape[1], out.shape[2], out.shape[3]
+    group = n_hq // n_hkv
+    offset = lk - lq
+    neg_inf = dt(-np.inf)
+    for w in prange(n_b * n_hkv):
+        b = w // n_hkv
+        g = w % n_hkv
+        o = np.empty(dv, out.dtype)
+        for r in range(n_rows):
+            h = g * group + r // lq
+            i = r % lq
+            if causal and i + offset < 0:  # the row sees no key: zeros
+                for d in range(dv):
+                    out[b, h, i, d] = dt(0.0)
+                continue
+            mx = neg_inf
+            for sp in range(n_splits):
+                mx = _nan_max(mx, part_m[b, g, sp, r])
+            shift = dt(0.0) if mx == neg_inf else mx
+            total = dt(0.0)
+            for d in range(dv):
+                o[d] = dt(0.0)
+            for sp in range(n_splits):
+                wgt = exp(part_m[b, g, sp, r] - shift)
+                total += wgt * part_l[b, g, sp, r]
+                for d in range(dv):
+                    o[d] += wgt * part_acc[b, g, sp, r, d]
+            inv = dt(1.0) / total
+            for d in range(dv):
+                out[b, h, i, d] = o[d] * inv
