@@ -28,6 +28,9 @@ def _blas_single_threaded():
     global _controller
     with _controller_lock:
         if _controller is None:
+            # Numba's np.dot calls scipy's BLAS: load it before threadpoolctl takes its
+            # inventory of loaded libraries, or the limit would miss it.
+            import scipy.linalg.cython_blas  # noqa: F401
             from threadpoolctl import ThreadpoolController
 
             _controller = ThreadpoolController()

@@ -25,7 +25,7 @@ import numpy as np
 from numba import literally, njit, prange
 
 from ._math import FASTMATH, exp
-from .prefill import COMPUTED, SKIPPED, _nan_max
+from .prefill import COMPUTED, SKIPPED, _has_nan
 
 
 @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
@@ -92,8 +92,9 @@ def decode_split_kernel(q, k, v, log_thresh, causal, scale, block_k, split_tiles
                 if causal:
                     lim = min(nc, max(0, r % lq + offset - j0 + 1))
                 mx = neg_inf
+                row = s[r]
                 for j in range(lim):
-                    mx = _nan_max(mx, s[r, j])
+                    mx = max(mx, row[j])
                 tile_max[r] = mx
 
             if skip_test:
@@ -102,7 +103,7 @@ def decode_split_kernel(q, k, v, log_thresh, causal, scale, block_k, split_tiles
                     if not (tile_max[r] - m[r] < log_thresh):
                         skip = False
                         break
-                if skip:  # the V rows of this tile are never read
+                if skip and not _has_nan(s[:, :nc]):  # the V rows of this tile are never read
                     tile_map[b, g, 0, kt] = SKIPPED
                     continue
             tile_map[b, g, 0, kt] = COMPUTED
@@ -111,7 +112,7 @@ def decode_split_kernel(q, k, v, log_thresh, causal, scale, block_k, split_tiles
                 lim = nc
                 if causal:
                     lim = min(nc, max(0, r % lq + offset - j0 + 1))
-                m_new = _nan_max(m[r], tile_max[r])
+                m_new = max(m[r], tile_max[r])
                 shift = dt(0.0) if m_new == neg_inf else m_new
                 alpha[r] = exp(m[r] - shift)
                 row_sum = dt(0.0)
@@ -165,7 +166,7 @@ def decode_merge_kernel(part_m, part_l, part_acc, causal, lk, out):
                 continue
             mx = neg_inf
             for sp in range(n_splits):
-                mx = _nan_max(mx, part_m[b, g, sp, r])
+                mx = max(mx, part_m[b, g, sp, r])
             shift = dt(0.0) if mx == neg_inf else mx
             total = dt(0.0)
             for d in range(dv):

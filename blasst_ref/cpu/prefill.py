@@ -29,11 +29,12 @@ COMPUTED = np.int8(1)
 SKIPPED = np.int8(2)
 
 
-@njit(inline="always", fastmath=FASTMATH)
-def _nan_max(a, b):
-    # max that keeps NaN: once a row's max is NaN it stays NaN, so a NaN score can never
-    # let a tile be skipped (it compares false), matching the reference.
-    return b if (b > a or b != b) else a
+@njit(inline="always")
+def _has_nan(x):
+    for v in x.ravel():
+        if v != v:
+            return True
+    return False
 
 
 @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
@@ -100,17 +101,20 @@ def prefill_kernel(q, k, v, log_thresh, causal, scale, block_q, block_k, skip_te
                 if partial:
                     lim = min(nc, max(0, i0 + r + offset - j0 + 1))
                 mx = neg_inf
+                row = s[r]
                 for j in range(lim):
-                    mx = _nan_max(mx, s[r, j])
+                    mx = max(mx, row[j])
                 tile_max[r] = mx
 
             if skip_test:
                 skip = True
                 for r in range(nr):
-                    if not (tile_max[r] - m[r] < log_thresh):  # NaN: keep the tile
+                    if not (tile_max[r] - m[r] < log_thresh):
                         skip = False
                         break
-                if skip:
+                # The row max above ignores NaN (a NaN-aware max does not vectorise); a NaN
+                # score must keep its tile, so check for one on this (cheap) path only.
+                if skip and not _has_nan(s):
                     tile_map[b, h, qt, kt] = SKIPPED
                     continue
             tile_map[b, h, qt, kt] = COMPUTED
@@ -119,17 +123,18 @@ def prefill_kernel(q, k, v, log_thresh, causal, scale, block_q, block_k, skip_te
                 lim = nc
                 if partial:
                     lim = min(nc, max(0, i0 + r + offset - j0 + 1))
-                m_new = _nan_max(m[r], tile_max[r])
+                m_new = max(m[r], tile_max[r])
                 # a row that has seen nothing yet shifts by 0, keeping l = 0 and acc = 0
                 shift = dt(0.0) if m_new == neg_inf else m_new
                 alpha = exp(m[r] - shift)
                 row_sum = dt(0.0)
+                row = s[r]
                 for j in range(lim):
-                    p = exp(s[r, j] - shift)
-                    s[r, j] = p
+                    p = exp(row[j] - shift)
+                    row[j] = p
                     row_sum += p
                 for j in range(lim, nc):
-                    s[r, j] = dt(0.0)
+                    row[j] = dt(0.0)
                 l[r] = l[r] * alpha + row_sum
                 m[r] = m_new
                 if alpha != dt(1.0):
