@@ -66,7 +66,8 @@ def blasst_attention(q, k, v, thresh, causal, scale, block_q, block_k, *, skip_t
     elif out.shape != (n_b, n_hq, lq, dv) or out.dtype != q.dtype or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous {q.dtype} array of shape {(n_b, n_hq, lq, dv)}")
     log_thresh = -math.inf if thresh == 0 else math.log(thresh)
-    causal, skip_test = bool(causal), bool(skip_test)
+    causal = bool(causal)
+    skip_test = True if skip_test else None  # None: a kernel compiled without the test
     n_kt = tiling.num_tiles(lk, block_k)
 
     with _blas_single_threaded():

@@ -14,15 +14,15 @@ Two kernels, as on a GPU:
 2. :func:`decode_merge_kernel`, a ``prange`` over (batch, kv head): rescales the partial
    states to the common max and divides by the merged sum.
 
-The tile products are plain loops: with ``group * Lq`` rows (4 for Llama-style GQA) a BLAS
-call costs more in overhead than the arithmetic, and the loops keep each K/V row in L1 while
-all rows use it.
+``Q K^T`` always runs, so each split first computes all its scores, streaming its K rows
+once; the tile-by-tile part is the skip test and ``O += P V``, a plain loop that
+reads each kept V row once for all ``group * Lq`` rows (4 for Llama-style GQA).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import literally, njit, prange
+from numba import njit, prange
 
 from ._math import FASTMATH, exp
 from .prefill import COMPUTED, SKIPPED, _has_nan
@@ -38,14 +38,14 @@ def decode_split_kernel(q, k, v, log_thresh, causal, scale, block_k, split_tiles
             one float dtype.
         log_thresh, causal, scale, block_k: as in the prefill kernel.
         split_tiles: key tiles per split (``tiling.decode_split_tiles``).
-        skip_test: literal bool; False compiles the skip test out.
+        skip_test: ``True``, or ``None`` to compile the skip test out (Numba prunes
+            ``if skip_test is not None`` for a None-typed argument).
         part_m, part_l: ``(B, Hkv, n_splits, R)`` with ``R = (Hq // Hkv) * Lq``, written.
         part_acc: ``(B, Hkv, n_splits, R, Dv)``, written.
         tile_map: int8 ``(B, Hkv, 1, n_k_tiles)``, zero on entry.
 
     Row ``r`` of a group is query head ``g * group + r // Lq`` at query position ``r % Lq``.
     """
-    literally(skip_test)
     dt = q.dtype.type
     n_b, n_hq, lq, dqk = q.shape
     n_hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -73,37 +73,54 @@ def decode_split_kernel(q, k, v, log_thresh, causal, scale, block_k, split_tiles
         m = np.full(n_rows, neg_inf, q.dtype)
         l = np.zeros(n_rows, q.dtype)
         acc = np.zeros((n_rows, dv), q.dtype)
-        s = np.empty((n_rows, block_k), q.dtype)
         tile_max = np.empty(n_rows, q.dtype)
-        alpha = np.empty(n_rows, q.dtype)
 
-        for kt in range(sp * split_tiles, min(k_tiles, (sp + 1) * split_tiles)):
+        kt0 = sp * split_tiles
+        kt1 = min(k_tiles, kt0 + split_tiles)
+        if kt1 <= kt0:
+            for r in range(n_rows):
+                part_m[b, g, sp, r] = m[r]
+                part_l[b, g, sp, r] = dt(0.0)
+                for d in range(dv):
+                    part_acc[b, g, sp, r, d] = dt(0.0)
+            continue
+        js = kt0 * block_k
+        je = min(lk, kt1 * block_k)
+        # Q K^T is never skipped: score the whole split first, streaming each K row once
+        # for all rows (a plain loop: BLAS is 4x slower than this at 4 rows); only the
+        # P.V part below is decided tile by tile.
+        s = np.empty((n_rows, je - js), q.dtype)
+        k_g = k[b, g]
+        for j in range(je - js):
+            k_row = k_g[js + j]
+            for r in range(n_rows):
+                q_row = q_rows[r]
+                dot = dt(0.0)
+                for d in range(dqk):
+                    dot += q_row[d] * k_row[d]
+                s[r, j] = dot
+
+        for kt in range(kt0, kt1):
             j0 = kt * block_k
             nc = min(lk, j0 + block_k) - j0
-            # S = Q K^T, one key row at a time so that it stays in L1 for all rows
-            for j in range(nc):
-                for r in range(n_rows):
-                    dot = dt(0.0)
-                    for d in range(dqk):
-                        dot += q_rows[r, d] * k[b, g, j0 + j, d]
-                    s[r, j] = dot
+            c0 = j0 - js  # column of key j0 in s
             for r in range(n_rows):
                 lim = nc
                 if causal:
                     lim = min(nc, max(0, r % lq + offset - j0 + 1))
                 mx = neg_inf
-                row = s[r]
+                row = s[r, c0:c0 + lim]
                 for j in range(lim):
                     mx = max(mx, row[j])
                 tile_max[r] = mx
 
-            if skip_test:
+            if skip_test is not None:  # pruned at compile time when None
                 skip = True
                 for r in range(n_rows):
                     if not (tile_max[r] - m[r] < log_thresh):
                         skip = False
                         break
-                if skip and not _has_nan(s[:, :nc]):  # the V rows of this tile are never read
+                if skip and not _has_nan(s[:, c0:c0 + nc]):  # V of this tile is never read
                     tile_map[b, g, 0, kt] = SKIPPED
                     continue
             tile_map[b, g, 0, kt] = COMPUTED
@@ -114,25 +131,30 @@ def decode_split_kernel(q, k, v, log_thresh, causal, scale, block_k, split_tiles
                     lim = min(nc, max(0, r % lq + offset - j0 + 1))
                 m_new = max(m[r], tile_max[r])
                 shift = dt(0.0) if m_new == neg_inf else m_new
-                alpha[r] = exp(m[r] - shift)
+                alpha = exp(m[r] - shift)
+                row = s[r, c0:c0 + nc]
                 row_sum = dt(0.0)
                 for j in range(lim):
-                    p = exp(s[r, j] - shift)
-                    s[r, j] = p
+                    p = exp(row[j] - shift)
+                    row[j] = p
                     row_sum += p
                 for j in range(lim, nc):
-                    s[r, j] = dt(0.0)
-                l[r] = l[r] * alpha[r] + row_sum
+                    row[j] = dt(0.0)
+                l[r] = l[r] * alpha + row_sum
                 m[r] = m_new
-                if alpha[r] != dt(1.0):
+                if alpha != dt(1.0):
+                    arow = acc[r]
                     for d in range(dv):
-                        acc[r, d] *= alpha[r]
-            # O += P V, one V row at a time for all rows
+                        arow[d] *= alpha
+            # O += P V, one V row at a time (read once, from L1) for all rows
+            v_g = v[b, g]
             for j in range(nc):
+                v_row = v_g[j0 + j]
                 for r in range(n_rows):
-                    p = s[r, j]
+                    p = s[r, c0 + j]
+                    arow = acc[r]
                     for d in range(dv):
-                        acc[r, d] += p * v[b, g, j0 + j, d]
+                        arow[d] += p * v_row[d]
 
         for r in range(n_rows):
             part_m[b, g, sp, r] = m[r]

@@ -14,14 +14,14 @@ fast on a CPU core:
 * the old accumulator is only rescaled when a row's max actually grows (``alpha != 1``),
   which after the first few tiles is rare.
 
-``skip_test`` is a compile-time literal: ``skip_test=False`` compiles a kernel without the
-test, the baseline for "the skip test costs nothing at ``thresh = 0``".
+``skip_test=None`` compiles a kernel without the skip test (its type is None, and Numba
+prunes the branch): the baseline for "the skip test costs nothing at ``thresh = 0``".
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import literally, njit, prange
+from numba import njit, prange
 
 from ._math import FASTMATH, exp
 
@@ -47,12 +47,12 @@ def prefill_kernel(q, k, v, log_thresh, causal, scale, block_q, block_k, skip_te
         log_thresh: ``log(thresh)``, ``-inf`` for ``thresh = 0``.
         causal: bottom-right aligned mask. scale: score scale.
         block_q, block_k: tile sizes.
-        skip_test: literal bool; False compiles the skip test out.
+        skip_test: ``True``, or ``None`` to compile the skip test out (Numba prunes
+            ``if skip_test is not None`` for a None-typed argument).
         out: ``(B, Hq, Lq, Dv)`` written completely.
         tile_map: int8 ``(B, Hq, n_q_tiles, n_k_tiles)``, zero on entry; visited tiles get
             1 (computed) or 2 (skipped).
     """
-    literally(skip_test)
     dt = q.dtype.type
     n_b, n_hq, lq, dqk = q.shape
     n_hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -106,7 +106,7 @@ def prefill_kernel(q, k, v, log_thresh, causal, scale, block_q, block_k, skip_te
                     mx = max(mx, row[j])
                 tile_max[r] = mx
 
-            if skip_test:
+            if skip_test is not None:  # pruned at compile time when None
                 skip = True
                 for r in range(nr):
                     if not (tile_max[r] - m[r] < log_thresh):
