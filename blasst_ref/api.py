@@ -9,6 +9,7 @@ the same way for every backend.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -265,6 +266,11 @@ def attention(
     decode = tiling.is_decode(lq)
 
     if backend == "cuda":
+        if importlib.util.find_spec(f"{__package__}.cuda") is None:
+            raise NotImplementedError(
+                "backend='cuda': the Numba CUDA kernels are not part of this version of "
+                "blasst_ref yet; use backend='cpu' with numpy arrays"
+            )
         try:
             from . import cuda as cuda_backend
         except ImportError as exc:  # pragma: no cover - depends on the machine
