@@ -65,7 +65,11 @@ def prefill_kernel(q, k, v, log_thresh, causal, scale, block_q, block_k, skip_te
     for w in prange(n_b * n_hq * n_qt):
         b = w // (n_hq * n_qt)
         h = (w // n_qt) % n_hq
-        qt = w % n_qt
+        # Zig-zag over query tiles (0, n-1, 1, n-2, ...): under causal masking tile qt costs
+        # ~qt + 1, and prange hands each thread one contiguous range of w: interleaving
+        # light and heavy tiles balances the threads even for a single head.
+        z = w % n_qt
+        qt = z // 2 if z % 2 == 0 else n_qt - 1 - z // 2
         kvh = h // group
         i0 = qt * block_q
         i1 = min(lq, i0 + block_q)
