@@ -1,0 +1,16 @@
+"""Benchmark harness behind ``python -m blasst_ref.bench <subcommand>`` (DESIGN.md §4).
+
+Subcommands, one module each, listed in :data:`SUBCOMMANDS`:
+
+* ``attention`` (:mod:`.attention`): BLASST attention, dense and sparse, against PyTorch SDPA;
+  ``--preset issue2`` reproduces the measurements of issue #2.
+
+To add one (e.g. ``graph``, ``int8``): write ``blasst_ref/bench/<name>.py`` with
+``register(subparsers)`` — it adds its parser and ``set_defaults(func=run, parser=p)`` — and
+``run(args) -> int``, then add ``"<name>"`` to :data:`SUBCOMMANDS`. Shared pieces:
+:mod:`.machine` (the machine line every table starts with), :mod:`.timing` (warm-up, then
+interleaved repeats, median), :mod:`.oracle` (a memory-bounded float64 dense result).
+"""
+
+#: Subcommand modules of ``python -m blasst_ref.bench``, in help order. Imported lazily.
+SUBCOMMANDS = ("attention",)

@@ -1,0 +1,243 @@
+"""The benchmark harness and the demo: they run end to end and count what they claim.
+
+Correctness tests of the harness only: no assertion here depends on a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import blasst_ref as br
+from blasst_ref.bench import __main__ as bench_main
+from blasst_ref.bench.attention import (
+    ThreshSpec, attention_flops, cpu_available, find_threshold, parse_thresh, torch_available,
+    visible_pairs,
+)
+from blasst_ref.bench.oracle import dense_oracle, rel_l2
+from blasst_ref.bench.timing import Variant, calls_needed, measure
+
+HAVE_CPU = cpu_available()[0]
+HAVE_TORCH = torch_available()[0]
+SEARCH_BACKEND = "cpu" if HAVE_CPU else "reference"
+#: every host backend the bench can time here (cpu-noskip and torch exercise their own paths)
+HOST_BACKENDS = ["reference"] + (["cpu", "cpu-noskip"] if HAVE_CPU else []) + (
+    ["torch"] if HAVE_TORCH else [])
+
+ROW_KEYS = {
+    "case", "phase", "backend", "B", "Hq", "Hkv", "Lq", "Lk", "Dqk", "Dv", "causal", "dtype",
+    "thresh", "thresh_spec", "sparsity", "skipped_tiles", "visited_tiles", "ms", "ms_min",
+    "repeats", "warmup_ms", "flops", "gflops", "rel_err", "speedup_vs_dense",
+    "speedup_vs_torch", "machine",
+}
+
+
+# ---------------------------------------------------------------------------------------
+# FLOP count
+
+
+def brute_force_pairs(lq: int, lk: int, causal: bool) -> int:
+    """Visible (i, j) pairs by enumeration: row i sees key j iff j <= i + (Lk - Lq)."""
+    i = np.arange(lq)[:, None]
+    j = np.arange(lk)[None, :]
+    return int((j <= i + (lk - lq)).sum()) if causal else lq * lk
+
+
+@pytest.mark.parametrize("lq, lk", [
+    (1, 1), (1, 7), (1, 32768), (5, 9), (16, 1000),         # Lq < Lk (decode, chunked prefill)
+    (7, 7), (128, 128), (4096, 4096),                       # Lq == Lk
+    (9, 5), (100, 3), (2, 1),                               # Lq > Lk: early rows see nothing
+])
+@pytest.mark.parametrize("causal", [True, False])
+def test_visible_pairs_match_brute_force(lq, lk, causal):
+    assert visible_pairs(lq, lk, causal) == brute_force_pairs(lq, lk, causal)
+
+
+def test_attention_flops_formula():
+    # no mask, Dqk == Dv == D: the familiar 4 * B * H * Lq * Lk * D
+    assert attention_flops(2, 8, 4096, 4096, 64, 64, False) == 4 * 2 * 8 * 4096 * 4096 * 64
+    # causal square prefill: the triangle L (L + 1) / 2, with Dqk != Dv (MLA-like)
+    b, h, lq, lk, dqk, dv = 1, 3, 100, 100, 576, 512
+    assert attention_flops(b, h, lq, lk, dqk, dv, True) == \
+        2 * b * h * (lq * (lq + 1) // 2) * (dqk + dv)
+    # decode: one row sees every key, causal or not
+    assert attention_flops(1, 32, 1, 32768, 128, 128, True) == \
+        attention_flops(1, 32, 1, 32768, 128, 128, False) == 2 * 32 * 32768 * 256
+
+
+# ---------------------------------------------------------------------------------------
+# oracle, thresholds, timing
+
+
+@pytest.mark.parametrize("lq, lk", [(37, 37), (5, 60), (60, 20), (1, 100)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_dense_oracle_equals_dense_attention(lq, lk, causal):
+    rng = np.random.default_rng(lq * 1000 + lk)
+    q = rng.standard_normal((2, 4, lq, 8))
+    k = rng.standard_normal((2, 2, lk, 8))
+    v = rng.standard_normal((2, 2, lk, 5))
+    got = dense_oracle(q, k, v, causal=causal, block_rows=16)
+    want = br.dense_attention(q, k, v, causal=causal)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert rel_l2(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("text, want", [
+    ("0", ThreshSpec(value=0.0)), ("1e-3", ThreshSpec(value=1e-3)),
+    ("auto:0.75", ThreshSpec(target=0.75)), ("AUTO:0.5", ThreshSpec(target=0.5)),
+    ("auto:0", ThreshSpec(value=0.0)),
+])
+def test_parse_thresh(text, want):
+    assert parse_thresh(text) == want
+
+
+@pytest.mark.parametrize("text", ["1", "1.5", "-0.1", "nan", "x", "auto:", "auto:1", "auto:-1"])
+def test_parse_thresh_rejects(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_thresh(text)
+
+
+def test_find_threshold_reaches_target():
+    from blasst_ref.workloads import llm_like
+
+    q, k, v = llm_like(1, 4, 2, 512, 512, 32, seed=1, peakedness=2.0)
+    cache: dict = {}
+    for target in (0.5, 0.75):
+        res = find_threshold(q, k, v, target, causal=True, backend=SEARCH_BACKEND, tol=0.03,
+                             cache=cache)
+        assert res.reached and abs(res.sparsity - target) <= 0.03, res
+        assert 0 < res.thresh < 1
+        _, st = br.attention(q, k, v, res.thresh, causal=True, backend=SEARCH_BACKEND,
+                             return_stats=True)
+        assert st.sparsity == pytest.approx(res.sparsity)  # the search reports what it saw
+    with pytest.raises(ValueError):
+        find_threshold(q, k, v, 1.0, causal=True, backend=SEARCH_BACKEND)
+
+
+def test_measure_interleaves_and_counts():
+    calls = []
+    variants = [Variant("a", lambda: calls.append("a") or 1),
+                Variant("b", lambda: calls.append("b") or 2, max_repeat=1),
+                Variant("c", lambda: calls.append("c") or 3, warm_is_timed=True)]
+    res = measure(variants, 3, on_warm=lambda v, r: r * 10)
+    assert calls[:3] == ["a", "b", "c"]  # warm-ups first
+    assert len(calls) == calls_needed(variants, 3) == 3 + 3 + 1 + 2
+    assert [len(res[n].samples_ms) for n in "abc"] == [3, 1, 3]
+    assert [res[n].result for n in "abc"] == [10, 20, 30]
+    assert calls[3:6] == ["a", "b", "c"] and calls[6] == "c"  # second round rotated by one
+
+
+# ---------------------------------------------------------------------------------------
+# the bench CLI, end to end at tiny sizes
+
+
+def _bench(capsys, *argv) -> str:
+    assert bench_main.main(["attention", *argv, "--quiet"]) == 0
+    return capsys.readouterr().out
+
+
+TINY = ["--L", "256", "--Hq", "2", "--Hkv", "1", "--D", "16", "--repeat", "1"]
+
+
+def test_bench_table(capsys):
+    out = _bench(capsys, *TINY, "--thresh", "0", "0.01", "auto:0.5",
+                 "--backend", *HOST_BACKENDS, "--knob", "peakedness=2")
+    lines = out.splitlines()
+    assert lines[0].startswith("machine: ") and "numba" in lines[0] and "numpy" in lines[0]
+    header = next(ln for ln in lines if ln.startswith("backend"))
+    for col in ("thresh", "sparsity", "ms", "GFLOP/s", "rel.err", "vs dense", "vs torch"):
+        assert col in header
+    assert "Lq=256 Lk=256" in out and "auto:0.5 -> thresh" in out
+    for backend in HOST_BACKENDS:
+        assert any(ln.startswith(backend + " ") for ln in lines), backend
+
+
+def test_bench_json_lines(capsys):
+    out = _bench(capsys, "--phase", "decode", "--L", "2048", "--Hq", "4", "--Hkv", "2",
+                 "--D", "16", "--repeat", "1", "--thresh", "0", "auto:0.5", "--json",
+                 "--backend", *HOST_BACKENDS)
+    rows = [json.loads(ln) for ln in out.splitlines()]  # every line is one JSON object
+    assert rows and all(ROW_KEYS <= set(r) for r in rows)
+    assert {r["backend"] for r in rows} == set(HOST_BACKENDS)
+    assert all(r["phase"] == "decode" and r["Lq"] == 1 and r["Lk"] == 2048 for r in rows)
+    assert all(r["flops"] == attention_flops(1, 4, 1, 2048, 16, 16, True) for r in rows)
+    dense = [r for r in rows if r["thresh"] == 0]
+    assert all(r["rel_err"] < 1e-5 and r["sparsity"] == 0 for r in dense)
+    sparse = [r for r in rows if r["thresh"] > 0]
+    assert sparse and all(r["thresh_spec"] == "auto:0.5" for r in sparse)
+    if HAVE_CPU:
+        cpu0 = next(r for r in rows if r["backend"] == "cpu" and r["thresh"] == 0)
+        assert cpu0["speedup_vs_dense"] == 1.0 and "overhead_vs_noskip" in cpu0
+
+
+def test_bench_plot(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "speedup.png"
+    _bench(capsys, *TINY, "--thresh", "0", "0.05", "--backend", "reference", "--no-error",
+           "--plot", str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--thresh", "1.5"], ["--thresh", "auto:x"], ["--Hq", "6", "--Hkv", "4"],
+    ["--preset", "issue2", "--L", "128"], ["--phase", "decode", "--Lq", "32"],
+    ["--L", "8"], ["--repeat", "0"], ["--backend", "nope"], ["--knob", "nope=1"],
+    ["--knob", "peakedness"],
+])
+def test_bench_bad_input_is_an_argparse_error(argv, capsys):
+    if "--backend" not in argv:
+        argv = [*argv, "--backend", "reference"]
+    with pytest.raises(SystemExit) as exc:
+        bench_main.main(["attention", *argv])
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_module_entry_points_run():
+    for mod in ("blasst_ref.bench", "blasst_ref.demo"):
+        r = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "usage:" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------
+# the demo
+
+
+def test_demo_small_table(capsys):
+    from blasst_ref import demo
+
+    assert demo.main(["--small", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    header = next(ln for ln in out.splitlines() if ln.startswith("backend"))
+    for col in demo.COLUMNS:
+        assert col in header
+    assert out.startswith("machine: ")
+    assert "What this shows" in out and "2/(2-s)" in out
+    backends = {"reference"} | ({"cpu"} if HAVE_CPU else set())
+    for b in backends:
+        assert any(ln.startswith(b + " ") for ln in out.splitlines())
+
+
+def test_demo_json(capsys, monkeypatch):
+    from blasst_ref import demo
+
+    # the same code path as --small, on two even smaller cases (the table test runs --small)
+    monkeypatch.setitem(demo.CASES, True, (demo.DemoCase("prefill", 1, 2, 1, 128, 128, 16),
+                                           demo.DemoCase("decode", 1, 2, 1, 1, 1024, 16)))
+    assert demo.main(["--small", "--json", "--repeat", "1"]) == 0
+    rows = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert {r["phase"] for r in rows} == {"prefill", "decode"}
+    for r in rows:
+        assert {"backend", "phase", "heads", "thresh", "sparsity", "rel_err", "ms",
+                "speedup_vs_dense"} <= set(r)
+        if r["thresh"] == 0:
+            assert r["sparsity"] == 0 and r["rel_err"] < 1e-5 and r["speedup_vs_dense"] == 1.0
+        else:
+            assert 0 < r["sparsity"] < 1 and 0 < r["rel_err"] < 1
