@@ -6,13 +6,20 @@ Public API (DESIGN.md §3)::
     out, stats = blasst_ref.attention(q, k, v, thresh, return_stats=True)
     ref = blasst_ref.dense_attention(q, k, v, causal=True)            # float64 oracle
     thresh = blasst_ref.threshold_for(context_len, scale_factor)      # scale_factor / L
+    cal = blasst_ref.calibrate(samples, phase="prefill")              # thresh * L law (§5)
+    q, k, v = blasst_ref.workloads.llm_like(1, 8, 2, 4096, 4096, 64)  # LLM-like inputs (§6)
 """
 
+from . import workloads
 from .api import AttentionStats, attention, threshold_for
+from .calibrate import Calibration, calibrate
 from .reference import blasst_attention_reference, dense_attention
 
 __all__ = [
     "AttentionStats",
+    "Calibration",
+    "calibrate",
+    "workloads",
     "attention",
     "blasst_attention_reference",
     "dense_attention",

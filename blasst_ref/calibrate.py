@@ -1,0 +1,527 @@
+"""Threshold calibration: the ``thresh * L = alpha * exp(beta * sparsity)`` law (DESIGN.md §5).
+
+BLASST's threshold must shrink as the context grows: the probability of a background key,
+relative to the row maximum, falls roughly as ``1 / L``, so a fixed threshold skips more and
+more of a longer context. The public implementations (TensorRT-LLM's
+``threshold_scale_factor``, ModelOpt's ``DynamicThresholdCalibrator``) therefore set
+``thresh = scale_factor / L`` and calibrate the scale factor:
+
+1. on sample inputs at several context lengths ``L``, run BLASST at a sweep of trial
+   thresholds and measure the tile sparsity each one gives (and the output error against
+   dense attention);
+2. fit ``ln(thresh * L) = ln(alpha) + beta * sparsity`` by least squares;
+3. for a target sparsity ``s``: ``scale_factor = alpha * exp(beta * s)`` and
+   ``thresh(L) = scale_factor / L``.
+
+Which points enter the fit (documented choice): only positive thresholds whose measured
+sparsity lies in ``FIT_RANGE`` (0.05 to 0.98: below, sparsity is noise around 0; above, the
+tiles that can never be skipped -- first tiles, sinks, the diagonal -- saturate it), and, at
+each length, only the *smallest* threshold of a run of thresholds that all give the same
+sparsity (a plateau says nothing about how sparsity grows with the threshold, and its many
+points would pull the line towards it).
+
+Run as a program for a calibration on :func:`blasst_ref.workloads.llm_like` inputs::
+
+    python -m blasst_ref.calibrate --phase prefill --lengths 1024 2048 4096 8192 \\
+        --target 0.5 0.7 0.9 [--save cal.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import numbers
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import tiling
+from .api import attention, threshold_for
+from .reference import dense_attention
+
+__all__ = ["Calibration", "CalibrationPoint", "calibrate", "default_thresholds", "FIT_RANGE"]
+
+#: Sparsities that enter the fit (inclusive).
+FIT_RANGE = (0.05, 0.98)
+#: Above this many scores per head (``Lq * Lk``), the error reference is the same backend
+#: at ``thresh = 0`` (float32) instead of the float64 oracle, whose score matrix would not fit
+#: in memory. Its rounding error (~1e-6) is far below the errors it measures.
+MAX_ORACLE_SCORES = 1 << 24
+PHASES = ("prefill", "decode")
+_PLATEAU = 1e-9  # sparsities closer than this count as equal
+
+
+@dataclass(frozen=True)
+class CalibrationPoint:
+    """One row of :attr:`Calibration.table`: all samples of one length at one threshold.
+
+    Attributes:
+        context_len: ``L = Lk`` of the samples, in keys.
+        thresh: the trial threshold.
+        sparsity: skipped / visited tiles, pooled over the samples of this length.
+        rel_error: relative L2 error of the attention output against dense attention,
+            ``||out - dense|| / ||dense||`` pooled over the samples (dimensionless).
+        n_samples: number of samples of this length.
+        in_fit: whether the point entered the least-squares fit (module docstring).
+    """
+
+    context_len: int
+    thresh: float
+    sparsity: float
+    rel_error: float
+    n_samples: int
+    in_fit: bool
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The result of :func:`calibrate`: the fitted law and the measurements behind it.
+
+    Attributes:
+        alpha, beta: the fit ``thresh * L = alpha * exp(beta * sparsity)``.
+        phase: ``"prefill"`` or ``"decode"`` (fit them separately).
+        causal, block_q, block_k, backend: how the samples were run (``block_q``/``block_k``
+            ``None`` means the defaults of :mod:`blasst_ref.tiling`).
+        table: :class:`CalibrationPoint` rows, sorted by ``(context_len, thresh)``.
+        r2: coefficient of determination of the fit of ``ln(thresh * L)`` on sparsity.
+    """
+
+    alpha: float
+    beta: float
+    phase: str
+    causal: bool
+    block_q: int | None
+    block_k: int | None
+    backend: str
+    table: tuple = field(repr=False)
+    r2: float = float("nan")
+
+    # -- using the law ------------------------------------------------------------------
+
+    def scale_factor(self, target_sparsity: float) -> float:
+        """``alpha * exp(beta * target_sparsity)``: the ``scale_factor`` of
+        :func:`blasst_ref.threshold_for` for that target (in keys)."""
+        s = _check_target(target_sparsity)
+        return self.alpha * math.exp(self.beta * s)
+
+    def threshold(self, context_len: int, target_sparsity: float) -> float:
+        """The threshold for a context of ``context_len`` keys: ``scale_factor(s) / L``.
+
+        Raises ``ValueError`` if that is not a threshold in ``[0, 1)`` (the context is too
+        short for the target)."""
+        return threshold_for(context_len, self.scale_factor(target_sparsity))
+
+    # -- reading the measurements ---------------------------------------------------------
+
+    @property
+    def lengths(self) -> list[int]:
+        """The context lengths of the samples, ascending."""
+        return sorted({p.context_len for p in self.table})
+
+    def _interpolate(self, context_len: int, target_sparsity: float):
+        """``(thresh, rel_error)`` at the target, interpolated between the two bracketing
+        trial thresholds (linear in ``ln(thresh)`` and in the error); NaNs if never reached."""
+        s = _check_target(target_sparsity)
+        rows = [p for p in self.table if p.context_len == context_len and p.thresh > 0]
+        if not rows:
+            raise ValueError(f"context_len {context_len} is not in the table {self.lengths}")
+        rows.sort(key=lambda p: p.thresh)
+        prev = None
+        for p in rows:
+            if p.sparsity >= s:
+                if prev is None or p.sparsity == prev.sparsity:
+                    return p.thresh, p.rel_error
+                w = (s - prev.sparsity) / (p.sparsity - prev.sparsity)
+                lt = math.log(prev.thresh) + w * (math.log(p.thresh) - math.log(prev.thresh))
+                return math.exp(lt), prev.rel_error + w * (p.rel_error - prev.rel_error)
+            prev = p
+        return float("nan"), float("nan")
+
+    def measured_threshold(self, context_len: int, target_sparsity: float) -> float:
+        """The threshold that gave ``target_sparsity`` at one calibrated length, read off the
+        table by linear interpolation in ``ln(thresh)`` between the two bracketing trial
+        thresholds (no fit involved). NaN if the sweep never reached the target."""
+        return self._interpolate(context_len, target_sparsity)[0]
+
+    def measured_error(self, context_len: int, target_sparsity: float) -> float:
+        """The relative L2 output error at ``target_sparsity`` at one calibrated length,
+        interpolated like :meth:`measured_threshold`. NaN if never reached."""
+        return self._interpolate(context_len, target_sparsity)[1]
+
+    def length_slope(self, target_sparsity: float) -> float:
+        """Slope of ``ln(measured threshold)`` against ``ln(L)`` at fixed sparsity, a least
+        squares over the calibrated lengths (the ``1/L`` law says -1). NaN if fewer than two
+        lengths reached the target."""
+        pts = [(math.log(n), math.log(t)) for n in self.lengths
+               if not math.isnan(t := self.measured_threshold(n, target_sparsity))]
+        if len(pts) < 2:
+            return float("nan")
+        x, y = np.array(pts).T
+        return float(np.polyfit(x, y, 1)[0])
+
+    def format_table(self) -> str:
+        """The table as aligned text, one row per (length, threshold)."""
+        lines = [f"{'L':>7} {'thresh':>10} {'thresh*L':>10} {'sparsity':>8} {'rel_err':>9}  fit"]
+        for p in self.table:
+            lines.append(
+                f"{p.context_len:>7d} {p.thresh:>10.3e} {p.thresh * p.context_len:>10.3g} "
+                f"{p.sparsity:>8.3f} {p.rel_error:>9.2e}  {'*' if p.in_fit else ''}"
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return (f"Calibration({self.phase}, causal={self.causal}): thresh * L = "
+                f"{self.alpha:.4g} * exp({self.beta:.4g} * sparsity)  (R^2 = {self.r2:.3f}, "
+                f"{sum(p.in_fit for p in self.table)} points, lengths {self.lengths})")
+
+    # -- plots and files ---------------------------------------------------------------------
+
+    def plot(self, targets=(0.5, 0.7, 0.9), *, lengths=None):
+        """Two panels (matplotlib ``Figure``): threshold against ``L`` on log-log axes for
+        each target (the fitted line and the measured thresholds), and sparsity against
+        ``thresh * L`` (every table point, coloured by length, and the fitted curve)."""
+        import matplotlib.pyplot as plt  # lazy: only plotting needs matplotlib
+
+        targets = [_check_target(t) for t in targets]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+        lens = np.array(self.lengths, dtype=float)
+        grid = np.geomspace(lens.min() / 2, lens.max() * 8, 50) if lengths is None else np.asarray(lengths, float)
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, s in enumerate(targets):
+            c = colors[i % len(colors)]
+            ax1.loglog(grid, self.scale_factor(s) / grid, color=c, label=f"fit, s = {s:g}")
+            meas = [self.measured_threshold(int(n), s) for n in lens]
+            ax1.loglog(lens, meas, "o", color=c, mfc="none")
+        ax1.set_xlabel("context length L (keys)")
+        ax1.set_ylabel("threshold")
+        ax1.set_title(f"{self.phase}: threshold vs length (o: measured)")
+        ax1.legend(fontsize=8)
+        for i, n in enumerate(self.lengths):
+            rows = [p for p in self.table if p.context_len == n and p.thresh > 0]
+            ax2.semilogx([p.thresh * n for p in rows], [p.sparsity for p in rows], "o-",
+                         ms=3, lw=0.8, color=colors[i % len(colors)], label=f"L = {n}")
+        s_fit = np.linspace(*FIT_RANGE, 50)
+        ax2.semilogx(self.alpha * np.exp(self.beta * s_fit), s_fit, "k--", label="fit")
+        ax2.set_xlabel("thresh * L")
+        ax2.set_ylabel("tile sparsity")
+        ax2.set_title("sparsity vs thresh * L")
+        ax2.legend(fontsize=8)
+        fig.tight_layout()
+        return fig
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["table"] = [asdict(p) for p in self.table]
+        d["format"] = "blasst_ref.calibration/1"
+        return d
+
+    def save(self, path) -> None:
+        """Write the calibration as JSON (everything, table included)."""
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=1)
+
+    @classmethod
+    def load(cls, path) -> "Calibration":
+        """Read a calibration written by :meth:`save`."""
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        if not isinstance(d, dict) or d.get("format") != "blasst_ref.calibration/1":
+            raise ValueError(f"{path} is not a blasst_ref calibration file")
+        d.pop("format")
+        d["table"] = tuple(CalibrationPoint(**p) for p in d["table"])
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _check_target(s) -> float:
+    if isinstance(s, bool) or not isinstance(s, numbers.Real):
+        raise TypeError(f"target_sparsity must be a number in (0, 1), got {s!r}")
+    if not 0.0 < float(s) < 1.0:  # also rejects NaN
+        raise ValueError(f"target_sparsity must be in (0, 1), got {s!r}")
+    return float(s)
+
+
+def _check_thresholds(thresholds) -> np.ndarray:
+    try:
+        t = np.asarray(thresholds, dtype=np.float64).ravel()
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"thresholds must be a sequence of numbers, got {thresholds!r}") from exc
+    if t.size == 0:
+        raise ValueError("thresholds is empty; pass trial thresholds in [0, 1), or None")
+    bad = t[~((t >= 0) & (t < 1))]
+    if bad.size:
+        raise ValueError(f"thresholds must be in [0, 1); got {bad[:5].tolist()}")
+    return np.unique(t)
+
+
+def _sample_shapes(samples):
+    """Materialise ``samples`` and check each is a (q, k, v) triple of arrays."""
+    out = []
+    for i, s in enumerate(samples):
+        if not isinstance(s, (tuple, list)) or len(s) != 3:
+            raise TypeError(f"samples[{i}] must be a (q, k, v) triple, got {type(s).__name__}")
+        q, k, v = s
+        for name, x in zip("qkv", (q, k, v)):
+            if not hasattr(x, "shape") or len(x.shape) not in (3, 4):
+                raise ValueError(
+                    f"samples[{i}]: {name} must be a 4-D (B, H, L, D) or 3-D (H, L, D) array, "
+                    f"got {getattr(x, 'shape', type(x).__name__)}"
+                )
+        out.append((q, k, v))
+    if not out:
+        raise ValueError("samples is empty: pass an iterable of (q, k, v) triples")
+    return out
+
+
+def default_thresholds(lengths, per_decade: int = 4) -> np.ndarray:
+    """The default sweep: log-spaced from ``1e-3 / max(L)`` to 0.9, ``per_decade`` points
+    per decade. ``thresh * L = 1e-3`` skips next to nothing on LLM-like inputs and 0.9 skips
+    almost every tile that can be skipped, so the sweep spans 0 to ~95% sparsity."""
+    lo = 1e-3 / max(lengths)
+    n = max(2, int(math.ceil(math.log10(0.9 / lo) * per_decade)) + 1)
+    return np.geomspace(lo, 0.9, n)
+
+
+# ---------------------------------------------------------------------------------------
+# the sweep and the fit
+
+
+def _dense_reference(q, k, v, causal, backend, block_q, block_k):
+    q4, k4, v4 = (np.asarray(x)[None] if np.ndim(x) == 3 else np.asarray(x) for x in (q, k, v))
+    if q4.shape[2] * k4.shape[2] <= MAX_ORACLE_SCORES:
+        group = q4.shape[1] // k4.shape[1]
+        # One kv group at a time keeps the float64 score matrix small.
+        return np.concatenate(
+            [dense_attention(q4[:, g * group:(g + 1) * group], k4[:, g:g + 1], v4[:, g:g + 1],
+                             causal=causal) for g in range(k4.shape[1])], axis=1)
+    out = attention(q4, k4, v4, 0.0, causal=causal, backend=backend, block_q=block_q,
+                    block_k=block_k)
+    return np.asarray(out, dtype=np.float64)
+
+
+def fit_law(context_len, thresh, sparsity):
+    """Least squares of ``ln(thresh * L)`` on ``sparsity``: returns ``(alpha, beta, r2)``.
+
+    Arrays of equal length (one entry per point, all thresholds > 0). Raises ``ValueError``
+    with fewer than two distinct sparsities."""
+    L, t, s = (np.asarray(x, dtype=np.float64) for x in (context_len, thresh, sparsity))
+    if len(np.unique(s)) < 2:
+        raise ValueError(
+            f"the fit needs points with at least two different sparsities in {FIT_RANGE}; got "
+            f"{len(s)} point(s). Widen the thresholds sweep or use longer/more peaked samples"
+        )
+    y = np.log(t * L)
+    beta, ln_alpha = np.polyfit(s, y, 1)
+    resid = y - (ln_alpha + beta * s)
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - float((resid ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
+    return float(math.exp(ln_alpha)), float(beta), r2
+
+
+def _select_fit_points(rows):
+    """Mark the points of the fit (module docstring): in FIT_RANGE, smallest of a plateau."""
+    chosen = set()
+    by_len = {}
+    for idx, r in enumerate(rows):
+        by_len.setdefault(r["context_len"], []).append(idx)
+    for idxs in by_len.values():
+        idxs = sorted((i for i in idxs if rows[i]["thresh"] > 0), key=lambda i: rows[i]["thresh"])
+        prev_s = None
+        for i in idxs:
+            s = rows[i]["sparsity"]
+            if prev_s is not None and abs(s - prev_s) <= _PLATEAU:
+                continue
+            prev_s = s
+            if FIT_RANGE[0] <= s <= FIT_RANGE[1]:
+                chosen.add(i)
+    return chosen
+
+
+def calibrate(samples, *, phase: str = "prefill", causal: bool = True, thresholds=None,
+              block_q: int | None = None, block_k: int | None = None, backend: str = "auto",
+              progress: bool = True) -> Calibration:
+    """Calibrate ``thresh * L = alpha * exp(beta * sparsity)`` on sample inputs (DESIGN §5).
+
+    Args:
+        samples: an iterable of ``(q, k, v)`` in the layout of :func:`blasst_ref.attention`
+            (lengths may differ; the head dim ``Dqk`` must be the same for all). The context
+            length ``L`` of a sample is its ``Lk``.
+        phase: ``"prefill"`` (every sample has ``Lq > 16``) or ``"decode"`` (every sample has
+            ``Lq <= 16``: the split-KV path). Fit the two separately: their tiles differ.
+        causal: the mask the samples are run with.
+        thresholds: trial thresholds in ``[0, 1)`` (the same for every sample), or ``None``
+            for :func:`default_thresholds` of the sample lengths.
+        block_q, block_k, backend: passed to :func:`blasst_ref.attention`.
+        progress: show a tqdm bar over the ``samples x thresholds`` runs.
+
+    Returns:
+        A :class:`Calibration`. Its table pools the samples of each length: sparsity is
+        skipped / visited tiles over all of them, the error is the relative L2 norm of the
+        output error over all of them, against :func:`blasst_ref.dense_attention` (float64)
+        or, for more than ``MAX_ORACLE_SCORES`` scores per head, the same backend at
+        ``thresh = 0``.
+
+    Raises:
+        ValueError / TypeError: empty samples, a sample whose shape does not fit ``phase``,
+            mixed head dims, thresholds outside ``[0, 1)``, or too few points for the fit.
+    """
+    if phase not in PHASES:
+        raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    samples = _sample_shapes(samples)
+    dims = sorted({int(q.shape[-1]) for q, _, _ in samples})
+    if len(dims) > 1:
+        raise ValueError(f"samples have mixed head dims Dqk {dims}; calibrate one model shape at a time")
+    for i, (q, k, _) in enumerate(samples):
+        lq, lk = int(q.shape[-2]), int(k.shape[-2])
+        if tiling.is_decode(lq) != (phase == "decode"):
+            want = (f"Lq <= {tiling.DECODE_MAX_Q_LEN}" if phase == "decode"
+                    else f"Lq > {tiling.DECODE_MAX_Q_LEN}")
+            raise ValueError(
+                f"samples[{i}] has Lq={lq} (Lk={lk}), but phase={phase!r} needs {want}"
+            )
+    lengths = [int(k.shape[-2]) for _, k, _ in samples]
+    thresholds = (default_thresholds(lengths) if thresholds is None
+                  else _check_thresholds(thresholds))
+
+    from tqdm.auto import tqdm  # lazy, like every optional nicety
+
+    # per (length, thresh): [skipped, visited, err^2, ref^2, n_samples]
+    acc: dict[tuple[int, float], list] = {}
+    ran_backend = backend
+    bar = tqdm(total=len(samples) * len(thresholds), disable=not progress,
+               desc=f"calibrate {phase}", unit="run")
+    try:
+        for q, k, v in samples:
+            L = int(k.shape[-2])
+            ref = _dense_reference(q, k, v, causal, backend, block_q, block_k)
+            ref_sq = float((ref ** 2).sum())
+            for t in thresholds:
+                out, st = attention(q, k, v, float(t), causal=causal, backend=backend,
+                                    block_q=block_q, block_k=block_k, return_stats=True)
+                ran_backend = st.backend
+                err_sq = float(((np.asarray(out, np.float64).reshape(ref.shape) - ref) ** 2).sum())
+                a = acc.setdefault((L, float(t)), [0, 0, 0.0, 0.0, 0])
+                a[0] += st.skipped_tiles
+                a[1] += st.visited_tiles
+                a[2] += err_sq
+                a[3] += ref_sq
+                a[4] += 1
+                bar.update()
+    finally:
+        bar.close()
+
+    rows = []
+    for (L, t), (sk, vis, e2, r2_, n) in sorted(acc.items()):
+        rows.append(dict(context_len=L, thresh=t, sparsity=sk / vis if vis else 0.0,
+                         rel_error=math.sqrt(e2 / r2_) if r2_ > 0 else float("nan"),
+                         n_samples=n))
+    chosen = _select_fit_points(rows)
+    table = tuple(CalibrationPoint(**r, in_fit=i in chosen) for i, r in enumerate(rows))
+    fit = [p for p in table if p.in_fit]
+    alpha, beta, r2 = fit_law([p.context_len for p in fit], [p.thresh for p in fit],
+                              [p.sparsity for p in fit])
+    return Calibration(alpha=alpha, beta=beta, phase=phase, causal=bool(causal),
+                       block_q=block_q, block_k=block_k, backend=ran_backend, table=table,
+                       r2=r2)
+
+
+# ---------------------------------------------------------------------------------------
+# command line
+
+
+def _workload_samples(phase, lengths, n_samples, batch, heads, kv_heads, head_dim, seed, dtype):
+    from .workloads import llm_like
+
+    for L in lengths:
+        for j in range(n_samples):
+            lq = L if phase == "prefill" else 1
+            yield llm_like(batch, heads, kv_heads, lq, L, head_dim,
+                           seed=seed + 1000 * j + L, dtype=dtype)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m blasst_ref.calibrate",
+        description="Calibrate BLASST's threshold law thresh * L = alpha * exp(beta * s) on "
+                    "LLM-like workloads (blasst_ref.workloads.llm_like, default knobs).",
+    )
+    p.add_argument("--phase", choices=PHASES, default="prefill")
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192],
+                   help="context lengths L (keys)")
+    p.add_argument("--target", type=float, nargs="+", default=[0.5, 0.7, 0.9],
+                   help="target sparsities in (0, 1)")
+    p.add_argument("--eval-lengths", type=int, nargs="*", default=[1024, 4096, 16384, 65536],
+                   help="lengths to print thresholds for")
+    p.add_argument("--samples", type=int, default=1, help="samples per length (seeds)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=None,
+                   help="query heads (default 8 prefill, 32 decode)")
+    p.add_argument("--kv-heads", type=int, default=None, help="kv heads (default 2 / 8)")
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "float64"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-causal", action="store_true", help="calibrate without the causal mask")
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda"])
+    p.add_argument("--block-q", type=int, default=None)
+    p.add_argument("--block-k", type=int, default=None)
+    p.add_argument("--per-decade", type=int, default=4, help="trial thresholds per decade")
+    p.add_argument("--save", default=None, help="write the calibration as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    for t in a.target:
+        _check_target(t)
+    heads = a.heads or (8 if a.phase == "prefill" else 32)
+    kv_heads = a.kv_heads or (2 if a.phase == "prefill" else 8)
+
+    t0 = time.perf_counter()
+    cal = calibrate(
+        list(_workload_samples(a.phase, a.lengths, a.samples, a.batch, heads, kv_heads,
+                               a.head_dim, a.seed, a.dtype)),
+        phase=a.phase, causal=not a.no_causal, thresholds=default_thresholds(a.lengths, a.per_decade),
+        block_q=a.block_q, block_k=a.block_k, backend=a.backend, progress=not a.quiet,
+    )
+    elapsed = time.perf_counter() - t0
+    print(cal)
+    print(f"workload: llm_like(B={a.batch}, Hq={heads}, Hkv={kv_heads}, D={a.head_dim}, "
+          f"{a.dtype}, {a.samples} sample(s)/length, seed={a.seed}); backend {cal.backend}; "
+          f"{elapsed:.1f} s")
+    print()
+    print(cal.format_table())
+    print()
+    hdr = "".join(f"{'L=' + str(n):>12}" for n in a.eval_lengths)
+    print(f"{'target':>7} {'scale':>9} {'slope':>7}  {hdr}   (thresholds from the fit; slope: "
+          f"measured d ln(thresh)/d ln(L))")
+    for s in a.target:
+        cells = []
+        for n in a.eval_lengths:
+            try:
+                cells.append(f"{cal.threshold(n, s):>12.3e}")
+            except ValueError:
+                cells.append(f"{'>= 1':>12}")
+        print(f"{s:>7.2f} {cal.scale_factor(s):>9.4g} {cal.length_slope(s):>7.2f}  {''.join(cells)}")
+    print()
+    print("measured thresholds (and relative L2 output error) at the calibrated lengths, "
+          "interpolated from the table:")
+    for s in a.target:
+        cells = []
+        for n in cal.lengths:
+            t, e = cal._interpolate(n, s)
+            cells.append(f"L={n}: {t:.3e} (err {e:.1e})" if not math.isnan(t)
+                         else f"L={n}: not reached")
+        print(f"  s={s:.2f}  " + ", ".join(cells))
+    if a.save:
+        cal.save(a.save)
+        print(f"\nsaved to {a.save}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
