@@ -38,9 +38,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import tiling
-from .api import attention, threshold_for
-from .reference import dense_attention
+from .. import tiling
+from ..api import attention, threshold_for
+from ..reference import dense_attention
 
 __all__ = ["Calibration", "CalibrationPoint", "calibrate", "default_thresholds", "FIT_RANGE"]
 
@@ -438,7 +438,7 @@ def calibrate(samples, *, phase: str = "prefill", causal: bool = True, threshold
 
 
 def _workload_samples(phase, lengths, n_samples, batch, heads, kv_heads, head_dim, seed, dtype):
-    from .workloads import llm_like
+    from ..workloads import llm_like
 
     for L in lengths:
         for j in range(n_samples):
@@ -522,6 +522,3 @@ def main(argv=None) -> int:
         print(f"\nsaved to {a.save}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
