@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import numbers
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
