@@ -15,9 +15,12 @@ import numpy as np
 
 from .. import tiling
 from .decode import decode_merge_kernel, decode_split_kernel
-from .prefill import prefill_kernel
+from .prefill import pack_k_tiles, prefill_kernel
 
-__all__ = ["blasst_attention", "decode_merge_kernel", "decode_split_kernel", "prefill_kernel"]
+__all__ = [
+    "blasst_attention", "decode_merge_kernel", "decode_split_kernel", "pack_k_tiles",
+    "prefill_kernel",
+]
 
 _controller = None
 _controller_lock = threading.Lock()
@@ -84,6 +87,6 @@ def blasst_attention(q, k, v, thresh, causal, scale, block_q, block_k, *, skip_t
             decode_merge_kernel(part_m, part_l, part_acc, causal, lk, out)
         else:
             tile_map = np.zeros((n_b, n_hq, tiling.num_tiles(lq, block_q), n_kt), np.int8)
-            prefill_kernel(q, k, v, log_thresh, causal, scale, block_q, block_k, skip_test,
-                           out, tile_map)
+            prefill_kernel(q, pack_k_tiles(k, block_k), v, log_thresh, causal, scale, block_q,
+                           block_k, skip_test, out, tile_map)
     return out, tile_map

@@ -5,8 +5,9 @@ fast on a CPU core:
 
 * the two tile products, ``S = Q K^T`` (``block_q x Dqk`` by ``Dqk x block_k``) and
   ``O += P V`` (``block_q x block_k`` by ``block_k x Dv``), are BLAS calls through ``np.dot``
-  on contiguous tiles (``K^T`` is a transposed view: BLAS reads it without a copy). At the
-  default 128 x 64 tiles Q, one K tile, one V tile and S fit in a core's L2;
+  on contiguous tiles; K is packed once per call into transposed tiles
+  (:func:`pack_k_tiles`). At the default 128 x 64 tiles Q, one K tile, one V tile and S fit
+  in a core's L2;
 * the softmax loop is vectorised (``_math.exp`` is a polynomial LLVM can vectorise);
 * the skip test costs ``block_q`` compares per tile, against ``block_q * block_k`` exps and
   ``2 * block_q * block_k * (Dqk + Dv)`` FLOPs that a skip saves (everything but ``Q K^T``:
@@ -37,13 +38,63 @@ def _has_nan(x):
     return False
 
 
+@njit(inline="always", fastmath=FASTMATH)
+def _rows_max(s, nr, nc, out):
+    """``out[r] = max(s[r, :nc])``, four rows at a time.
+
+    LLVM does not vectorise a float max reduction without 'nnan' (and we keep NaN
+    semantics), so each row is a chain of dependent scalar max operations: four independent
+    chains keep twice as many instructions in flight (measured: 0.31 -> 0.16 ns/score)."""
+    r = 0
+    while r + 4 <= nr:
+        s0, s1, s2, s3 = s[r], s[r + 1], s[r + 2], s[r + 3]
+        m0 = m1 = m2 = m3 = s.dtype.type(-np.inf)
+        for j in range(nc):
+            m0 = max(m0, s0[j])
+            m1 = max(m1, s1[j])
+            m2 = max(m2, s2[j])
+            m3 = max(m3, s3[j])
+        out[r], out[r + 1], out[r + 2], out[r + 3] = m0, m1, m2, m3
+        r += 4
+    for rr in range(r, nr):
+        row = s[rr]
+        mx = s.dtype.type(-np.inf)
+        for j in range(nc):
+            mx = max(mx, row[j])
+        out[rr] = mx
+
+
+@njit(parallel=True, cache=True)
+def pack_k_tiles(k, block_k):
+    """Keys ``(B, Hkv, Lk, D)`` -> ``(B, Hkv, n_k_tiles, D, block_k)``, each tile transposed
+    and the last one zero-padded.
+
+    OpenBLAS multiplies ``Q (rows x D) @ K_tile^T`` about 35% faster when ``K_tile^T`` is
+    stored as a plain row-major ``D x block_k`` matrix than when it is passed as the
+    transposed view of ``K_tile``; one pass over K buys that for every query tile."""
+    n_b, n_h, lk, d_k = k.shape
+    n_kt = (lk + block_k - 1) // block_k
+    out = np.zeros((n_b, n_h, n_kt, d_k, block_k), k.dtype)
+    for w in prange(n_b * n_h * n_kt):
+        b = w // (n_h * n_kt)
+        h = (w // n_kt) % n_h
+        kt = w % n_kt
+        j0 = kt * block_k
+        for j in range(min(lk, j0 + block_k) - j0):
+            k_row = k[b, h, j0 + j]
+            for d in range(d_k):
+                out[b, h, kt, d, j] = k_row[d]
+    return out
+
+
 @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
-def prefill_kernel(q, k, v, log_thresh, causal, scale, block_q, block_k, skip_test, out, tile_map):
+def prefill_kernel(q, k_tiles_t, v, log_thresh, causal, scale, block_q, block_k, skip_test, out, tile_map):
     """BLASST prefill, in place.
 
     Args:
-        q: ``(B, Hq, Lq, Dqk)``, k: ``(B, Hkv, Lk, Dqk)``, v: ``(B, Hkv, Lk, Dv)``, all
-            C-contiguous float32 (or all float64).
+        q: ``(B, Hq, Lq, Dqk)``, v: ``(B, Hkv, Lk, Dv)``, C-contiguous float32 (or float64).
+        k_tiles_t: the keys packed by :func:`pack_k_tiles`, ``(B, Hkv, n_k_tiles, Dqk,
+            block_k)``: each tile transposed, so that ``Q K^T`` is a plain (NN) product.
         log_thresh: ``log(thresh)``, ``-inf`` for ``thresh = 0``.
         causal: bottom-right aligned mask. scale: score scale.
         block_q, block_k: tile sizes.
@@ -55,7 +106,7 @@ def prefill_kernel(q, k, v, log_thresh, causal, scale, block_q, block_k, skip_te
     """
     dt = q.dtype.type
     n_b, n_hq, lq, dqk = q.shape
-    n_hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    n_hkv, lk, dv = v.shape[1], v.shape[2], v.shape[3]
     group = n_hq // n_hkv
     offset = lk - lq  # bottom-right causal alignment: row i sees keys j <= i + offset
     n_qt = (lq + block_q - 1) // block_q
@@ -84,6 +135,7 @@ def prefill_kernel(q, k, v, log_thresh, causal, scale, block_q, block_k, skip_te
         acc = np.zeros((nr, dv), q.dtype)
         tile_max = np.empty(nr, q.dtype)
         s_buf = np.empty(nr * block_k, q.dtype)
+        p_buf = np.empty(nr * block_k, q.dtype)  # compact P of a partial last tile
         pv = np.empty((nr, dv), q.dtype)
 
         k_tiles = n_kt
@@ -95,20 +147,21 @@ def prefill_kernel(q, k, v, log_thresh, causal, scale, block_q, block_k, skip_te
             j0 = kt * block_k
             j1 = min(lk, j0 + block_k)
             nc = j1 - j0
-            s = s_buf[: nr * nc].reshape((nr, nc))
-            np.dot(q_tile, k[b, kvh, j0:j1].T, s)
+            s = s_buf.reshape((nr, block_k))  # columns >= nc (last tile) are padding
+            np.dot(q_tile, k_tiles_t[b, kvh, kt], s)
 
             # Only tiles that cross the diagonal need a per-row key limit.
             partial = causal and (j1 - 1 > i0 + offset)
-            for r in range(nr):
-                lim = nc
-                if partial:
+            if partial:
+                for r in range(nr):
                     lim = min(nc, max(0, i0 + r + offset - j0 + 1))
-                mx = neg_inf
-                row = s[r]
-                for j in range(lim):
-                    mx = max(mx, row[j])
-                tile_max[r] = mx
+                    mx = neg_inf
+                    row = s[r]
+                    for j in range(lim):
+                        mx = max(mx, row[j])
+                    tile_max[r] = mx
+            else:
+                _rows_max(s, nr, nc, tile_max)
 
             if skip_test is not None:  # pruned at compile time when None
                 skip = True
@@ -144,7 +197,14 @@ def prefill_kernel(q, k, v, log_thresh, causal, scale, block_q, block_k, skip_te
                 if alpha != dt(1.0):
                     for d in range(dv):
                         acc[r, d] *= alpha
-            np.dot(s, v[b, kvh, j0:j1], pv)
+            if nc == block_k:
+                np.dot(s, v[b, kvh, j0:j1], pv)
+            else:
+                p = p_buf[: nr * nc].reshape((nr, nc))
+                for r in range(nr):
+                    for j in range(nc):
+                        p[r, j] = s[r, j]
+                np.dot(p, v[b, kvh, j0:j1], pv)
             for r in range(nr):
                 for d in range(dv):
                     acc[r, d] += pv[r, d]
