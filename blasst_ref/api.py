@@ -254,6 +254,12 @@ def attention(
 
     Raises:
         TypeError / ValueError: naming the argument and what was expected.
+
+    NaN/inf values never crash or hang a kernel. NaN/inf in ``q`` or ``k`` propagate as in
+    :func:`dense_attention` at every threshold (a NaN score never lets its tile be skipped).
+    A NaN/inf in ``v`` reaches the rows that see its key, and, as in FlashAttention, also
+    the rows of a computed tile that holds it under the causal mask (``0 * NaN``); rows whose
+    tile over it was skipped or never visited stay clean.
     """
     on_device, (b, hq, lq, dqk), hkv, lk = _validate(
         q, k, v, thresh, causal, scale, backend, block_q, block_k
