@@ -114,12 +114,15 @@ def prefill_kernel(q, k_tiles_t, v, log_thresh, causal, scale, block_q, block_k,
     neg_inf = dt(-np.inf)
 
     for w in prange(n_b * n_hq * n_qt):
-        b = w // (n_hq * n_qt)
-        h = (w // n_qt) % n_hq
-        # Zig-zag over query tiles (0, n-1, 1, n-2, ...): under causal masking tile qt costs
-        # ~qt + 1, and prange hands each thread one contiguous range of w: interleaving
-        # light and heavy tiles balances the threads even for a single head.
-        z = w % n_qt
+        # prange hands each thread one contiguous range of w, so the order of the work
+        # decides the balance. Heads differ in how much they skip, so (batch, head) varies
+        # fastest: every thread gets every head. Query tiles go zig-zag (0, n-1, 1, n-2, ...):
+        # under causal masking tile qt costs ~qt + 1, and pairs of light and heavy tiles
+        # balance the threads.
+        bh = w % (n_b * n_hq)
+        b = bh // n_hq
+        h = bh % n_hq
+        z = w // (n_b * n_hq)
         qt = z // 2 if z % 2 == 0 else n_qt - 1 - z // 2
         kvh = h // group
         i0 = qt * block_q
