@@ -25,6 +25,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._math import FASTMATH, exp
+from ._online import fold_row
 from .prefill import COMPUTED, SKIPPED, _has_nan
 
 
@@ -129,23 +130,7 @@ def decode_split_kernel(q, k, v, log_thresh, causal, scale, block_k, split_tiles
                 lim = nc
                 if causal:
                     lim = min(nc, max(0, r % lq + offset - j0 + 1))
-                m_new = max(m[r], tile_max[r])
-                shift = dt(0.0) if m_new == neg_inf else m_new
-                alpha = exp(m[r] - shift)
-                row = s[r, c0:c0 + nc]
-                row_sum = dt(0.0)
-                for j in range(lim):
-                    p = exp(row[j] - shift)
-                    row[j] = p
-                    row_sum += p
-                for j in range(lim, nc):
-                    row[j] = dt(0.0)
-                l[r] = l[r] * alpha + row_sum
-                m[r] = m_new
-                if alpha != dt(1.0):
-                    arow = acc[r]
-                    for d in range(dv):
-                        arow[d] *= alpha
+                fold_row(s[r, c0:c0 + nc], lim, tile_max[r], r, m, l, acc)
             # O += P V, one V row at a time (read once, from L1) for all rows
             v_g = v[b, g]
             for j in range(nc):

@@ -24,7 +24,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._math import FASTMATH, exp
+from ._math import FASTMATH
+from ._online import fold_row
 
 COMPUTED = np.int8(1)
 SKIPPED = np.int8(2)
@@ -183,23 +184,7 @@ def prefill_kernel(q, k_tiles_t, v, log_thresh, causal, scale, block_q, block_k,
                 lim = nc
                 if partial:
                     lim = min(nc, max(0, i0 + r + offset - j0 + 1))
-                m_new = max(m[r], tile_max[r])
-                # a row that has seen nothing yet shifts by 0, keeping l = 0 and acc = 0
-                shift = dt(0.0) if m_new == neg_inf else m_new
-                alpha = exp(m[r] - shift)
-                row_sum = dt(0.0)
-                row = s[r]
-                for j in range(lim):
-                    p = exp(row[j] - shift)
-                    row[j] = p
-                    row_sum += p
-                for j in range(lim, nc):
-                    row[j] = dt(0.0)
-                l[r] = l[r] * alpha + row_sum
-                m[r] = m_new
-                if alpha != dt(1.0):
-                    for d in range(dv):
-                        acc[r, d] *= alpha
+                fold_row(s[r, :nc], lim, tile_max[r], r, m, l, acc)
             if nc == block_k:
                 np.dot(s, v[b, kvh, j0:j1], pv)
             else:

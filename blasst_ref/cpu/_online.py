@@ -1,0 +1,44 @@
+"""The online-softmax step that both CPU kernels take for every row of a kept tile."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from ._math import FASTMATH, exp
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def fold_row(row, lim, tile_max, r, m, l, acc):
+    """Fold one row of a kept tile into the running state of row ``r``.
+
+    Args:
+        row: the row's scores in this tile, ``(n_keys,)``; overwritten with the
+            probabilities ``p = exp(s - m_new)`` (0 for the masked keys ``row[lim:]``), ready
+            for ``P @ V``.
+        lim: keys ``row[:lim]`` are visible to this row (causal mask), the rest are masked.
+        tile_max: the max of ``row[:lim]`` (computed before the skip test).
+        r: the row's index into ``m``, ``l`` (``(rows,)``) and ``acc`` (``(rows, Dv)``).
+
+    ``m`` is the running max, ``l`` the running sum relative to it, ``acc`` the unnormalised
+    output; the old ``l`` and ``acc`` are rescaled by ``alpha = exp(m_old - m_new)``, which
+    after the first tiles is almost always 1 (the rescale of ``acc`` is then skipped).
+    """
+    dt = row.dtype.type
+    m_new = max(m[r], tile_max)
+    # a row that has seen nothing yet shifts by 0, keeping l = 0 and acc = 0
+    shift = dt(0.0) if m_new == dt(-np.inf) else m_new
+    alpha = exp(m[r] - shift)
+    row_sum = dt(0.0)
+    for j in range(lim):
+        p = exp(row[j] - shift)
+        row[j] = p
+        row_sum += p
+    for j in range(lim, row.shape[0]):
+        row[j] = dt(0.0)
+    l[r] = l[r] * alpha + row_sum
+    m[r] = m_new
+    if alpha != dt(1.0):
+        acc_row = acc[r]
+        for d in range(acc_row.shape[0]):
+            acc_row[d] *= alpha
