@@ -30,8 +30,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
-from hypothesis import HealthCheck, settings
+# The CUDA kernels are tested on Numba's CUDA simulator where there is no GPU (CI): the
+# switch must be set before numba.cuda is first imported, so it comes first in this file.
+if not os.path.exists("/dev/nvidia0") and "NUMBA_ENABLE_CUDASIM" not in os.environ:
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 HOST_BACKENDS = ["reference", "cpu"]
 

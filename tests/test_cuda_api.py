@@ -1,0 +1,118 @@
+"""``attention(..., backend="cuda")`` through the public API: array kinds, shapes, stats, errors.
+
+In CI this runs on Numba's CUDA simulator (tests/conftest.py switches it on where there is
+no GPU) at toy sizes; on the GPU machine the same tests run on the real device, and the
+torch / CuPy tests (skipped where those libraries have no GPU) run too. The kernels'
+numerics are tested in test_cuda_prefill.py and test_cuda_decode.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from numba import cuda
+
+import blasst_ref as br
+
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+
+def _host(x):
+    return x.copy_to_host() if hasattr(x, "copy_to_host") else np.asarray(x)
+
+
+def _problem(rng, b, hq, hkv, lq, lk, d, dv, dtype=np.float32, peak=1.0):
+    q = (rng.standard_normal((b, hq, lq, d)) * peak).astype(dtype)
+    k = (rng.standard_normal((b, hkv, lk, d)) * peak).astype(dtype)
+    v = rng.standard_normal((b, hkv, lk, dv)).astype(dtype)
+    return q, k, v
+
+
+def _rel(a, b):
+    return np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
+
+
+@pytest.mark.parametrize(
+    "shape,causal",
+    [
+        ((1, 4, 2, 20, 24, 8, 4), True),  # prefill, GQA, Dv != Dqk, Lq < Lk
+        ((1, 4, 2, 1, 40, 8, 8), True),  # decode, GQA group of 2
+    ],
+)
+def test_numba_device_arrays_in_and_out(shape, causal):
+    b, hq, hkv, lq, lk, d, dv = shape
+    rng = np.random.default_rng(lq)
+    q, k, v = _problem(rng, b, hq, hkv, lq, lk, d, dv, peak=2.0)
+    dq, dk, dv_ = (cuda.to_device(x) for x in (q, k, v))
+    out, stats = br.attention(dq, dk, dv_, 0.05, causal=causal, backend="auto",
+                              block_q=8, block_k=8, return_stats=True)
+    assert stats.backend == "cuda"
+    assert hasattr(out, "copy_to_host"), "a Numba array in gives a Numba array out"
+    ref = br.blasst_attention_reference(q, k, v, 0.05, causal=causal, block_q=8, block_k=8)
+    np.testing.assert_array_equal(stats.tile_map, ref.tile_map)
+    assert _rel(_host(out), ref.out.astype(np.float64)) < 1e-5
+
+
+def test_three_d_in_three_d_out_exact_at_thresh_zero():
+    rng = np.random.default_rng(1)
+    q, k, v = _problem(rng, 1, 2, 1, 12, 12, 8, 8)
+    out = br.attention(*(cuda.to_device(x[0]) for x in (q, k, v)), causal=True,
+                       backend="cuda", block_q=8, block_k=8)
+    host = _host(out)
+    assert host.shape == (2, 12, 8)
+    assert _rel(host, br.dense_attention(q[0], k[0], v[0], causal=True)) < 1e-5
+
+
+def test_non_contiguous_input_is_a_clear_error():
+    rng = np.random.default_rng(2)
+    q, k, v = _problem(rng, 1, 2, 2, 16, 16, 8, 8)
+    dq = cuda.to_device(np.concatenate([q, q], axis=3))[..., ::2]
+    with pytest.raises(ValueError, match="q is not C-contiguous"):
+        br.attention(dq, cuda.to_device(k), cuda.to_device(v), backend="cuda")
+
+
+def test_host_and_device_mixed_is_a_clear_error():
+    rng = np.random.default_rng(3)
+    q, k, v = _problem(rng, 1, 2, 2, 16, 16, 8, 8)
+    with pytest.raises(TypeError, match="must all be host .* or all CUDA arrays"):
+        br.attention(cuda.to_device(q), k, v, backend="auto")
+
+
+def _torch_cuda():
+    torch = pytest.importorskip("torch", reason="torch not installed: run on the GPU machine")
+    if SIMULATOR or not torch.cuda.is_available():
+        pytest.skip("torch CUDA tensors need a real GPU (the simulator has none): run on the "
+                    "GPU machine")
+    return torch
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_torch_tensors_in_place_and_torch_out(dtype):
+    torch = _torch_cuda()
+    rng = np.random.default_rng(4)
+    q, k, v = _problem(rng, 2, 8, 2, 300, 300, 64, 64, np.float32)
+    tq, tk, tv = (torch.from_numpy(x).to("cuda", getattr(torch, dtype)) for x in (q, k, v))
+    out = br.attention(tq, tk, tv, causal=True)
+    assert isinstance(out, torch.Tensor) and out.is_cuda and out.dtype == tq.dtype
+    want = br.dense_attention(*(t.float().cpu().numpy() for t in (tq, tk, tv)), causal=True)
+    assert _rel(out.float().cpu().numpy(), want) < (2e-3 if dtype == "float16" else 1e-5)
+
+
+def test_cupy_arrays_in_and_cupy_out():
+    cupy = pytest.importorskip("cupy", reason="CuPy not installed: run on the GPU machine")
+    if SIMULATOR:
+        pytest.skip("CuPy arrays need a real GPU (the simulator has none): run on the GPU machine")
+    rng = np.random.default_rng(5)
+    q, k, v = _problem(rng, 1, 4, 4, 1, 5000, 128, 128)
+    out = br.attention(*(cupy.asarray(x) for x in (q, k, v)), causal=True)
+    assert isinstance(out, cupy.ndarray)
+    assert _rel(cupy.asnumpy(out), br.dense_attention(q, k, v, causal=True)) < 1e-5
+
+
+def test_bfloat16_is_a_clear_error():
+    torch = _torch_cuda()
+    t = torch.zeros((1, 2, 16, 8), dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(TypeError, match="dtype"):
+        br.attention(t, t, t)

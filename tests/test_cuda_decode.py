@@ -1,0 +1,235 @@
+"""The split-KV decode kernels of ``blasst_ref.cuda.decode`` against the numpy specification.
+
+Runs on Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, set before ``numba.cuda`` is
+first imported) at tiny sizes, and on a real GPU at the same tiny sizes by default.
+``BLASST_CUDA_TEST_SCALE=gpu`` switches to realistic decode shapes (Lk = 4096..32768,
+D = 128, Hq = 32 / Hkv = 8, and MLA 576 / 512): use it on a GPU only, the simulator would
+take hours.
+
+The kernels are called directly (``launch_decode``), with device arrays made by
+``numba.cuda.to_device``; the expected results come from :func:`dense_attention` (float64)
+for ``thresh = 0`` and from :func:`blasst_attention_reference` (same tiles, same split-KV
+chunks, same skip rule) for ``thresh > 0``. At tiny sizes the tiling's minimum of
+``MIN_TILES_PER_SPLIT`` tiles per chunk would leave a single chunk, so the tests lower it
+(``monkeypatch``) for both the reference and the kernel: several chunks are merged.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numba
+import numpy as np
+import pytest
+
+from blasst_ref import reference, tiling, workloads
+
+cuda = pytest.importorskip("numba.cuda")
+if not cuda.is_available():
+    pytest.skip("no CUDA GPU and NUMBA_ENABLE_CUDASIM is not set", allow_module_level=True)
+
+from blasst_ref.cuda import decode as cuda_decode  # noqa: E402
+
+pytestmark = [
+    # the simulator computes -inf - -inf (a row that has seen nothing) with numpy scalars
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    # tiny grids on a real GPU
+    pytest.mark.filterwarnings("ignore:.*Grid size"),
+]
+
+SIM = bool(numba.config.ENABLE_CUDASIM)
+GPU_SCALE = os.environ.get("BLASST_CUDA_TEST_SCALE", "").lower() == "gpu"
+#: threads per block of the split kernel: fewer under the simulator (one Python thread each)
+THREADS = 32 if SIM else cuda_decode.DEFAULT_THREADS
+#: relative L2 tolerance of out vs the float64 oracle / the float32 reference
+TOL = {np.float32: 1e-5, np.float16: 2e-3}
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@pytest.fixture
+def split_tiles(monkeypatch, request):
+    """Set the tiling's minimum tiles per split-KV chunk (``None``: the library's value)."""
+    value = getattr(request, "param", None)
+    if value is not None:
+        monkeypatch.setattr(tiling, "MIN_TILES_PER_SPLIT", value)
+    return value
+
+
+def run_decode(q, k, v, thresh, causal, block_k, *, scale=None, threads=THREADS, chunk=None):
+    """Launch the CUDA decode kernels on host arrays; returns ``(out, tile_map)`` on the host.
+
+    The split-KV chunking comes from ``tiling`` (as the backend's caller passes it); ``out``
+    is poisoned with NaN first, so that every element must be written."""
+    b, hq, lq, dqk = q.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    scale = 1.0 / math.sqrt(dqk) if scale is None else scale
+    n_kt = tiling.num_tiles(lk, block_k)
+    out = cuda.to_device(np.full((b, hq, lq, dv), np.nan, q.dtype))
+    tile_map = cuda.to_device(np.zeros((b, hkv, 1, n_kt), np.int8))
+    log_thresh = -math.inf if thresh == 0 else math.log(thresh)
+    cuda_decode.launch_decode(
+        cuda.to_device(q), cuda.to_device(k), cuda.to_device(v), out, tile_map, log_thresh,
+        causal, scale, block_k, tiling.decode_split_tiles(lk, block_k),
+        tiling.decode_num_splits(lk, block_k), threads=threads, chunk=chunk,
+    )
+    return out.copy_to_host(), tile_map.copy_to_host()
+
+
+def _inputs(rng, b, hq, hkv, lq, lk, dqk, dv, dtype):
+    q = rng.standard_normal((b, hq, lq, dqk)).astype(dtype)
+    k = rng.standard_normal((b, hkv, lk, dqk)).astype(dtype)
+    v = rng.standard_normal((b, hkv, lk, dv)).astype(dtype)
+    return q, k, v
+
+
+def _assert_maps_agree(got, ref):
+    """tile maps equal, except tiles whose reference margin lies within rounding of 0."""
+    near = np.abs(np.nan_to_num(ref.margin, nan=np.inf)) < 1e-3
+    bad = (got != ref.tile_map) & ~near
+    assert not bad.any(), f"tile maps differ at {np.argwhere(bad)[:10]}"
+    return bool(((got != ref.tile_map) & near).any())
+
+
+# ---------------------------------------------------------------------------------------
+# thresh = 0: exact attention against the float64 oracle
+# ---------------------------------------------------------------------------------------
+
+if GPU_SCALE:
+    DENSE_CASES = [  # (B, Hq, Hkv, Lq, Lk, Dqk, Dv, block_k, causal, dtype, min_split)
+        (1, 32, 8, 1, 4096, 128, 128, 64, False, np.float32, None),
+        (2, 32, 8, 1, 32768, 128, 128, 64, True, np.float16, None),
+        (1, 32, 8, 4, 8191, 128, 128, 64, True, np.float32, None),
+        (1, 8, 8, 1, 16384, 64, 64, 64, False, np.float16, None),
+        (1, 16, 1, 1, 4096, 576, 512, 64, True, np.float16, None),  # MLA (absorbed)
+        (1, 16, 1, 2, 8192, 576, 512, 32, True, np.float32, None),
+    ]
+else:
+    DENSE_CASES = [
+        (1, 4, 2, 1, 77, 16, 16, 8, False, np.float32, 4),  # GQA, partial last tile
+        (2, 2, 2, 3, 50, 8, 8, 8, True, np.float16, 2),  # MHA, Lq = 3 causal
+        (1, 4, 1, 1, 40, 12, 8, 8, True, np.float32, 2),  # MLA-like Dqk != Dv, one kv head
+    ]
+
+
+@pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: f"{c[:8]}-{np.dtype(c[9]).name}")
+def test_dense_matches_oracle(case, monkeypatch):
+    b, hq, hkv, lq, lk, dqk, dv, bk, causal, dtype, min_split = case
+    if min_split is not None:
+        monkeypatch.setattr(tiling, "MIN_TILES_PER_SPLIT", min_split)
+    assert tiling.decode_num_splits(lk, bk) > 1  # the merge is exercised
+    q, k, v = _inputs(np.random.default_rng(lk + lq), b, hq, hkv, lq, lk, dqk, dv, dtype)
+    out, tile_map = run_decode(q, k, v, 0.0, causal, bk)
+    expect = reference.dense_attention(q, k, v, causal=causal)
+    assert out.dtype == dtype and not np.isnan(out).any()
+    assert _rel(out, expect) < TOL[dtype]
+    k_tiles = tiling.causal_k_tiles(0, lq, lq, lk, bk) if causal else tiling.num_tiles(lk, bk)
+    assert (tile_map[..., :k_tiles] == reference.COMPUTED).all()
+    assert (tile_map[..., k_tiles:] == reference.NOT_VISITED).all()
+
+
+def test_head_dim_chunks_and_streamed_q(monkeypatch):
+    """Several head-dim chunks (DC = 8 < D), and Q re-staged per chunk instead of resident."""
+    monkeypatch.setattr(tiling, "MIN_TILES_PER_SPLIT", 2)
+    if GPU_SCALE:
+        shape = (1, 16, 1, 1, 2048, 576, 512, 64)
+    else:
+        shape = (1, 2, 1, 2, 35, 20, 12, 8)
+    b, hq, hkv, lq, lk, dqk, dv, bk = shape
+    q, k, v = _inputs(np.random.default_rng(1), b, hq, hkv, lq, lk, dqk, dv, np.float32)
+    expect = reference.dense_attention(q, k, v, causal=True)
+    out, _ = run_decode(q, k, v, 0.0, True, bk, chunk=8)  # Q resident, 3 chunks of 8
+    assert _rel(out, expect) < 1e-5
+    monkeypatch.setattr(cuda_decode, "plan", lambda *a, **kw: (8, 8))
+    out, _ = run_decode(q, k, v, 0.0, True, bk)  # Q re-staged per chunk
+    assert _rel(out, expect) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------
+# thresh > 0: the same tiles skipped as the reference, the same output
+# ---------------------------------------------------------------------------------------
+
+def _peaked(rng, b, hq, hkv, lq, lk, d, dtype, period):
+    """Random q, k, v plus a bright key at the start of every ``period`` keys (each split-KV
+    chunk's first, dense, tile then holds a large running max), and a dimmer one mid-way."""
+    q, k, v = _inputs(rng, b, hq, hkv, lq, lk, d, d, np.float64)
+    group = hq // hkv
+    k *= 0.3
+    for g in range(hkv):
+        direction = q[:, g * group:(g + 1) * group].sum(axis=(1, 2))  # (B, D)
+        direction /= np.linalg.norm(direction, axis=-1, keepdims=True)
+        for j in range(0, lk, period):
+            k[:, g, j] = 4.0 * math.sqrt(d) * direction / max(1.0, math.sqrt(group * lq) / 2)
+        for j in range(period // 2, lk, period):
+            k[:, g, j] = 1.5 * math.sqrt(d) * direction
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+
+
+if GPU_SCALE:
+    SPARSE_CASES = [  # (B, Hq, Hkv, Lq, Lk, D, block_k, causal, dtype, min_split, thresh)
+        (1, 32, 8, 1, 32768, 128, 64, True, np.float32, None, 1e-3),
+        (2, 32, 8, 4, 8192, 128, 64, True, np.float16, None, 1e-3),
+    ]
+else:
+    SPARSE_CASES = [
+        (1, 4, 2, 1, 96, 16, 8, False, np.float32, 4, 0.05),  # GQA: the group votes
+        (1, 3, 3, 3, 80, 8, 8, True, np.float16, 3, 0.05),  # MHA, Lq = 3 causal
+    ]
+
+
+@pytest.mark.parametrize("case", SPARSE_CASES, ids=lambda c: f"{c[:8]}-{np.dtype(c[8]).name}")
+def test_skips_like_reference(case, monkeypatch):
+    b, hq, hkv, lq, lk, d, bk, causal, dtype, min_split, thresh = case
+    if min_split is not None:
+        monkeypatch.setattr(tiling, "MIN_TILES_PER_SPLIT", min_split)
+    rng = np.random.default_rng(7)
+    if GPU_SCALE:
+        q, k, v = workloads.llm_like(b, hq, hkv, lq, lk, d, seed=3, dtype=dtype)
+    else:
+        q, k, v = _peaked(rng, b, hq, hkv, lq, lk, d, dtype, bk * tiling.decode_split_tiles(lk, bk))
+    out, tile_map = run_decode(q, k, v, thresh, causal, bk)
+    ref = reference.blasst_attention_reference(q, k, v, thresh, causal=causal, block_k=bk)
+    assert ref.decode
+    n_skipped = int((ref.tile_map == reference.SKIPPED).sum())
+    assert 0 < n_skipped < int((ref.tile_map == reference.COMPUTED).sum()) * 10
+    excused = _assert_maps_agree(tile_map, ref)
+    assert not np.isnan(out).any()
+    tol = TOL[dtype] if not excused else 1e-2
+    assert _rel(out, ref.out) < tol
+
+
+# ---------------------------------------------------------------------------------------
+# NaN, rows that see no key, splits that see nothing
+# ---------------------------------------------------------------------------------------
+
+def test_nan_score_never_skips_and_propagates(monkeypatch):
+    monkeypatch.setattr(tiling, "MIN_TILES_PER_SPLIT", 4)
+    b, hq, hkv, lq, lk, d, bk = 1, 4, 2, 1, 64, 8, 8
+    q, k, v = _peaked(np.random.default_rng(3), b, hq, hkv, lq, lk, d, np.float32, 32)
+    k[0, 1, 20, 3] = np.nan  # kv head 1, tile 2: would be skipped, must be computed
+    out, tile_map = run_decode(q, k, v, 0.05, False, bk)
+    ref = reference.blasst_attention_reference(q, k, v, 0.05, causal=False, block_k=bk)
+    assert ref.tile_map[0, 1, 0, 2] == reference.COMPUTED
+    assert (ref.tile_map[0, 0] == reference.SKIPPED).any()  # the clean group still skips
+    np.testing.assert_array_equal(tile_map, ref.tile_map)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref.out))
+    assert np.isnan(out[0, 2:]).all() and not np.isnan(out[0, :2]).any()
+    assert _rel(out[0, :2], ref.out[0, :2]) < 1e-5
+
+
+def test_rows_without_keys_are_zero(monkeypatch):
+    """Causal with Lq > Lk: the first rows see no key (zeros); with one tile per split, a
+    row sees nothing of the splits past its causal horizon (weight 0 in the merge)."""
+    monkeypatch.setattr(tiling, "MIN_TILES_PER_SPLIT", 1)
+    b, hq, hkv, lq, lk, d, bk = 1, 2, 1, 5, 3, 8, 2
+    q, k, v = _inputs(np.random.default_rng(5), b, hq, hkv, lq, lk, d, d, np.float32)
+    out, tile_map = run_decode(q, k, v, 0.0, True, bk)
+    expect = reference.dense_attention(q, k, v, causal=True)
+    assert (out[:, :, :2] == 0).all()  # rows 0, 1: i + Lk - Lq < 0
+    assert _rel(out, expect) < 1e-5
+    ref = reference.blasst_attention_reference(q, k, v, 0.0, causal=True, block_k=bk)
+    np.testing.assert_array_equal(tile_map, ref.tile_map)
