@@ -345,6 +345,12 @@ def torch_available() -> tuple[bool, str]:
 
 
 def cuda_available() -> tuple[bool, str]:
+    import os
+
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        # The simulator runs every GPU thread as a Python thread: right for tests, useless
+        # (minutes per call) for timings and the demo.
+        return False, "NUMBA_ENABLE_CUDASIM=1: Numba's CUDA simulator is not a GPU to time"
     try:
         from numba import cuda
 
