@@ -119,3 +119,29 @@ def test_kernel_rejects_wrong_arrays():
         blasst_attention(q[:, :, ::2], q, q, 0.0, False, 0.5, 8, 8)
     with pytest.raises(ValueError, match="out"):
         blasst_attention(q, q, q, 0.0, False, 0.5, 8, 8, out=np.empty((1, 2, 8, 5), np.float32))
+
+
+def test_nan_hidden_by_the_causal_mask_does_not_block_a_skip():
+    """A NaN score at a key that the causal mask hides from every row of a visited tile takes
+    no part in that tile's max (DESIGN §3: masked scores take no part in m~), so it does not
+    stop the tile from being skipped, exactly as in the reference.
+
+    Lq=24 (prefill: more than 16 rows), Lk=56, tiles 8 x 16: rows 0..7 see keys j <= i + 32,
+    so in their diagonal tile (keys 32..47) keys 40..47 are hidden from all of them; key 45
+    holds the NaN. Rows 8..15 see it."""
+    rng = np.random.default_rng(11)
+    d = 16
+    u = rng.standard_normal(d)
+    q = 3.0 * u + 0.3 * rng.standard_normal((1, 2, 24, d))
+    k = 0.3 * rng.standard_normal((1, 2, 56, d))
+    v = rng.standard_normal((1, 2, 56, d))
+    k[:, :, 0] = 3.0 * u  # an attention sink that every row sees: later tiles are negligible
+    k[0, 1, 45, 0] = np.nan
+    ref = blasst_attention_reference(q, k, v, 0.5, causal=True, block_q=8, block_k=16)
+    out, tile_map = blasst_attention(q, k, v, 0.5, True, 1 / math.sqrt(d), 8, 16)
+    np.testing.assert_array_equal(tile_map, ref.tile_map)
+    assert tile_map[0, 1, 0, 2] == 2, "the tile holding the hidden NaN should be skipped"
+    assert tile_map[0, 1, 1, 2] == 1, "rows 8..15 see the NaN key: their tile is kept"
+    sees_nan = np.arange(24) + 32 >= 45  # rows 13.. see key 45 (a NaN in k, not in v)
+    np.testing.assert_array_equal(np.isnan(out[0, 1]).any(axis=1), sees_nan)
+    assert not np.isnan(out[0, 0]).any()

@@ -4,6 +4,10 @@ The kernels are plain ``@njit(parallel=True)`` functions in :mod:`.prefill` and
 :mod:`.decode`; this module only allocates their outputs, picks the phase with
 :mod:`blasst_ref.tiling` and keeps BLAS single-threaded while they run (each of our threads
 calls BLAS on small tiles; a multi-threaded BLAS underneath would oversubscribe the cores).
+
+The kernels are compiled with ``cache=True`` (CI and first calls skip the compile). Numba's
+cache checks the kernel's own file only: after editing ``_math.py`` or ``_online.py``, whose
+functions are inlined into the kernels, delete ``blasst_ref/cpu/__pycache__``.
 """
 
 from __future__ import annotations

@@ -25,19 +25,25 @@ def fold_row(row, lim, tile_max, r, m, l, acc):
     after the first tiles is almost always 1 (the rescale of ``acc`` is then skipped).
     """
     dt = row.dtype.type
-    m_new = max(m[r], tile_max)
+    m_old = m[r]
+    # NaN-keeping max: as in the reference, a row whose visible scores held a NaN keeps a
+    # NaN running max, so no later tile of it can be skipped (its output is NaN anyway).
+    m_new = tile_max if (tile_max > m_old or tile_max != tile_max) else m_old
     # a row that has seen nothing yet shifts by 0, keeping l = 0 and acc = 0
     shift = dt(0.0) if m_new == dt(-np.inf) else m_new
-    alpha = exp(m[r] - shift)
+    alpha = exp(m_old - shift)
     row_sum = dt(0.0)
+    n_nan = 0  # the caller's tile max may skip NaN (it must vectorise): count them here
     for j in range(lim):
-        p = exp(row[j] - shift)
+        x = row[j]
+        n_nan += x != x
+        p = exp(x - shift)
         row[j] = p
         row_sum += p
     for j in range(lim, row.shape[0]):
         row[j] = dt(0.0)
     l[r] = l[r] * alpha + row_sum
-    m[r] = m_new
+    m[r] = m_new if n_nan == 0 else dt(np.nan)
     if alpha != dt(1.0):
         acc_row = acc[r]
         for d in range(acc_row.shape[0]):

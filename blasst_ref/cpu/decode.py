@@ -26,7 +26,7 @@ from numba import njit, prange
 
 from ._math import FASTMATH, exp
 from ._online import fold_row
-from .prefill import COMPUTED, SKIPPED, _has_nan
+from .prefill import COMPUTED, SKIPPED
 
 
 @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
@@ -109,10 +109,14 @@ def decode_split_kernel(q, k, v, log_thresh, causal, scale, block_k, split_tiles
                 lim = nc
                 if causal:
                     lim = min(nc, max(0, r % lq + offset - j0 + 1))
+                # A max that keeps NaN, over visible scores only: a NaN score never lets its
+                # tile be skipped, and one the causal mask hides does not count (as in the
+                # reference). Decode is memory-bound: this scalar loop costs nothing.
                 mx = neg_inf
                 row = s[r, c0:c0 + lim]
                 for j in range(lim):
-                    mx = max(mx, row[j])
+                    x = row[j]
+                    mx = x if (x > mx or x != x) else mx
                 tile_max[r] = mx
 
             if skip_test is not None:  # pruned at compile time when None
@@ -121,7 +125,7 @@ def decode_split_kernel(q, k, v, log_thresh, causal, scale, block_k, split_tiles
                     if not (tile_max[r] - m[r] < log_thresh):
                         skip = False
                         break
-                if skip and not _has_nan(s[:, c0:c0 + nc]):  # V of this tile is never read
+                if skip:  # the V rows of this tile are never read
                     tile_map[b, g, 0, kt] = SKIPPED
                     continue
             tile_map[b, g, 0, kt] = COMPUTED

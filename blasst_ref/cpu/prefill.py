@@ -161,12 +161,16 @@ def prefill_kernel(q, k_tiles_t, v, log_thresh, causal, scale, block_q, block_k,
             # Only tiles that cross the diagonal need a per-row key limit.
             partial = causal and (j1 - 1 > i0 + offset)
             if partial:
+                # Few tiles cross the diagonal: a scalar max that keeps NaN is cheap here,
+                # and it looks at visible scores only (a NaN that the mask hides must not
+                # block a skip, as in the reference).
                 for r in range(nr):
                     lim = min(nc, max(0, i0 + r + offset - j0 + 1))
                     mx = neg_inf
                     row = s[r]
                     for j in range(lim):
-                        mx = max(mx, row[j])
+                        x = row[j]
+                        mx = x if (x > mx or x != x) else mx
                     tile_max[r] = mx
             else:
                 _rows_max(s, nr, nc, tile_max)
@@ -177,9 +181,10 @@ def prefill_kernel(q, k_tiles_t, v, log_thresh, causal, scale, block_q, block_k,
                     if not (tile_max[r] - m[r] < log_thresh):
                         skip = False
                         break
-                # The row max above ignores NaN (a NaN-aware max does not vectorise); a NaN
-                # score must keep its tile, so check for one on this (cheap) path only.
-                if skip and not _has_nan(s):
+                # _rows_max ignores NaN (a NaN-aware max does not vectorise); a NaN score
+                # must keep its tile, so check for one on this (cheap) path only. Every
+                # score of a full tile is visible (padding columns are zeros).
+                if skip and (partial or not _has_nan(s)):
                     tile_map[b, h, qt, kt] = SKIPPED
                     continue
             tile_map[b, h, qt, kt] = COMPUTED
