@@ -1,4 +1,4 @@
-"""The online-softmax step that both CPU kernels take for every row of a kept tile."""
+"""The two per-tile steps both CPU kernels share: the skip vote and the online-softmax fold."""
 
 from __future__ import annotations
 
@@ -48,3 +48,16 @@ def fold_row(row, lim, tile_max, r, m, l, acc):
         acc_row = acc[r]
         for d in range(acc_row.shape[0]):
             acc_row[d] *= alpha
+
+
+@njit(inline="always")
+def rows_agree_to_skip(tile_max, m, n_rows, log_thresh):
+    """The BLASST skip rule (DESIGN §3): every row ``r < n_rows`` agrees that
+    ``exp(tile_max[r] - m[r]) < thresh``, written ``tile_max[r] - m[r] < log(thresh)``.
+
+    NaN compares false (a NaN max never lets a tile be skipped), ``log(0) = -inf`` never
+    skips, and a row that has seen nothing yet (``m = -inf``) never agrees."""
+    for r in range(n_rows):
+        if not (tile_max[r] - m[r] < log_thresh):
+            return False
+    return True

@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._math import FASTMATH, exp
-from ._online import fold_row
+from ._online import fold_row, rows_agree_to_skip
 from .prefill import COMPUTED, SKIPPED
 
 
@@ -120,11 +120,7 @@ def decode_split_kernel(q, k, v, log_thresh, causal, scale, block_k, split_tiles
                 tile_max[r] = mx
 
             if skip_test is not None:  # pruned at compile time when None
-                skip = True
-                for r in range(n_rows):
-                    if not (tile_max[r] - m[r] < log_thresh):
-                        skip = False
-                        break
+                skip = rows_agree_to_skip(tile_max, m, n_rows, log_thresh)
                 if skip:  # the V rows of this tile are never read
                     tile_map[b, g, 0, kt] = SKIPPED
                     continue

@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._math import FASTMATH
-from ._online import fold_row
+from ._online import fold_row, rows_agree_to_skip
 
 COMPUTED = np.int8(1)
 SKIPPED = np.int8(2)
@@ -176,11 +176,7 @@ def prefill_kernel(q, k_tiles_t, v, log_thresh, causal, scale, block_q, block_k,
                 _rows_max(s, nr, nc, tile_max)
 
             if skip_test is not None:  # pruned at compile time when None
-                skip = True
-                for r in range(nr):
-                    if not (tile_max[r] - m[r] < log_thresh):
-                        skip = False
-                        break
+                skip = rows_agree_to_skip(tile_max, m, nr, log_thresh)
                 # _rows_max ignores NaN (a NaN-aware max does not vectorise); a NaN score
                 # must keep its tile, so check for one on this (cheap) path only. Every
                 # score of a full tile is visible (padding columns are zeros).
