@@ -40,8 +40,12 @@ pytestmark = [
 
 SIM = bool(numba.config.ENABLE_CUDASIM)
 GPU_SCALE = os.environ.get("BLASST_CUDA_TEST_SCALE", "").lower() == "gpu"
-#: threads per block of the split kernel: fewer under the simulator (one Python thread each)
-THREADS = 32 if SIM else cuda_decode.DEFAULT_THREADS
+#: threads per block of the split kernel: fewer under the simulator (one Python thread each);
+#: on a GPU each version's default
+THREADS = 32 if SIM else None
+#: kernel versions: 1 (any shape), 2 (windows, vector loads, warp shuffles on a GPU; shared
+#: memory reductions on the simulator), tested where ``plan_v2`` accepts the shape
+VERSIONS = [1, 2]
 #: relative L2 tolerance of out vs the float64 oracle / the float32 reference
 TOL = {np.float32: 1e-5, np.float16: 2e-3}
 
@@ -60,7 +64,16 @@ def split_tiles(monkeypatch, request):
     return value
 
 
-def run_decode(q, k, v, thresh, causal, block_k, *, scale=None, threads=THREADS, chunk=None):
+def _v2_applies(q, k, v, block_k):
+    b, hq, lq, dqk = q.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    return cuda_decode.plan_v2((hq // hkv) * lq, block_k, dqk, dv, q.dtype.itemsize,
+                               THREADS or cuda_decode.V2_THREADS,
+                               tiling.decode_split_tiles(lk, block_k)) is not None
+
+
+def run_decode(q, k, v, thresh, causal, block_k, *, scale=None, threads=THREADS, chunk=None,
+               version=None):
     """Launch the CUDA decode kernels on host arrays; returns ``(out, tile_map)`` on the host.
 
     The split-KV chunking comes from ``tiling`` (as the backend's caller passes it); ``out``
@@ -75,7 +88,7 @@ def run_decode(q, k, v, thresh, causal, block_k, *, scale=None, threads=THREADS,
     cuda_decode.launch_decode(
         cuda.to_device(q), cuda.to_device(k), cuda.to_device(v), out, tile_map, log_thresh,
         causal, scale, block_k, tiling.decode_split_tiles(lk, block_k),
-        tiling.decode_num_splits(lk, block_k), threads=threads, chunk=chunk,
+        tiling.decode_num_splits(lk, block_k), threads=threads, chunk=chunk, version=version,
     )
     return out.copy_to_host(), tile_map.copy_to_host()
 
@@ -113,17 +126,22 @@ else:
         (1, 4, 2, 1, 77, 16, 16, 8, False, np.float32, 4),  # GQA, partial last tile
         (2, 2, 2, 3, 50, 8, 8, 8, True, np.float16, 2),  # MHA, Lq = 3 causal
         (1, 4, 1, 1, 40, 12, 8, 8, True, np.float32, 2),  # MLA-like Dqk != Dv, one kv head
+        (1, 4, 2, 1, 77, 16, 16, 16, False, np.float32, 2),  # v2: GQA, partial last tile
+        (1, 8, 2, 2, 150, 32, 32, 16, True, np.float16, 2),  # v2: 8 rows, Lq = 2 causal
     ]
 
 
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: f"{c[:8]}-{np.dtype(c[9]).name}")
-def test_dense_matches_oracle(case, monkeypatch):
+def test_dense_matches_oracle(case, version, monkeypatch):
     b, hq, hkv, lq, lk, dqk, dv, bk, causal, dtype, min_split = case
     if min_split is not None:
         monkeypatch.setattr(tiling, "MIN_TILES_PER_SPLIT", min_split)
     assert tiling.decode_num_splits(lk, bk) > 1  # the merge is exercised
     q, k, v = _inputs(np.random.default_rng(lk + lq), b, hq, hkv, lq, lk, dqk, dv, dtype)
-    out, tile_map = run_decode(q, k, v, 0.0, causal, bk)
+    if version == 2 and not _v2_applies(q, k, v, bk):
+        pytest.skip("decode v2 does not take this shape (version 1 does)")
+    out, tile_map = run_decode(q, k, v, 0.0, causal, bk, version=version)
     expect = reference.dense_attention(q, k, v, causal=causal)
     assert out.dtype == dtype and not np.isnan(out).any()
     assert _rel(out, expect) < TOL[dtype]
@@ -142,10 +160,10 @@ def test_head_dim_chunks_and_streamed_q(monkeypatch):
     b, hq, hkv, lq, lk, dqk, dv, bk = shape
     q, k, v = _inputs(np.random.default_rng(1), b, hq, hkv, lq, lk, dqk, dv, np.float32)
     expect = reference.dense_attention(q, k, v, causal=True)
-    out, _ = run_decode(q, k, v, 0.0, True, bk, chunk=8)  # Q resident, 3 chunks of 8
+    out, _ = run_decode(q, k, v, 0.0, True, bk, chunk=8)  # v1: Q resident, 3 chunks of 8
     assert _rel(out, expect) < 1e-5
     monkeypatch.setattr(cuda_decode, "plan", lambda *a, **kw: (8, 8))
-    out, _ = run_decode(q, k, v, 0.0, True, bk)  # Q re-staged per chunk
+    out, _ = run_decode(q, k, v, 0.0, True, bk, version=1)  # v1: Q re-staged per chunk
     assert _rel(out, expect) < 1e-5
 
 
@@ -178,11 +196,14 @@ else:
     SPARSE_CASES = [
         (1, 4, 2, 1, 96, 16, 8, False, np.float32, 4, 0.05),  # GQA: the group votes
         (1, 3, 3, 3, 80, 8, 8, True, np.float16, 3, 0.05),  # MHA, Lq = 3 causal
+        (1, 4, 2, 1, 192, 16, 16, False, np.float32, 3, 0.05),  # v2: GQA group votes
+        (1, 4, 4, 2, 200, 32, 16, True, np.float16, 2, 0.05),  # v2: Lq = 2 causal, partial
     ]
 
 
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("case", SPARSE_CASES, ids=lambda c: f"{c[:8]}-{np.dtype(c[8]).name}")
-def test_skips_like_reference(case, monkeypatch):
+def test_skips_like_reference(case, version, monkeypatch):
     b, hq, hkv, lq, lk, d, bk, causal, dtype, min_split, thresh = case
     if min_split is not None:
         monkeypatch.setattr(tiling, "MIN_TILES_PER_SPLIT", min_split)
@@ -191,7 +212,9 @@ def test_skips_like_reference(case, monkeypatch):
         q, k, v = workloads.llm_like(b, hq, hkv, lq, lk, d, seed=3, dtype=dtype)
     else:
         q, k, v = _peaked(rng, b, hq, hkv, lq, lk, d, dtype, bk * tiling.decode_split_tiles(lk, bk))
-    out, tile_map = run_decode(q, k, v, thresh, causal, bk)
+    if version == 2 and not _v2_applies(q, k, v, bk):
+        pytest.skip("decode v2 does not take this shape (version 1 does)")
+    out, tile_map = run_decode(q, k, v, thresh, causal, bk, version=version)
     ref = reference.blasst_attention_reference(q, k, v, thresh, causal=causal, block_k=bk)
     assert ref.decode
     n_skipped = int((ref.tile_map == reference.SKIPPED).sum())
@@ -206,12 +229,16 @@ def test_skips_like_reference(case, monkeypatch):
 # NaN, rows that see no key, splits that see nothing
 # ---------------------------------------------------------------------------------------
 
-def test_nan_score_never_skips_and_propagates(monkeypatch):
+@pytest.mark.parametrize("version", VERSIONS)
+def test_nan_score_never_skips_and_propagates(version, monkeypatch):
     monkeypatch.setattr(tiling, "MIN_TILES_PER_SPLIT", 4)
-    b, hq, hkv, lq, lk, d, bk = 1, 4, 2, 1, 64, 8, 8
-    q, k, v = _peaked(np.random.default_rng(3), b, hq, hkv, lq, lk, d, np.float32, 32)
-    k[0, 1, 20, 3] = np.nan  # kv head 1, tile 2: would be skipped, must be computed
-    out, tile_map = run_decode(q, k, v, 0.05, False, bk)
+    b, hq, hkv, lq, lk, d, bk = (1, 4, 2, 1, 64, 8, 8) if version == 1 else \
+        (1, 4, 2, 1, 128, 16, 16)
+    q, k, v = _peaked(np.random.default_rng(3), b, hq, hkv, lq, lk, d, np.float32, 4 * bk)
+    if version == 2 and not _v2_applies(q, k, v, bk):
+        pytest.skip("decode v2 does not take this shape (version 1 does)")
+    k[0, 1, 2 * bk + 4, 3] = np.nan  # kv head 1, tile 2: would be skipped, must be computed
+    out, tile_map = run_decode(q, k, v, 0.05, False, bk, version=version)
     ref = reference.blasst_attention_reference(q, k, v, 0.05, causal=False, block_k=bk)
     assert ref.tile_map[0, 1, 0, 2] == reference.COMPUTED
     assert (ref.tile_map[0, 0] == reference.SKIPPED).any()  # the clean group still skips

@@ -23,6 +23,21 @@ Backends (``--backend``):
   (thresh=0 only; it has no threshold). Optional: used only where ``import torch`` works.
 * ``cuda``: ``blasst_ref.attention(..., backend="cuda")`` on device copies of the input
   (timed with a device synchronisation), where ``numba.cuda.is_available()``.
+* ``torch-flash``, ``torch-cudnn``: PyTorch SDPA on the GPU, on the *same* device tensors,
+  pinned to its FlashAttention or cuDNN backend (``torch.nn.attention.sdpa_kernel``);
+  float16/bfloat16 only (those backends take no float32). Added automatically next to
+  ``cuda`` when torch has CUDA. A backend that refuses the input (dtype, GQA) is reported in
+  the notes and left out, never silently replaced.
+
+GPU variants are timed as the mean of ``n`` back-to-back calls followed by one
+synchronisation (``n`` chosen so that a sample lasts a few milliseconds), the way GPU
+kernels are usually timed: a single call plus a synchronisation would add the
+launch-and-wait round trip to kernels that take 0.1 ms. The median is over such samples.
+
+``--dtype``: ``float32`` (default), ``float16``, ``float64`` (CPU only) and ``bfloat16``
+(GPU torch rows only: numpy has no bfloat16, and the CUDA backend's API takes float16 and
+float32; the inputs are rounded to bfloat16 once and every row, the oracle included, sees
+those values).
 
 Columns: ``ms`` the median wall time; ``GFLOP/s`` the *dense* FLOP count
 (:func:`attention_flops`) over that time, so a sparse row's figure is the dense-equivalent
@@ -48,7 +63,11 @@ from . import machine as machine_mod
 from .oracle import dense_oracle, rel_l2
 from .timing import Variant, calls_needed, measure
 
-BACKENDS = ("reference", "cpu", "cpu-noskip", "torch", "cuda")
+BACKENDS = ("reference", "cpu", "cpu-noskip", "torch", "cuda", "torch-flash", "torch-cudnn")
+#: GPU peers of the cuda backend: PyTorch SDPA pinned to one of its GPU backends
+TORCH_GPU = {"torch-flash": "FLASH_ATTENTION", "torch-cudnn": "CUDNN_ATTENTION"}
+#: a GPU sample lasts about this long (back-to-back calls, one synchronisation)
+GPU_SAMPLE_MS = 5.0
 
 # ---------------------------------------------------------------------------------------
 # FLOP count (DESIGN.md §4)
@@ -101,7 +120,12 @@ def dense_kv_bytes(case: "Case") -> int:
     itemsize``. Decode is memory-bound, so ``kv_bytes / time`` (the ``GB/s`` column of decode
     tables) is its figure of merit; a skipped tile does not read its V rows, so a sparse
     row's figure is dense-equivalent, like GFLOP/s."""
-    return case.b * case.hkv * case.lk * (case.dqk + case.dv) * np.dtype(case.dtype).itemsize
+    return case.b * case.hkv * case.lk * (case.dqk + case.dv) * dtype_itemsize(case.dtype)
+
+
+def dtype_itemsize(name: str) -> int:
+    """Bytes per element of a ``--dtype`` name (``bfloat16`` is not a numpy dtype)."""
+    return 2 if name == "bfloat16" else np.dtype(name).itemsize
 
 
 def ideal_prefill_speedup(sparsity: float) -> float:
@@ -310,6 +334,11 @@ PHASE_DEFAULTS = {
 def make_inputs(case: Case):
     """Seeded ``(q, k, v)`` for a case: :func:`blasst_ref.workloads.llm_like` (``"llm"``) or
     standard normal (``"random"``, nearly uniform attention: little to skip)."""
+    if case.dtype == "bfloat16":  # float32 arrays holding bfloat16 values (rounded by torch)
+        import torch
+
+        q, k, v = make_inputs(replace(case, dtype="float32"))
+        return tuple(torch.from_numpy(x).to(torch.bfloat16).float().numpy() for x in (q, k, v))
     if case.workload == "llm":
         from ..workloads import llm_like  # imported lazily: written alongside this module
 
@@ -361,6 +390,17 @@ def cuda_available() -> tuple[bool, str]:
         return False, f"numba.cuda does not import: {exc}"
 
 
+def torch_cuda_available() -> tuple[bool, str]:
+    ok, why = torch_available()
+    if not ok:
+        return ok, why
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "torch.cuda.is_available() is False (CPU-only torch, or no GPU)"
+    return True, ""
+
+
 def backend_available(name: str) -> tuple[bool, str]:
     """``(available, reason)`` for a ``--backend`` name."""
     if name in ("cpu", "cpu-noskip"):
@@ -369,7 +409,79 @@ def backend_available(name: str) -> tuple[bool, str]:
         return torch_available()
     if name == "cuda":
         return cuda_available()
+    if name in TORCH_GPU:
+        return torch_cuda_available()
     return True, ""
+
+
+def torch_gpu_sdpa_call(q, k, v, *, causal: bool, scale: float, backend: str):
+    """``(call, note)`` running SDPA on CUDA tensors ``q, k, v`` pinned to ``backend``
+    (a :data:`TORCH_GPU` key), or ``(None, reason)`` when that backend refuses the input.
+
+    GQA: ``enable_gqa=True`` first; if the backend refuses it, the kv heads are repeated once
+    before timing (and the note says so: torch then reads more K/V bytes than we do).
+    Causal as :func:`torch_sdpa_call` (``is_causal`` for ``Lq == Lk``, nothing for a
+    one-row decode, else an explicit bottom-right boolean mask)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    F = torch.nn.functional
+    kind = getattr(SDPBackend, TORCH_GPU[backend])
+    hq, hkv, lq, lk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    kwargs: dict[str, Any] = {"scale": scale}
+    notes = []
+    if causal:
+        offset = tiling.causal_offset(lq, lk)
+        if lq == lk:
+            kwargs["is_causal"] = True
+        elif offset < lk - 1:
+            mask = torch.arange(lk, device=q.device)[None, :] <= \
+                torch.arange(lq, device=q.device)[:, None] + offset
+            kwargs["attn_mask"] = mask
+            notes.append("explicit bottom-right mask")
+    tries = [("enable_gqa", q, k, v, {"enable_gqa": True})] if hq != hkv else \
+        [("", q, k, v, {})]
+    if hq != hkv:
+        rk = k.repeat_interleave(hq // hkv, dim=1).contiguous()
+        rv = v.repeat_interleave(hq // hkv, dim=1).contiguous()
+        tries.append(("GQA via repeat_interleave before timing", q, rk, rv, {}))
+    errors = []
+    for label, tq, tk, tv, extra in tries:
+        kw = dict(kwargs, **extra)
+
+        def call(tq=tq, tk=tk, tv=tv, kw=kw):
+            with torch.inference_mode(), sdpa_kernel(kind):
+                return F.scaled_dot_product_attention(tq, tk, tv, **kw)
+
+        try:
+            call()
+            torch.cuda.synchronize()
+        except Exception as exc:  # this backend does not take this input
+            errors.append(f"{label or 'plain'}: {str(exc).splitlines()[0][:120]}")
+            continue
+        return call, "; ".join(notes + ([label] if label and label != "enable_gqa" else []))
+    return None, f"{backend} refuses this input ({' | '.join(errors)})"
+
+
+def _gpu_timed(call, sync, target_ms: float = GPU_SAMPLE_MS):
+    """``(timed_fn, n)``: ``timed_fn`` makes ``n`` back-to-back calls (no synchronisation
+    between them) so that one sample lasts about ``target_ms``; divide its time by ``n``.
+    Also serves as the warm-up (compilation) of ``call``."""
+    import time
+
+    call()
+    sync()
+    t0 = time.perf_counter()
+    call()
+    sync()
+    one = (time.perf_counter() - t0) * 1e3
+    n = int(min(200, max(1, round(target_ms / max(one, 1e-3)))))
+
+    def timed():
+        for _ in range(n):
+            call()
+
+    return timed, n
 
 
 def torch_supports_gqa() -> bool:
@@ -430,15 +542,18 @@ def torch_sdpa_call(q, k, v, *, causal: bool, scale: float):
     return call, "; ".join(notes)
 
 
-def _to_device(arrays):
+def _to_device(arrays, dtype=None):
     """Device copies for the cuda backend: torch CUDA tensors if torch has CUDA, else CuPy,
-    else numba device arrays. Returns ``(arrays, sync, to_host)``."""
+    else numba device arrays. Returns ``(arrays, sync, to_host)``. ``dtype="bfloat16"``:
+    torch bfloat16 tensors (torch only)."""
     try:
         import torch
 
         if torch.cuda.is_available():
             dev = [torch.from_numpy(np.ascontiguousarray(a)).cuda() for a in arrays]
-            return dev, torch.cuda.synchronize, lambda x: x.cpu().numpy()
+            if dtype == "bfloat16":
+                dev = [t.to(torch.bfloat16) for t in dev]
+            return dev, torch.cuda.synchronize, lambda x: x.float().cpu().numpy()
     except Exception:
         pass
     try:
@@ -527,11 +642,25 @@ def run_case(case: Case, backends: list[str], *, repeat: int, block_q=None, bloc
     q, k, v = make_inputs(case)
     scale = 1.0 / math.sqrt(case.dqk)
     bq, bk = tiling.default_blocks(case.lq, block_q, block_k)
+    gpu = [b_ for b_ in backends if b_ == "cuda" or b_ in TORCH_GPU]
+    dev = None
+    if gpu:  # one set of device tensors for every GPU row
+        dev = _to_device((q, k, v), case.dtype)
     search_backend = "cpu" if cpu_available()[0] else "reference"
-    threshes, notes = resolve_thresholds(
-        case, q, k, v, block_q=block_q, block_k=block_k, tol=tol,
-        search_backend=search_backend, progress_factory=lambda d: bar(f"{case.title}: {d}"),
-    )
+    sq, sk, sv = q, k, v
+    if "cuda" in backends and case.dtype != "bfloat16":
+        # the thresholds are searched with the GPU kernel on the same device arrays
+        # (same tiles, same skip rule as the CPU's; much faster at B=8, Lk=64k)
+        search_backend = "cuda"
+        sq, sk, sv = dev[0]
+    if case.dtype == "bfloat16":  # torch rows only: they have no threshold
+        threshes, notes = [(0.0, "0")], []
+    else:
+        threshes, notes = resolve_thresholds(
+            case, sq, sk, sv, block_q=block_q, block_k=block_k, tol=tol,
+            search_backend=search_backend,
+            progress_factory=lambda d: bar(f"{case.title}: {d}"),
+        )
     result.notes += notes
     exact = dense_oracle(q, k, v, causal=case.causal, scale=scale) if with_error else None
 
@@ -568,13 +697,30 @@ def run_case(case: Case, backends: list[str], *, repeat: int, block_q=None, bloc
                 result.notes.append(f"torch SDPA: {note}")
             add(_vname("torch", 0.0), backend, 0.0, "0", call)
         elif backend == "cuda":
-            (dq, dk, dvv), sync, to_host = _to_device((q, k, v))
+            if case.dtype == "bfloat16":
+                result.notes.append("cuda: no bfloat16 rows (blasst_ref.attention takes "
+                                    "float16/float32 CUDA arrays)")
+                continue
+            (dq, dk, dvv), sync, to_host = dev
             for t, label in threshes:
                 kw = dict(causal=case.causal, backend="cuda", block_q=block_q, block_k=block_k)
+                timed, n = _gpu_timed(lambda t=t, kw=kw: attention(dq, dk, dvv, t, **kw), sync)
                 add(_vname("cuda", t), backend, t, label,
                     lambda t=t, kw=kw: attention(dq, dk, dvv, t, return_stats=True, **kw),
-                    timed_fn=lambda t=t, kw=kw: attention(dq, dk, dvv, t, **kw), sync=sync)
-                meta[_vname("cuda", t)]["to_host"] = to_host
+                    timed_fn=timed, sync=sync)
+                meta[_vname("cuda", t)].update(to_host=to_host, inner=n)
+        elif backend in TORCH_GPU:
+            (dq, dk, dvv), sync, to_host = dev
+            call, note = torch_gpu_sdpa_call(dq, dk, dvv, causal=case.causal, scale=scale,
+                                             backend=backend)
+            if call is None:
+                result.notes.append(note)
+                continue
+            if note:
+                result.notes.append(f"{backend}: {note}")
+            timed, n = _gpu_timed(call, sync)
+            add(_vname(backend, 0.0), backend, 0.0, "0", call, timed_fn=timed, sync=sync)
+            meta[_vname(backend, 0.0)].update(to_host=to_host, inner=n)
         else:  # pragma: no cover - argparse restricts the choices
             raise ValueError(f"unknown backend {backend!r}")
 
@@ -583,6 +729,8 @@ def run_case(case: Case, backends: list[str], *, repeat: int, block_q=None, bloc
         m = meta[variant.name]
         if m["backend"] == "torch":
             out, sp = res.numpy(), (0.0, 0, 0)
+        elif m["backend"] in TORCH_GPU:
+            out, sp = m["to_host"](res), (0.0, 0, 0)
         elif m["backend"] == "cpu-noskip":
             out, tile_map = res
             sp = _tile_sparsity(tile_map)
@@ -600,13 +748,19 @@ def run_case(case: Case, backends: list[str], *, repeat: int, block_q=None, bloc
 
     flops = attention_flops(case.b, case.hq, case.lq, case.lk, case.dqk, case.dv, case.causal)
     kv_bytes = dense_kv_bytes(case)
-    torch_ms = timings[_vname("torch", 0.0)].median_ms if _vname("torch", 0.0) in timings else None
+    def med(name):  # per call (GPU samples hold `inner` back-to-back calls)
+        return timings[name].median_ms / meta[name].get("inner", 1)
+
+    torch_ms = med(_vname("torch", 0.0)) if _vname("torch", 0.0) in timings else None
+    flash_ms = med(_vname("torch-flash", 0.0)) if _vname("torch-flash", 0.0) in timings \
+        else None
     for vr in variants:
         m, tm = meta[vr.name], timings[vr.name]
+        inner = m.get("inner", 1)
+        ms = tm.median_ms / inner
         sparsity, skipped, visited, err = tm.result
         dense_name = _vname(m["backend"], 0.0)
-        dense_ms = timings[dense_name].median_ms if m["backend"] in ("reference", "cpu", "cuda") \
-            else None
+        dense_ms = med(dense_name) if m["backend"] in ("reference", "cpu", "cuda") else None
         row = dict(
             case=case.title, phase=case.phase, backend=m["backend"],
             B=case.b, Hq=case.hq, Hkv=case.hkv, Lq=case.lq, Lk=case.lk, Dqk=case.dqk,
@@ -615,11 +769,12 @@ def run_case(case: Case, backends: list[str], *, repeat: int, block_q=None, bloc
             block_q=None if case.phase == "decode" else bq, block_k=bk,
             thresh=m["thresh"], thresh_spec=m["thresh_spec"],
             sparsity=sparsity, skipped_tiles=skipped, visited_tiles=visited,
-            ms=tm.median_ms, ms_min=tm.min_ms, repeats=len(tm.samples_ms),
-            warmup_ms=tm.warmup_ms, flops=flops, gflops=flops / (tm.median_ms * 1e6),
-            rel_err=err, kv_bytes=kv_bytes, kv_gbps=kv_bytes / (tm.median_ms * 1e6),
-            speedup_vs_dense=(dense_ms / tm.median_ms) if dense_ms else None,
-            speedup_vs_torch=(torch_ms / tm.median_ms) if torch_ms else None,
+            ms=ms, ms_min=tm.min_ms / inner, repeats=len(tm.samples_ms), calls_per_sample=inner,
+            warmup_ms=tm.warmup_ms, flops=flops, gflops=flops / (ms * 1e6),
+            rel_err=err, kv_bytes=kv_bytes, kv_gbps=kv_bytes / (ms * 1e6),
+            speedup_vs_dense=(dense_ms / ms) if dense_ms else None,
+            speedup_vs_torch=(torch_ms / ms) if torch_ms else None,
+            speedup_vs_flash=(flash_ms / ms) if flash_ms else None,
             ideal_speedup=ideal_prefill_speedup(sparsity) if m["thresh"] > 0 else None,
             machine=machine_line,
         )
@@ -663,6 +818,9 @@ def _fmt(x, spec, none="-"):
 
 COLUMNS = ("backend", "thresh", "sparsity", "ms", "GFLOP/s", "rel.err", "vs dense", "vs torch")
 DECODE_COLUMNS = COLUMNS[:5] + ("GB/s",) + COLUMNS[5:]
+#: with GPU peers, the last column compares with torch-flash instead of CPU torch
+GPU_COLUMNS = COLUMNS[:-1] + ("vs flash",)
+GPU_DECODE_COLUMNS = DECODE_COLUMNS[:-1] + ("vs flash",)
 
 
 def format_table(result: CaseResult) -> str:
@@ -676,6 +834,7 @@ def format_table(result: CaseResult) -> str:
     lines = [f"== {c.title}{phase}: {c.sizes()}, {workload} input, "
              f"{flops / 1e9:.2f} GFLOP (dense count)"]
     body = []
+    vs_flash = any(r.get("speedup_vs_flash") for r in result.rows)
     for r in result.rows:
         thresh = "0" if r["thresh"] == 0 else f"{r['thresh']:.3g}"
         if r["thresh_spec"].startswith("auto:"):
@@ -685,10 +844,18 @@ def format_table(result: CaseResult) -> str:
                  _fmt(r["gflops"], ".1f"), _fmt(r["rel_err"], ".1e"),
                  _fmt(r["speedup_vs_dense"], ".2f") + ("x" if r["speedup_vs_dense"] else ""),
                  _fmt(r["speedup_vs_torch"], ".2f") + ("x" if r["speedup_vs_torch"] else "")]
+        if vs_flash:
+            sf = r.get("speedup_vs_flash")
+            cells[-1] = _fmt(sf, ".2f") + ("x" if sf else "")
+        if r["ms"] is not None and r["ms"] < 0.1:
+            cells[3] = _fmt(r["ms"], ".4f")
         if c.phase == "decode":  # memory-bound: show the dense K+V read rate too
             cells.insert(5, _fmt(r["kv_gbps"], ".1f"))
         body.append(cells)
-    columns = DECODE_COLUMNS if c.phase == "decode" else COLUMNS
+    if vs_flash:
+        columns = GPU_DECODE_COLUMNS if c.phase == "decode" else GPU_COLUMNS
+    else:
+        columns = DECODE_COLUMNS if c.phase == "decode" else COLUMNS
     widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(columns)]
     lines.append("  ".join(h.ljust(w) for h, w in zip(columns, widths)))
     lines.append("  ".join("-" * w for w in widths))
@@ -814,7 +981,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--knob", action="append", type=_knob, metavar="NAME=VALUE",
                    help="an llm_like knob (repeatable), e.g. --knob peakedness=2; see "
                         "blasst_ref.workloads.llm_like for the knobs")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"),
+                   default="float32",
+                   help="input dtype (float64: CPU only; bfloat16: GPU torch rows only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--block-q", type=_positive_int, default=None, help="prefill tile rows")
     p.add_argument("--block-k", type=_positive_int, default=None, help="tile keys")
@@ -907,6 +1076,14 @@ def run(args) -> int:
                          "pass --backend reference")
     if any(c.dtype == "float64" for c in cases) and "cuda" in backends:
         parser.error("--dtype float64 is not supported by the cuda backend")
+    if "cuda" in backends and torch_cuda_available()[0]:
+        # the GPU peers of issue #4, on the same device tensors
+        backends += [b_ for b_ in TORCH_GPU if b_ not in backends]
+    if any(c.dtype == "bfloat16" for c in cases):
+        host = [b_ for b_ in backends if b_ in ("reference", "cpu", "cpu-noskip", "torch")]
+        if host:
+            parser.error(f"--dtype bfloat16 runs on the GPU only (torch rows; numpy has no "
+                         f"bfloat16): drop --backend {' '.join(host)}")
     if args.threads:
         import numba
 
