@@ -229,3 +229,210 @@ def cases(draw, dtype, peaked: bool | None = None, problem=None, **problem_kwarg
     seed = draw(seeds())
     q, k, v = make_inputs(p, dtype, seed, q_scale, sink)
     return Case(p, q, k, v, seed, q_scale, sink)
+
+
+# =============================================================================================
+# Random graphs for blasst_ref.graph
+# =============================================================================================
+# :func:`random_graphs` draws a small float32 graph of the blasst_ref.graph IR and matching
+# feeds, for properties of the memory planner and for "compiled equals interpret" tests.
+# Structure (ops, operands, shapes, outputs) is drawn by Hypothesis, so it shrinks to small
+# graphs; values (inputs, constants) come from a numpy Generator seeded by a drawn seed.
+# Values are kept finite *by construction*: Exp only ever sees Tanh outputs (or another
+# bounded tensor), Div only divides by a positive constant or by exp(tanh(.)) >= 1/e, and the
+# builder evaluates every node as it goes and squashes with Tanh any tensor whose |values|
+# exceed GRAPH_VALUE_LIMIT before anything else may read it.
+
+from blasst_ref.graph import Graph
+from blasst_ref.graph import ops as _graph_ops
+
+#: Largest |value| a tensor of a random graph may have and still be an operand or an output.
+GRAPH_VALUE_LIMIT = 64.0
+
+_GRAPH_MOVES = ("unary", "exp", "binary", "div", "matmul", "softmax", "layernorm",
+                "transpose", "reshape")
+
+
+def _nonzero_values(rng, shape, lo=0.5, hi=1.5, scale=1.0) -> np.ndarray:
+    """Random float32 values with lo <= |v| <= hi (times scale), random signs: never zero."""
+    mag = rng.uniform(lo, hi, size=shape) * rng.choice((-1.0, 1.0), size=shape)
+    return np.asarray(mag * scale, dtype=np.float32)
+
+
+def _broadcasts_to(small, big) -> bool:
+    try:
+        return np.broadcast_shapes(tuple(small), tuple(big)) == tuple(big)
+    except ValueError:
+        return False
+
+
+def _matmul_rhs_fits(s, sa, transposed: bool = False) -> bool:
+    """Whether a tensor of shape ``s`` (or its last-two-axes transpose) can be the right
+    operand of a MatMul whose left operand has shape ``sa``."""
+    if (s[-1] if transposed else s[-2]) != sa[-1]:
+        return False
+    try:
+        np.broadcast_shapes(tuple(s[:-2]), tuple(sa[:-2]))  # batch dims
+        return True
+    except ValueError:
+        return False
+
+
+def _reshape_targets(shape) -> list[tuple[int, ...]]:
+    """Rank-2 and rank-3 shapes with as many elements as ``shape``."""
+    size = int(np.prod(shape))
+    divisors = [d for d in range(1, size + 1) if size % d == 0]
+    out = [(d, size // d) for d in divisors]
+    out += [(d1, d2, size // (d1 * d2)) for d1 in divisors for d2 in divisors
+            if (size // d1) % d2 == 0]
+    return out
+
+
+@st.composite
+def random_graphs(draw, max_nodes: int = 12):
+    """``(graph, feeds)``: a random :class:`blasst_ref.graph.Graph` of at most ``max_nodes``
+    nodes and ``{input name: float32 array}`` feeds for it.
+
+    The graph has 1-2 float32 inputs (``x`` of a 2-D/3-D shape with dims 1..5; maybe ``y``:
+    the same shape, a broadcastable row, or a MatMul partner), non-zero random constants,
+    and a random DAG of Add/Sub/Mul/Div, Relu/Gelu/Tanh/Exp, MatMul (with a constant weight,
+    another tensor or a transposed tensor), Softmax (any axis), LayerNorm, Transpose and
+    Reshape. Operands are often the newest tensor (chains, in-place chances) and otherwise
+    any earlier one (tensors read several times, long liveness); tensors neither read nor
+    returned are dead ends. 1-3 distinct value tensors are outputs. Under
+    :func:`blasst_ref.graph.interpret` with the returned feeds every value is finite.
+    """
+    if max_nodes < 1:
+        raise ValueError("random_graphs needs max_nodes >= 1")
+    rng = np.random.default_rng(draw(seeds()))
+    g = Graph("random")
+    vals: dict[str, np.ndarray] = {}
+
+    def add_input(name, shape):
+        g.input(name, shape, "float32")
+        vals[name] = rng.standard_normal(shape).astype(np.float32)
+        return name
+
+    def constant(base, value):
+        name = g.add_constant(base, value)
+        vals[name] = g.constants[name]
+        return name
+
+    def build(op, *operands, **attrs) -> str:
+        """Add one node and evaluate it now (as interpret would)."""
+        name = g.op(op, *operands, **attrs).name
+        node = g.nodes[-1]
+        arrays = [vals[i] if i in vals else g.constants[i] for i in node.inputs]  # scalars
+        result = _graph_ops.get(node.op).evaluate(arrays, node.attrs)[0]
+        info = g.tensors[name]
+        vals[name] = np.asarray(result).astype(info.dtype, copy=False).reshape(info.shape)
+        return name
+
+    rank = draw(st.sampled_from((2, 3)))
+    shape = tuple(draw(st.integers(1, 5)) for _ in range(rank))
+    pool = [add_input("x", shape)]  # tensors that may be read: |values| <= the limit
+    if draw(st.booleans()):
+        kind = draw(st.sampled_from(("same", "row", "matmul")))
+        shape2 = {"same": shape, "row": (1, shape[-1]),
+                  "matmul": (shape[-1], draw(st.integers(1, 5)))}[kind]
+        pool.append(add_input("y", shape2))
+    bounded: set[str] = set()  # tensors with |values| <= 1 whatever the feeds (Exp-safe)
+
+    def pick() -> str:
+        if draw(st.booleans()):
+            return pool[-1]
+        return pool[draw(st.integers(0, len(pool) - 1))]
+
+    def pick_where(cond, *args) -> str | None:
+        """Any tensor of the pool whose shape ``s`` has ``cond(s, *args)``, or None."""
+        fits = [t for t in pool if cond(g.tensors[t].shape, *args)]
+        return fits[draw(st.integers(0, len(fits) - 1))] if fits else None
+
+    target = draw(st.integers(1, max_nodes))
+    while len(g.nodes) < target:
+        budget = target - len(g.nodes)
+        a = pick()
+        sa = g.tensors[a].shape
+        move = draw(st.sampled_from(_GRAPH_MOVES))
+        out = None
+        if move == "exp" and budget >= 1 + (a not in bounded):
+            src = a if a in bounded else build("Tanh", a)
+            out = build("Exp", src)
+        elif move == "binary":
+            op = draw(st.sampled_from(("Add", "Sub", "Mul")))
+            source = draw(st.sampled_from(("tensor", "constant", "row", "scalar")))
+            b = pick_where(_broadcasts_to, sa) if source == "tensor" else None
+            if source == "constant":
+                b = constant("c", _nonzero_values(rng, sa))
+            elif source == "row" or (source == "tensor" and b is None):
+                b = constant("c", _nonzero_values(rng, sa[-1:]))
+            elif source == "scalar":
+                b = float(_nonzero_values(rng, ()))
+            out = build(op, a, b) if draw(st.booleans()) or isinstance(b, float) \
+                else build(op, b, a)
+        elif move == "div":
+            source = draw(st.sampled_from(("exp", "constant", "row", "scalar")))
+            b = pick_where(_broadcasts_to, sa) if source == "exp" else None
+            if b is not None and budget >= 2 + (b not in bounded):
+                d = build("Exp", b if b in bounded else build("Tanh", b))  # in [1/e, e]
+            elif source == "constant":
+                d = constant("d", np.abs(_nonzero_values(rng, sa)))
+            elif source == "scalar":
+                d = float(np.abs(_nonzero_values(rng, ())))
+            else:
+                d = constant("d", np.abs(_nonzero_values(rng, sa[-1:])))
+            out = build("Div", a, d)
+        elif move == "matmul":
+            k = sa[-1]
+            source = draw(st.sampled_from(("constant", "tensor", "transposed")))
+            b = None
+            if source == "tensor":
+                b = pick_where(_matmul_rhs_fits, sa)
+            elif source == "transposed" and budget >= 2:
+                c = pick_where(_matmul_rhs_fits, sa, True)
+                if c is not None:
+                    rc = len(g.tensors[c].shape)
+                    b = build("Transpose", c, perm=tuple(range(rc - 2)) + (rc - 1, rc - 2))
+            if b is None:
+                p = draw(st.integers(1, 5))
+                b = constant("w", _nonzero_values(rng, (k, p), scale=1.0 / math.sqrt(k)))
+            out = build("MatMul", a, b)
+        elif move == "softmax":
+            axis = draw(st.sampled_from((-1,) + tuple(range(len(sa)))))
+            out = build("Softmax", a, axis=axis)
+            bounded.add(out)
+        elif move == "layernorm":
+            n = sa[-1]
+            gamma = constant("gamma", _nonzero_values(rng, (n,)))
+            beta = constant("beta", _nonzero_values(rng, (n,)))
+            out = build("LayerNorm", a, gamma, beta)
+        elif move == "transpose":
+            perm = tuple(draw(st.permutations(range(len(sa)))))
+            out = build("Transpose", a, perm=perm)
+        elif move == "reshape":
+            out = build("Reshape", a, shape=draw(st.sampled_from(_reshape_targets(sa))))
+        if out is None:  # "unary", or a move the budget could not afford
+            op = draw(st.sampled_from(("Relu", "Gelu", "GeluTanh", "Tanh")))
+            if op == "GeluTanh":
+                out = build("Gelu", a, approximate="tanh")
+            else:
+                out = build(op, a)
+            if op == "Tanh":
+                bounded.add(out)
+        if a in bounded and move in ("transpose", "reshape"):
+            bounded.add(out)  # same values, other layout
+        if np.max(np.abs(vals[out]), initial=0.0) <= GRAPH_VALUE_LIMIT:
+            pool.append(out)
+        elif len(g.nodes) < target:  # too large to read further: squash it (a is a dead end)
+            out = build("Tanh", out)
+            bounded.add(out)
+            pool.append(out)
+
+    values = [t for t in pool if g.tensors[t].kind == "value"] or [g.nodes[-1].outputs[0]]
+    chosen = draw(st.lists(st.sampled_from(values), min_size=1,
+                           max_size=min(3, len(values)), unique=True))
+    for i, t in enumerate(chosen):
+        g.output(f"out{i}", t)
+    assert all(np.all(np.isfinite(v)) for v in vals.values()), "random graph: non-finite"
+    feeds = {name: vals[name] for name in g.inputs}
+    return g, feeds

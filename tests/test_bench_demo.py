@@ -241,3 +241,18 @@ def test_demo_json(capsys, monkeypatch):
             assert r["sparsity"] == 0 and r["rel_err"] < 1e-5 and r["speedup_vs_dense"] == 1.0
         else:
             assert 0 < r["sparsity"] < 1 and 0 < r["rel_err"] < 1
+
+
+def test_bench_graph_table_and_json(capsys):
+    import json
+
+    assert bench_main.main(["graph", "--model", "dlrm-bottom", "bert", "--batch", "2",
+                            "--seq", "16", "--repeat", "1", "--no-onnx", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("machine: ")
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["model"] for r in rows] == ["dlrm-bottom", "bert"]
+    for r in rows:
+        assert set(r["ms"]) == {"interpret", "compiled", "compiled-nofuse"}
+        assert r["rel_err_vs_interpret"] < 1e-4
+        assert 0 < r["arena_bytes"] <= r["naive_bytes"]

@@ -4,6 +4,8 @@ Subcommands, one module each, listed in :data:`SUBCOMMANDS`:
 
 * ``attention`` (:mod:`.attention`): BLASST attention, dense and sparse, against PyTorch SDPA;
   ``--preset issue2`` reproduces the measurements of issue #2.
+* ``graph`` (:mod:`.graph`): compiled model graphs against the op-by-op interpreter and
+  ONNX Runtime; ``--preset issue5`` reproduces the measurements of issue #5.
 
 To add one (e.g. ``graph``, ``int8``): write ``blasst_ref/bench/<name>.py`` with
 ``register(subparsers)`` — it adds its parser and ``set_defaults(func=run, parser=p)`` — and
@@ -13,4 +15,4 @@ interleaved repeats, median), :mod:`.oracle` (a memory-bounded float64 dense res
 """
 
 #: Subcommand modules of ``python -m blasst_ref.bench``, in help order. Imported lazily.
-SUBCOMMANDS = ("attention",)
+SUBCOMMANDS = ("attention", "graph")

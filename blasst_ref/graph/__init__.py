@@ -1,0 +1,38 @@
+"""``blasst_ref.graph``: a small fused-graph executor after oneDNN Graph Compiler (DESIGN.md §7).
+
+::
+
+    from blasst_ref import graph as bg
+    g = bg.Graph("mlp")
+    x = g.input("x", (32, 13), "float32")
+    h = g.relu(g.add(g.matmul(x, g.constant("w1", W1)), g.constant("b1", b1)))
+    g.output("y", h)
+    ref = bg.interpret(g, x=X)                     # the op-by-op numpy oracle
+    cg = bg.compile(g, attention_thresh=0.0)       # passes, memory plan, kernels
+    out = cg(x=X)                                  # {"y": array}
+    print(cg.report())                             # fused ops, arena vs naive, per-op time
+    cg.plot_memory()                               # the arena over the execution order
+
+Modules, one job each:
+
+* :mod:`.ir` -- the graph: tensors, nodes, the builder, shape inference;
+* :mod:`.ops` -- every op's shape rule and numpy meaning (fused ops included);
+* :mod:`.interpreter` -- the oracle: op by op, in numpy;
+* :mod:`.passes` -- constant folding, attention fusion (-> :func:`blasst_ref.attention`),
+  MatMul post-op fusion, layout merging, weight packing; each ``Graph -> Graph``;
+* :mod:`.memory` -- liveness, best-fit arena placement, in-place reuse;
+* :mod:`.kernels` -- the Numba CPU kernels of the fused ops;
+* :mod:`.compiler` -- ``compile``: passes + plan + kernels -> a callable;
+* :mod:`.models` -- reference graphs: DLRM MLPs, a BERT layer, an LLM block;
+* :mod:`.onnx_export` -- export to ONNX and run ONNX Runtime (optional extra ``onnx``).
+"""
+
+from . import models
+from .compiler import CompiledGraph, compile
+from .interpreter import check_feeds, interpret
+from .ir import Graph, GraphError, Node, Tensor, TensorInfo
+from .memory import MemoryPlan, plan_memory
+from .ops import OPS
+
+__all__ = ["OPS", "CompiledGraph", "Graph", "GraphError", "MemoryPlan", "Node", "Tensor",
+           "TensorInfo", "check_feeds", "compile", "interpret", "models", "plan_memory"]

@@ -1,0 +1,132 @@
+"""Post-training static quantization: a float graph -> a QDQ int8 graph (DESIGN.md §7).
+
+:func:`quantize_graph` runs the float graph on sample inputs (the interpreter's
+:func:`~.interpreter.trace`), observes the min/max of every tensor that feeds a MatMul with a
+constant weight, and rewrites each such MatMul as ::
+
+    a ─ Quantize(u8, s_a, z_a) ─ Dequantize ─┐
+                                              MatMul ─ (post-ops as before)
+    W_s8 (constant) ─ Dequantize(s_w[n]) ────┘
+
+-- the "QDQ" form of ONNX. The result is still a float graph that the interpreter runs (its
+numerics are those of the int8 model: the oracle of the int8 kernels), and
+:func:`blasst_ref.graph.compile` lowers each QDQ MatMul to one ``QMatMul`` kernel
+(:func:`~.passes.lower_int8`): u8 x s8 -> s32, the zero-point compensation precomputed from
+the constant weights, rescale, post-ops and -- when the next op is another quantized
+MatMul -- requantization before the store.
+
+Formulas (round half to even, saturating, as ONNX QuantizeLinear):
+
+* activations, per tensor, asymmetric u8: with ``lo = min(x_min, 0)``, ``hi = max(x_max, 0)``
+  (0 must be exact), ``s_a = (hi - lo) / 255`` and ``z_a = round(-lo / s_a)``;
+  ``q = clip(round(x / s_a) + z_a, 0, 255)``, ``x ~ (q - z_a) s_a``;
+* weights, per output channel ``n`` (``weights="per_channel"``) or per tensor, symmetric
+  s8: ``s_w = max|W[:, n]| / 127``, ``q = clip(round(W / s_w), -127, 127)``.
+
+Attention itself stays in float (BLASST); its Q/K/V/output projections are MatMuls with
+constant weights, so they become int8.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from .interpreter import trace
+from .ir import Graph, GraphError, Node
+from .ops import quantize_array
+from .passes import rewrite
+
+__all__ = ["activation_params", "quantize_graph", "weight_params"]
+
+
+def activation_params(lo: float, hi: float) -> tuple[float, int]:
+    """``(scale, zero_point)`` of an asymmetric u8 quantization of the range ``[lo, hi]``,
+    widened to hold 0 exactly."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise GraphError(f"cannot quantize a tensor whose observed range [{lo}, {hi}] is "
+                         "not finite")
+    if hi == lo:
+        return 1.0, 0
+    scale = (hi - lo) / 255.0
+    return scale, int(np.clip(np.rint(-lo / scale), 0, 255))
+
+
+def weight_params(w: np.ndarray, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``(w_s8, scale)`` of the symmetric s8 quantization of ``w`` ``(K, N)``: ``scale`` is
+    ``(N,)`` per output channel, or one value repeated, per tensor."""
+    amax = np.abs(w).max(axis=0) if per_channel else np.full(w.shape[1], np.abs(w).max())
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def quantize_graph(g: Graph, samples, weights: str = "per_channel") -> Graph:
+    """Insert Quantize/Dequantize around every MatMul with a constant float ``(K, N)`` weight.
+
+    Args:
+        g: a float graph (e.g. from :mod:`blasst_ref.graph.models`).
+        samples: calibration inputs: one feed dict, or an iterable of feed dicts; activation
+            ranges are the min/max observed over all of them.
+        weights: ``"per_channel"`` (one scale per output column) or ``"per_tensor"``.
+
+    Returns:
+        A new graph (``g`` is not changed) with the same inputs and outputs.
+    """
+    if weights not in ("per_channel", "per_tensor"):
+        raise ValueError(f"weights must be 'per_channel' or 'per_tensor', got {weights!r}")
+    if isinstance(samples, Mapping):
+        samples = [samples]
+    samples = list(samples) if isinstance(samples, Iterable) else None
+    if not samples:
+        raise ValueError("samples must be a feed dict or a non-empty list of feed dicts")
+    targets = [n for n in g.nodes if n.op == "MatMul" and n.inputs[1] in g.constants
+               and len(g.tensors[n.inputs[1]].shape) == 2
+               and g.tensors[n.inputs[0]].dtype == "float32"
+               and g.tensors[n.inputs[1]].dtype == "float32"]
+    observed = {n.inputs[0] for n in targets}
+    lo = {t: np.inf for t in observed}
+    hi = {t: -np.inf for t in observed}
+    for feeds in samples:
+        env = trace(g, feeds)
+        for t in observed:
+            lo[t] = min(lo[t], float(np.min(env[t])))
+            hi[t] = max(hi[t], float(np.max(env[t])))
+
+    fresh = g.name_generator()
+    new_constants: dict[str, np.ndarray] = {}
+    quantized: dict[str, str] = {}   # activation -> its dequantized (fake-quant) tensor
+    wq_of: dict[str, str] = {}       # float weight -> its dequantized tensor
+    replace: dict[str, list[Node]] = {}
+    for node in targets:
+        a, w = node.inputs
+        before: list[Node] = []
+        if a not in quantized:
+            scale, zp = activation_params(lo[a], hi[a])
+            q, dq = fresh(f"{a}.q"), fresh(f"{a}.dq")
+            attrs = {"scale": scale, "zero_point": zp, "axis": None}
+            before += [Node("Quantize", (a,), (q,), {**attrs, "dtype": "uint8"}, q),
+                       Node("Dequantize", (q,), (dq,), {**attrs, "dtype": "float32"}, dq)]
+            quantized[a] = dq
+        if w not in wq_of:
+            w_s8, w_scale = weight_params(g.constants[w], weights == "per_channel")
+            w_name, dq = fresh(f"{w}.s8"), fresh(f"{w}.dq")
+            new_constants[w_name] = w_s8
+            before.append(Node("Dequantize", (w_name,), (dq,),
+                               {"scale": w_scale, "zero_point": 0, "axis": 1,
+                                "dtype": "float32"}, dq))
+            wq_of[w] = dq
+        replace[node.name] = before + [Node("MatMul", (quantized[a], wq_of[w]), node.outputs,
+                                            {}, node.name)]
+    out = rewrite(g, replace, new_constants)
+    out.name = f"{g.name}-int8"
+    return out
+
+
+def quantization_error(x: np.ndarray, scale: float, zero_point: int) -> float:
+    """``max |dequantize(quantize(x)) - x|`` over ``x`` inside the quantized range: at most
+    ``scale / 2`` (round half to even, no saturation inside the range)."""
+    q = quantize_array(x, scale, zero_point, "uint8")
+    return float(np.max(np.abs((q.astype(np.float64) - zero_point) * scale - x)))
