@@ -256,3 +256,16 @@ def test_bench_graph_table_and_json(capsys):
         assert set(r["ms"]) == {"interpret", "compiled", "compiled-nofuse"}
         assert r["rel_err_vs_interpret"] < 1e-4
         assert 0 < r["arena_bytes"] <= r["naive_bytes"]
+
+
+def test_bench_int8_table_and_json(capsys):
+    import json
+
+    assert bench_main.main(["int8", "--size", "64", "--mlp", "dlrm-bottom:4", "--repeat", "1",
+                            "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "int8 backend" in out and "GOP/s" in out
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["case"] for r in rows] == ["matmul 64x64x64", "dlrm-bottom b=4"]
+    for r in rows:
+        assert r["int8_rel_err"] < 5e-2 and r["speedup"] > 0

@@ -24,7 +24,9 @@ Modules, one job each:
 * :mod:`.kernels` -- the Numba CPU kernels of the fused ops;
 * :mod:`.compiler` -- ``compile``: passes + plan + kernels -> a callable;
 * :mod:`.models` -- reference graphs: DLRM MLPs, a BERT layer, an LLM block;
-* :mod:`.onnx_export` -- export to ONNX and run ONNX Runtime (optional extra ``onnx``).
+* :mod:`.onnx_export` -- export to ONNX and run ONNX Runtime (optional extra ``onnx``);
+* :mod:`.quantize` -- post-training static quantization (``quantize_graph``);
+* :mod:`.int8_kernels` -- u8 x s8 -> s32 kernels on VNNI (``int8_backend()``).
 """
 
 from . import models
@@ -32,7 +34,10 @@ from .compiler import CompiledGraph, compile
 from .interpreter import check_feeds, interpret
 from .ir import Graph, GraphError, Node, Tensor, TensorInfo
 from .memory import MemoryPlan, plan_memory
+from .int8_kernels import int8_backend
 from .ops import OPS
+from .quantize import quantize_graph
 
 __all__ = ["OPS", "CompiledGraph", "Graph", "GraphError", "MemoryPlan", "Node", "Tensor",
-           "TensorInfo", "check_feeds", "compile", "interpret", "models", "plan_memory"]
+           "TensorInfo", "check_feeds", "compile", "int8_backend", "interpret", "models",
+           "plan_memory", "quantize_graph"]

@@ -19,12 +19,14 @@ A compiled graph keeps state (the arena), so one instance must not run two calls
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..cpu import _blas_single_threaded
 from . import kernels as K
 from . import ops as _ops
 from . import passes as P
@@ -158,6 +160,11 @@ class CompiledGraph:
                 root = views[root]
             if root in graph.inputs or root in graph.constants:
                 self._borrowed.add(t)
+        # With the packed matmul kernel every parallel loop is a Numba one: BLAS is kept to
+        # one thread for the whole call, so that its idle pool threads never spin against
+        # Numba's on the same cores (see docs/BENCHMARKS.md, "graph").
+        self._threads = _blas_single_threaded if "PackedMatMul" in graph.count_ops() \
+            else contextlib.nullcontext
         #: ``{Attention node name: AttentionStats}`` of the last call (skip statistics).
         self.attention_stats: dict = {}
         self.times = np.zeros(len(self._steps))
@@ -174,10 +181,11 @@ class CompiledGraph:
             env[name] = np.empty(info.shape, dtype=info.dtype)
         env[_STATS] = {}
         clock = time.perf_counter
-        for i, step in enumerate(self._steps):
-            t0 = clock()
-            step(env)
-            self.times[i] = clock() - t0
+        with self._threads():
+            for i, step in enumerate(self._steps):
+                t0 = clock()
+                step(env)
+                self.times[i] = clock() - t0
         self.total_times += self.times
         self.calls += 1
         self.attention_stats = env[_STATS]
@@ -196,6 +204,14 @@ class CompiledGraph:
             f"{s.name} ({len(s.graph.nodes)})" for s in self.stages))
         lines.append("  ops after the passes: " + ", ".join(
             f"{op} x{n}" for op, n in sorted(g.items(), key=lambda kv: -kv[1])))
+        n_int8 = g.get("QMatMul", 0)
+        if n_int8:
+            from .int8_kernels import int8_backend
+
+            n_float = sum(g.get(op, 0) for op in ("MatMul", "FusedMatMul", "PackedMatMul"))
+            names = ", ".join(n.name for n in self.graph.nodes if n.op == "QMatMul")
+            lines.append(f"  int8 ({int8_backend()}): {n_int8} QMatMul kernels ({names}); "
+                         f"{n_float} matmuls stay float32")
         lines.append("  " + self.memory.summary())
         if self.calls:
             mean = self.total_times / self.calls
@@ -284,16 +300,16 @@ def _make_step(node: Node, g: Graph, attention_backend: str) -> Callable[[dict],
         from . import int8_kernels as Q8
 
         pw = Q8.pack_int8_weight(g.constants[ins[1]], attrs["w_scale"])
-        act = _ACT_CODES[attrs["act"]]
         nb, nr = attrs["has_bias"], attrs["has_residual"]
+        plan = Q8.QMatMulPlan(pw, attrs["a_scale"], attrs["a_zero_point"],
+                              g.constants[ins[2]].reshape(-1) if nb else None,
+                              _ACT_CODES[attrs["act"]], attrs["out_scale"],
+                              attrs["out_zero_point"])
         n = out_shape[-1]
 
         def step(env):
-            Q8.qmatmul(_rows(env[ins[0]]), attrs["a_scale"], attrs["a_zero_point"], pw,
-                       bias=env[ins[2]].reshape(-1) if nb else None, act=act,
-                       residual=_rows(env[ins[-1]]) if nr else None,
-                       out_scale=attrs["out_scale"], out_zero_point=attrs["out_zero_point"],
-                       out=env[out].reshape(-1, n))
+            plan(_rows(env[ins[0]]), residual=_rows(env[ins[-1]]) if nr else None,
+                 out=env[out].reshape(-1, n))
         return step
 
     if op == "MatMul":

@@ -1,0 +1,195 @@
+"""``python -m blasst_ref.bench int8``: the u8 x s8 ``QMatMul`` kernel against float32.
+
+Two kinds of cases, timed in one interleaved run each (:mod:`.timing`):
+
+* ``matmul M=N=K`` -- one layer ``relu(a @ W + b)``: ``float32`` is what the compiled float
+  graph runs (numpy's BLAS into the output, then the fused epilogue:
+  :func:`blasst_ref.graph.kernels.matmul_epilogue`), ``float32-packed`` is the blocked Numba
+  kernel on packed panels (:func:`~blasst_ref.graph.kernels.matmul_packed`), ``int8`` is
+  :func:`blasst_ref.graph.int8_kernels.qmatmul` (u8 activations, packed s8 weights, the
+  same bias and ReLU, float32 out).
+* ``dlrm-bottom`` / ``dlrm-top`` at a batch -- the whole MLP graph compiled in float32
+  against the same graph after :func:`blasst_ref.graph.quantize.quantize_graph`, compiled
+  (every layer a ``QMatMul``, requantising to u8 between layers).
+
+Rates: ``GOP/s = 2 M N K / time``. The VNNI peak of the cores used is
+``cores x GHz x (multiply-adds per vpdpbusd) x (vpdpbusd per cycle) x 2``: 64 multiply-adds
+per zmm instruction (16 lanes x 4 bytes), 32 per ymm; one zmm ``vpdpbusd`` per cycle on AMD
+Zen 4, two on Intel server cores with two 512-bit FMA units (Ice Lake-SP, Sapphire Rapids).
+GHz is the nominal/maximum clock the OS reports; override with ``--ghz`` and
+``--vnni-per-cycle``. It is an upper bound: turbo and AVX-512 clocks differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from . import machine as machine_mod
+from .timing import Variant, measure
+
+PRESETS = {
+    "issue6": [("matmul", 1024), ("matmul", 4096), ("dlrm-bottom", 128), ("dlrm-bottom", 512),
+               ("dlrm-top", 128), ("dlrm-top", 512)],
+    "quick": [("matmul", 512), ("dlrm-bottom", 128)],
+}
+
+
+def cpu_ghz() -> float | None:
+    """The CPU's maximum (else current) clock in GHz, as the OS reports it."""
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") as f:
+            return int(f.read()) / 1e6
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return float(line.split(":")[1]) / 1e3
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def default_vnni_per_cycle(cpu_model: str) -> int:
+    """zmm ``vpdpbusd`` issued per cycle per core: 2 on Intel Xeon, 1 otherwise (Zen 4)."""
+    return 2 if "xeon" in cpu_model.lower() else 1
+
+
+def vnni_peak_gops(cores: int, ghz: float, per_cycle: int) -> float:
+    """Peak int8 GOP/s (a multiply-add is 2 ops) of ``cores`` at ``ghz``."""
+    from ..graph import int8_kernels as Q8
+
+    return cores * ghz * Q8.vnni_peak_macs_per_cycle() * per_cycle * 2
+
+
+def _matmul_case(size: int, repeat: int, progress) -> dict:
+    from ..graph import int8_kernels as Q8
+    from ..graph import kernels as K
+    from ..graph.quantize import activation_params, weight_params
+
+    rng = np.random.default_rng(0)
+    m = n = k = size
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32) * 0.1
+    out = np.empty((m, n), np.float32)
+    out_i8 = np.empty((m, n), np.float32)
+    pw = K.pack_weight(w)
+    a_scale, a_zp = activation_params(a.min(), a.max())
+    a_u8 = np.clip(np.rint(a / a_scale) + a_zp, 0, 255).astype(np.uint8)
+    w_s8, w_scale = weight_params(w)
+    pq = Q8.pack_int8_weight(w_s8, w_scale)
+
+    def float32():
+        np.matmul(a, w, out=out)
+        return K.matmul_epilogue(out, b, K.ACT_RELU, None, out, parallel=False)
+
+    variants = [
+        Variant("float32", float32),
+        Variant("float32-packed", lambda: K.matmul_packed(a, pw, b, K.ACT_RELU, None, out)),
+        Variant("int8", lambda: Q8.qmatmul(a_u8, a_scale, a_zp, pq, b, K.ACT_RELU, None,
+                                           out=out_i8)),
+    ]
+    t = measure(variants, repeat, progress=progress,
+                on_warm=lambda v, r: None if r is None else np.array(r, copy=True))
+    ref = np.maximum(a.astype(np.float64) @ w + b, 0)
+    err = float(np.linalg.norm(t["int8"].result - ref) / np.linalg.norm(ref))
+    return {"case": f"matmul {m}x{k}x{n}", "macs": m * n * k,
+            "ms": {v: x.median_ms for v, x in t.items()}, "int8_rel_err": err}
+
+
+def _mlp_case(model: str, batch: int, repeat: int, progress) -> dict:
+    from .. import graph as bg
+    from ..graph.quantize import quantize_graph
+
+    g = {"dlrm-bottom": bg.models.dlrm_bottom_mlp,
+         "dlrm-top": bg.models.dlrm_top_mlp}[model](batch)
+    samples = [bg.models.example_inputs(g, seed=s) for s in range(4)]
+    feeds = bg.models.example_inputs(g, seed=99)
+    qg = quantize_graph(g, samples)
+    cf, cq = bg.compile(g), bg.compile(qg)
+    assert "QMatMul" in cq.graph.count_ops()
+    variants = [Variant("float32", lambda: cf(**feeds)), Variant("int8", lambda: cq(**feeds))]
+    t = measure(variants, repeat, progress=progress)
+    ref = t["float32"].result["y"].astype(np.float64)
+    err = float(np.linalg.norm(t["int8"].result["y"] - ref) / np.linalg.norm(ref))
+    macs = sum(int(np.prod(g.tensors[nd.inputs[0]].shape)) * g.tensors[nd.inputs[1]].shape[1]
+               for nd in g.nodes if nd.op == "MatMul")
+    return {"case": f"{model} b={batch}", "macs": macs,
+            "ms": {v: x.median_ms for v, x in t.items()}, "int8_rel_err": err}
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the ``int8`` subcommand to ``python -m blasst_ref.bench``."""
+    p = subparsers.add_parser(
+        "int8", help="time the u8 x s8 QMatMul kernel and int8 MLP graphs against float32",
+        description=__doc__.split("\n\n")[0].split(": ", 1)[-1],
+        epilog="examples:\n  python -m blasst_ref.bench int8 --preset issue6\n"
+               "  python -m blasst_ref.bench int8 --size 1024 2048\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("--size", type=int, nargs="+", default=None, help="M = N = K of matmuls")
+    p.add_argument("--mlp", nargs="+", default=[], metavar="MODEL:BATCH",
+                   help="e.g. dlrm-top:512")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--ghz", type=float, default=None, help="clock for the peak (default: OS)")
+    p.add_argument("--vnni-per-cycle", type=int, default=None,
+                   help="zmm vpdpbusd per cycle per core (default: 2 Intel Xeon, 1 else)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run, parser=p)
+    return p
+
+
+def run(args) -> int:
+    import numba
+    from tqdm import tqdm
+
+    from ..graph import int8_kernels as Q8
+
+    cases = list(PRESETS[args.preset]) if args.preset else []
+    cases += [("matmul", s) for s in (args.size or [])]
+    for item in args.mlp:
+        model, _, batch = item.partition(":")
+        if model not in ("dlrm-bottom", "dlrm-top") or not batch.isdigit():
+            args.parser.error(f"--mlp takes dlrm-bottom:BATCH or dlrm-top:BATCH, got {item!r}")
+        cases.append((model, int(batch)))
+    if not cases:
+        cases = PRESETS["quick"]
+    info = machine_mod.machine_info()
+    cores = numba.get_num_threads()
+    ghz = args.ghz or cpu_ghz()
+    per_cycle = args.vnni_per_cycle or default_vnni_per_cycle(info.cpu_model)
+    backend = Q8.int8_backend()
+    peak = vnni_peak_gops(cores, ghz, per_cycle) if ghz and backend != "portable" else None
+    print(info.line())
+    print(f"int8 backend {backend}; peak for {cores} cores = {cores} x {ghz or float('nan'):.2f}"
+          f" GHz x {Q8.vnni_peak_macs_per_cycle()} MAC x {per_cycle}/cycle x 2 = "
+          f"{peak or float('nan'):.0f} GOP/s")
+    print(f"{'case':<24} {'float32 ms':>11} {'packed ms':>10} {'int8 ms':>9} {'speedup':>8} "
+          f"{'int8 GOP/s':>11} {'of peak':>8} {'rel err':>8}")
+    rows = []
+    for kind, size in cases:
+        with tqdm(total=(3 if kind == "matmul" else 2) * (args.repeat + 1), desc=f"{kind} {size}", file=sys.stderr,
+                  leave=False) as bar:
+            row = (_matmul_case(size, args.repeat, bar.update) if kind == "matmul"
+                   else _mlp_case(kind, size, args.repeat, bar.update))
+        ms = row["ms"]
+        gops = 2 * row["macs"] / (ms["int8"] * 1e-3) / 1e9
+        row.update(speedup=ms["float32"] / ms["int8"], int8_gops=gops,
+                   fraction_of_peak=gops / peak if peak else None)
+        rows.append(row)
+        packed = f"{ms['float32-packed']:10.3f}" if "float32-packed" in ms else f"{'-':>10}"
+        frac = f"{row['fraction_of_peak']:8.1%}" if peak else f"{'-':>8}"
+        print(f"{row['case']:<24} {ms['float32']:11.3f} {packed} {ms['int8']:9.3f} "
+              f"{row['speedup']:7.2f}x {gops:11.0f} {frac} {row['int8_rel_err']:8.1e}",
+              flush=True)
+    if args.json:
+        for row in rows:
+            print(json.dumps({**row, "machine": info.as_dict(), "backend": backend,
+                              "peak_gops": peak}))
+    return 0
