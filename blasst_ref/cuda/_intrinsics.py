@@ -5,8 +5,15 @@ thread: it has no warp shuffles (``cuda.shfl_xor_sync``), no ``cuda.syncwarp`` a
 LLVM intrinsics. Every helper here therefore exists twice, selected once at import time by
 ``numba.config.ENABLE_CUDASIM``:
 
-* on a GPU (``SHFL = True``): warp shuffles and 16-byte vector loads (``ld.global.v4``),
-* on the simulator: the same contract through shared memory and ``cuda.syncthreads()``.
+* on a GPU (``SHFL = True``): warp shuffles and 16-byte vector loads / stores,
+* on the simulator: the same contract through shared memory and ``cuda.syncthreads()``
+  (reductions) or scalar element accesses (loads / stores).
+
+The vector helpers take any C-contiguous array, global or shared: they address it through
+its data pointer, and NVVM turns the access into ``ld.shared.v4`` / ``st.shared.v4`` where
+the pointer comes from a shared array (prefill v2 reads all its operands with ``ld16`` on a
+float32 shared array). ``ld16raw`` / ``st4h`` move float16 data in its raw 32-bit words and
+widen it at the store, halving the registers a load in flight occupies.
 
 The kernels call the helpers *uniformly* (every thread of the block, the same number of
 times), which both implementations need: shuffles with a full mask need the whole warp, the
@@ -25,7 +32,7 @@ from numba import config, cuda, float32
 SHFL = not bool(config.ENABLE_CUDASIM)
 FULL_MASK = 0xFFFFFFFF
 
-__all__ = ["SHFL", "ld16", "group_sum", "group_max"]
+__all__ = ["SHFL", "group_max", "group_sum", "ld16", "ld16raw", "st4", "st4h"]
 
 
 if SHFL:
@@ -37,8 +44,9 @@ if SHFL:
     def ld16(typingctx, arr, idx):
         """16 bytes at flat element ``idx`` of a C-contiguous float16/float32 array, widened
         to float32: a ``UniTuple(float32, 8)`` (float16) or ``UniTuple(float32, 4)``
-        (float32). One ``ld.global.v4.b32``: the caller guarantees ``idx`` is a multiple of
-        the vector width and the array's base pointer is 16-byte aligned."""
+        (float32). One 16-byte ``ld.v4.b32`` (global or shared memory): the caller
+        guarantees ``idx`` is a multiple of the vector width and the array's base pointer is
+        16-byte aligned."""
         if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
             return None
         if arr.dtype == types.float16:
@@ -73,6 +81,88 @@ if SHFL:
 
         return sig, codegen
 
+    @intrinsic
+    def st4(typingctx, arr, idx, a, b, c, d):
+        """Store four float32 values at flat elements ``idx .. idx + 3`` of a C-contiguous
+        float32 array (global or shared): one 16-byte ``st.v4.f32``. The caller guarantees
+        ``idx`` is a multiple of 4 and the array's base pointer is 16-byte aligned."""
+        if not isinstance(arr, types.Array) or arr.dtype != types.float32 \
+                or not isinstance(idx, types.Integer):
+            return None
+        sig = types.none(arr, idx, types.float32, types.float32, types.float32,
+                         types.float32)
+
+        def codegen(context, builder, signature, args):
+            arrty, idxty = signature.args[:2]
+            ary = context.make_array(arrty)(context, builder, args[0])
+            i = context.cast(builder, args[1], idxty, types.intp)
+            ptr = builder.gep(ary.data, [i])
+            f32 = ir.FloatType()
+            vty = ir.VectorType(f32, 4)
+            vec = ir.Constant(vty, ir.Undefined)
+            for e in range(4):
+                vec = builder.insert_element(vec, args[2 + e], ir.Constant(ir.IntType(32), e))
+            builder.store(vec, builder.bitcast(ptr, vty.as_pointer()), align=16)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @intrinsic
+    def ld16raw(typingctx, arr, idx):
+        """16 bytes at flat element ``idx`` of a C-contiguous float16 array, *not* widened:
+        ``UniTuple(uint32, 4)``, each word two float16 (the earlier element in the low half).
+        Half the registers of :func:`ld16` for a load kept in flight across a loop; widen
+        with :func:`st4h` when storing. Same alignment contract as :func:`ld16`."""
+        if not isinstance(arr, types.Array) or arr.dtype != types.float16 \
+                or not isinstance(idx, types.Integer):
+            return None
+        sig = types.UniTuple(types.uint32, 4)(arr, idx)
+
+        def codegen(context, builder, signature, args):
+            arrty, idxty = signature.args
+            ary = context.make_array(arrty)(context, builder, args[0])
+            i = context.cast(builder, args[1], idxty, types.intp)
+            ptr = builder.gep(ary.data, [i])
+            i32 = ir.IntType(32)
+            vec = builder.load(builder.bitcast(ptr, ir.VectorType(i32, 4).as_pointer()),
+                               align=16)
+            vals = [builder.extract_element(vec, ir.Constant(i32, wd)) for wd in range(4)]
+            return context.make_tuple(builder, signature.return_type, vals)
+
+        return sig, codegen
+
+    @intrinsic
+    def st4h(typingctx, arr, idx, w0, w1):
+        """Widen the four float16 in words ``w0, w1`` (from :func:`ld16raw`) to float32 and
+        store them at flat elements ``idx .. idx + 3`` of a float32 array: one 16-byte store
+        (``idx`` a multiple of 4, base 16-byte aligned)."""
+        if not isinstance(arr, types.Array) or arr.dtype != types.float32 \
+                or not isinstance(idx, types.Integer):
+            return None
+        sig = types.none(arr, idx, types.uint32, types.uint32)
+
+        def codegen(context, builder, signature, args):
+            arrty, idxty = signature.args[:2]
+            ary = context.make_array(arrty)(context, builder, args[0])
+            i = context.cast(builder, args[1], idxty, types.intp)
+            ptr = builder.gep(ary.data, [i])
+            i32 = ir.IntType(32)
+            f32 = ir.FloatType()
+            vty = ir.VectorType(f32, 4)
+            vec = ir.Constant(vty, ir.Undefined)
+            e = 0
+            for word in args[2:4]:
+                for sh in (0, 16):
+                    bits = builder.trunc(builder.lshr(word, ir.Constant(i32, sh)),
+                                         ir.IntType(16))
+                    x = builder.fpext(builder.bitcast(bits, ir.HalfType()), f32)
+                    vec = builder.insert_element(vec, x, ir.Constant(i32, e))
+                    e += 1
+            builder.store(vec, builder.bitcast(ptr, vty.as_pointer()), align=16)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
 else:
 
     @cuda.jit(device=True)
@@ -80,6 +170,31 @@ else:
         """Simulator twin of the vector load: the same elements, one at a time."""
         n = 16 // arr.dtype.itemsize
         return tuple(float32(arr[idx + e]) for e in range(n))
+
+    @cuda.jit(device=True)
+    def st4(arr, idx, a, b, c, d):
+        """Simulator twin of the 16-byte vector store: four scalar stores."""
+        arr[idx] = a
+        arr[idx + 1] = b
+        arr[idx + 2] = c
+        arr[idx + 3] = d
+
+    @cuda.jit(device=True)
+    def ld16raw(arr, idx):
+        """Simulator twin: the 8 float16 of the load as 4 "words", each a pair of float32
+        (the simulator has no bit casts); :func:`st4h`'s twin takes the same pairs."""
+        return ((float32(arr[idx]), float32(arr[idx + 1])),
+                (float32(arr[idx + 2]), float32(arr[idx + 3])),
+                (float32(arr[idx + 4]), float32(arr[idx + 5])),
+                (float32(arr[idx + 6]), float32(arr[idx + 7])))
+
+    @cuda.jit(device=True)
+    def st4h(arr, idx, w0, w1):
+        """Simulator twin of the widening store."""
+        arr[idx] = w0[0]
+        arr[idx + 1] = w0[1]
+        arr[idx + 2] = w1[0]
+        arr[idx + 3] = w1[1]
 
 
 @cuda.jit(device=True, inline=True)
