@@ -247,13 +247,13 @@ def test_bench_graph_table_and_json(capsys):
     import json
 
     assert bench_main.main(["graph", "--model", "dlrm-bottom", "bert", "--batch", "2",
-                            "--seq", "16", "--repeat", "1", "--no-onnx", "--json"]) == 0
+                            "--seq", "16", "--repeat", "1", "--no-onnx", "--json", "--pause", "0"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("machine: ")
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [r["model"] for r in rows] == ["dlrm-bottom", "bert"]
     for r in rows:
-        assert set(r["ms"]) == {"interpret", "compiled", "compiled-nofuse"}
+        assert set(r["ms"]) == {"interpret", "compiled-packed", "compiled-blas", "compiled-nofuse"}
         assert r["rel_err_vs_interpret"] < 1e-4
         assert 0 < r["arena_bytes"] <= r["naive_bytes"]
 
@@ -261,7 +261,7 @@ def test_bench_graph_table_and_json(capsys):
 def test_bench_int8_table_and_json(capsys):
     import json
 
-    assert bench_main.main(["int8", "--size", "64", "--mlp", "dlrm-bottom:4", "--repeat", "1",
+    assert bench_main.main(["int8", "--size", "64", "--mlp", "dlrm-bottom:4", "--repeat", "1", "--pause", "0",
                             "--json"]) == 0
     out = capsys.readouterr().out
     assert "int8 backend" in out and "GOP/s" in out

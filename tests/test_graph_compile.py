@@ -56,9 +56,9 @@ def feeds_for(g: bg.Graph, seed=1) -> dict:
 
 
 SWITCHES = [dict(), dict(fuse=False), dict(fold_constants=False),
-            dict(matmul_kernel="packed"), dict(plan_memory=False), dict(inplace=False),
+            dict(matmul_kernel="blas"), dict(plan_memory=False), dict(inplace=False),
             dict(fuse=False, fold_constants=False, plan_memory=False),
-            dict(fuse=False, matmul_kernel="packed")]
+            dict(fuse=False, matmul_kernel="blas")]
 
 
 @settings(max_examples=25)
@@ -87,9 +87,9 @@ def test_each_pass_keeps_the_interpreter_result():
     cg = bg.compile(g)
     names = [s.name for s in cg.stages]
     assert names == ["input", "prune", "fold_constants", "fuse_attention", "fuse_matmul",
-                     "lower_int8", "merge_layout_ops"]
-    cg = bg.compile(g, matmul_kernel="packed")
-    assert cg.stages[-1].name == "pack_weights"
+                     "lower_int8", "merge_layout_ops", "pack_weights"]
+    cg = bg.compile(g, matmul_kernel="blas")
+    assert cg.stages[-1].name == "merge_layout_ops"
     for stage in cg.stages:
         assert_outputs_close(bg.interpret(stage.graph, **x), want)
 
@@ -100,7 +100,8 @@ def test_matmul_chains_become_fused_kernels(kernel, op):
     cg = bg.compile(g, matmul_kernel=kernel)
     assert cg.graph.count_ops() == {op: 3}
     assert all(n.attrs["act"] == "relu" and n.attrs["has_bias"] for n in cg.graph.nodes)
-    assert bg.compile(g, fuse=False).graph.count_ops() == {"MatMul": 3, "Add": 3, "Relu": 3}
+    assert bg.compile(g, fuse=False, matmul_kernel="blas").graph.count_ops() == \
+        {"MatMul": 3, "Add": 3, "Relu": 3}
 
 
 def test_residual_and_gelu_fuse_into_one_matmul():
@@ -330,7 +331,7 @@ def test_report_and_memory_plot():
     cg = bg.compile(g)
     cg(**feeds_for(g))
     text = cg.report()
-    assert "FusedMatMul" in text and "memory reduced from" in text and "ms" in text
+    assert "PackedMatMul" in text and "memory reduced from" in text and "ms" in text
     assert cg.memory.peak_bytes <= cg.memory.naive_bytes
     ax = cg.plot_memory()
     assert len(ax.patches) == len(cg.memory.buffers)
@@ -367,10 +368,9 @@ def test_attention_is_found_in_the_model_graphs(model, causal):
     assert ops.get("Attention") == 1 and "Softmax" not in ops
     (node,) = [n for n in cg.graph.nodes if n.op == "Attention"]
     assert node.attrs["causal"] is causal
-    # every bias, residual and GELU runs inside a fused matmul (llm_block's Q/K/V
-    # projections have no bias: they stay plain MatMuls)
-    assert "Add" not in ops and "Gelu" not in ops
-    assert ops.get("MatMul", 0) == (3 if model.startswith("llm") else 0)
+    # every bias, residual and GELU runs inside a packed matmul kernel
+    assert "Add" not in ops and "Gelu" not in ops and "MatMul" not in ops
+    assert ops["PackedMatMul"] == 6
     assert cg.memory.peak_bytes <= 0.5 * cg.memory.naive_bytes
 
 

@@ -54,18 +54,20 @@ def build(model: str, batch: int, seq: int | None):
 
 
 def run_case(model: str, batch: int, seq: int | None, *, repeat: int, onnx: bool,
-             thresh: float, progress=None) -> dict:
+             thresh: float, progress=None, pause_s: float = 0.0) -> dict:
     """Time one model graph; returns a row of the table (times in ms, ratios, bytes)."""
     from .. import graph as bg
     from ..graph import models
 
     g = build(model, batch, seq)
     feeds = models.example_inputs(g, seed=1)
-    cg = bg.compile(g, attention_thresh=thresh)
+    cg = bg.compile(g, attention_thresh=thresh, matmul_kernel="packed")
+    cb = bg.compile(g, attention_thresh=thresh, matmul_kernel="blas")
     nofuse = bg.compile(g, fuse=False, attention_thresh=thresh)
     variants = [
         Variant("interpret", lambda: bg.interpret(g, **feeds)),
-        Variant("compiled", lambda: cg(**feeds)),
+        Variant("compiled-packed", lambda: cg(**feeds)),
+        Variant("compiled-blas", lambda: cb(**feeds)),
         Variant("compiled-nofuse", lambda: nofuse(**feeds)),
     ]
     if onnx:
@@ -75,9 +77,9 @@ def run_case(model: str, batch: int, seq: int | None, *, repeat: int, onnx: bool
         ort_feeds = {names[k]: v for k, v in feeds.items()} if isinstance(names, dict) \
             else feeds
         variants.append(Variant("onnxruntime", lambda: sess.run(None, ort_feeds)))
-    timings = measure(variants, repeat, progress=progress)
+    timings = measure(variants, repeat, progress=progress, pause_s=pause_s)
     want = timings["interpret"].result
-    got = timings["compiled"].result
+    got = timings["compiled-packed"].result
     err = max(float(np.linalg.norm(got[k].astype(np.float64) - want[k])
                     / max(np.linalg.norm(want[k].astype(np.float64)), 1e-30)) for k in want)
     base = timings["interpret"].median_ms
@@ -88,8 +90,19 @@ def run_case(model: str, batch: int, seq: int | None, *, repeat: int, onnx: bool
         "rel_err_vs_interpret": err,
         "arena_bytes": cg.memory.peak_bytes, "naive_bytes": cg.memory.naive_bytes,
         "kernels": len(cg.graph.nodes), "ops": len(g.nodes),
+        "interpreter_bytes": interpreter_bytes(g),
     }
     return row
+
+
+def interpreter_bytes(g) -> int:
+    """Bytes of every intermediate the interpreter allocates (each op's output, views and
+    graph outputs not counted): the unfused, unplanned baseline of the arena."""
+    from ..graph import ops
+
+    outs = set(g.outputs.values())
+    return sum(g.tensors[o].nbytes for n in g.nodes if not ops.get(n.op).view
+               for o in n.outputs if o not in outs)
 
 
 def _fmt_row(row: dict, names: list[str]) -> str:
@@ -100,8 +113,9 @@ def _fmt_row(row: dict, names: list[str]) -> str:
         cells.append(f"{ms:9.3f} ({row['speedup_vs_interpret'][n]:4.2f}x)" if ms else
                      f"{'-':>17}")
     mem = row["arena_bytes"] / max(row["naive_bytes"], 1)
-    cells.append(f"{row['arena_bytes'] / 2**20:7.2f}/{row['naive_bytes'] / 2**20:7.2f} MiB "
-                 f"({mem:4.0%})")
+    cells.append(f"{row['arena_bytes'] / 2**20:7.2f}/{row['naive_bytes'] / 2**20:7.2f}/"
+                 f"{row['interpreter_bytes'] / 2**20:7.2f} MiB ({mem:4.0%}, "
+                 f"{row['arena_bytes'] / max(row['interpreter_bytes'], 1):4.0%})")
     cells.append(f"{row['rel_err_vs_interpret']:.1e}")
     return " ".join(cells)
 
@@ -123,6 +137,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="BLASST threshold of the fused attention (default 0: exact)")
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime even if installed")
+    p.add_argument("--pause", type=float, default=0.25,
+                   help="untimed seconds after every call, so that one variant's idle "
+                        "spinning threads do not slow the next (default 0.25)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON lines too")
     p.set_defaults(func=run, parser=p)
     return p
@@ -147,16 +164,18 @@ def run(args) -> int:
 
     info = machine_mod.machine_info()
     print(info.line())
-    names = ["interpret", "compiled", "compiled-nofuse"] + (["onnxruntime"] if onnx else [])
+    names = ["interpret", "compiled-packed", "compiled-blas", "compiled-nofuse"] + \
+        (["onnxruntime"] if onnx else [])
     print(f"{'model':<12} {'shape':<12} ops->k  "
-          + " ".join(f"{n + ' ms':>17}" for n in names) + "   arena/naive           err")
+          + " ".join(f"{n + ' ms':>17}" for n in names)
+          + "   arena/naive/interpreter (arena vs naive, vs interpreter)   err")
     rows = []
     for model, batch, seq in cases:
         n_var = len(names)
         with tqdm(total=n_var * (args.repeat + 1),
                   desc=f"{model} b={batch}", file=sys.stderr, leave=False) as bar:
             row = run_case(model, batch, seq, repeat=args.repeat, onnx=onnx,
-                           thresh=args.thresh, progress=bar.update)
+                           thresh=args.thresh, progress=bar.update, pause_s=args.pause)
         rows.append(row)
         print(_fmt_row(row, names), flush=True)
     if args.json:

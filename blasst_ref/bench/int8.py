@@ -67,7 +67,7 @@ def vnni_peak_gops(cores: int, ghz: float, per_cycle: int) -> float:
     return cores * ghz * Q8.vnni_peak_macs_per_cycle() * per_cycle * 2
 
 
-def _matmul_case(size: int, repeat: int, progress) -> dict:
+def _matmul_case(size: int, repeat: int, progress, pause_s: float = 0.0) -> dict:
     from ..graph import int8_kernels as Q8
     from ..graph import kernels as K
     from ..graph.quantize import activation_params, weight_params
@@ -95,7 +95,7 @@ def _matmul_case(size: int, repeat: int, progress) -> dict:
         Variant("int8", lambda: Q8.qmatmul(a_u8, a_scale, a_zp, pq, b, K.ACT_RELU, None,
                                            out=out_i8)),
     ]
-    t = measure(variants, repeat, progress=progress,
+    t = measure(variants, repeat, progress=progress, pause_s=pause_s,
                 on_warm=lambda v, r: None if r is None else np.array(r, copy=True))
     ref = np.maximum(a.astype(np.float64) @ w + b, 0)
     err = float(np.linalg.norm(t["int8"].result - ref) / np.linalg.norm(ref))
@@ -103,7 +103,7 @@ def _matmul_case(size: int, repeat: int, progress) -> dict:
             "ms": {v: x.median_ms for v, x in t.items()}, "int8_rel_err": err}
 
 
-def _mlp_case(model: str, batch: int, repeat: int, progress) -> dict:
+def _mlp_case(model: str, batch: int, repeat: int, progress, pause_s: float = 0.0) -> dict:
     from .. import graph as bg
     from ..graph.quantize import quantize_graph
 
@@ -112,10 +112,14 @@ def _mlp_case(model: str, batch: int, repeat: int, progress) -> dict:
     samples = [bg.models.example_inputs(g, seed=s) for s in range(4)]
     feeds = bg.models.example_inputs(g, seed=99)
     qg = quantize_graph(g, samples)
-    cf, cq = bg.compile(g), bg.compile(qg)
+    cf = bg.compile(g, matmul_kernel="blas")
+    cp = bg.compile(g, matmul_kernel="packed")
+    cq = bg.compile(qg)
     assert "QMatMul" in cq.graph.count_ops()
-    variants = [Variant("float32", lambda: cf(**feeds)), Variant("int8", lambda: cq(**feeds))]
-    t = measure(variants, repeat, progress=progress)
+    variants = [Variant("float32", lambda: cf(**feeds)),
+                Variant("float32-packed", lambda: cp(**feeds)),
+                Variant("int8", lambda: cq(**feeds))]
+    t = measure(variants, repeat, progress=progress, pause_s=pause_s)
     ref = t["float32"].result["y"].astype(np.float64)
     err = float(np.linalg.norm(t["int8"].result["y"] - ref) / np.linalg.norm(ref))
     macs = sum(int(np.prod(g.tensors[nd.inputs[0]].shape)) * g.tensors[nd.inputs[1]].shape[1]
@@ -140,6 +144,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ghz", type=float, default=None, help="clock for the peak (default: OS)")
     p.add_argument("--vnni-per-cycle", type=int, default=None,
                    help="zmm vpdpbusd per cycle per core (default: 2 Intel Xeon, 1 else)")
+    p.add_argument("--pause", type=float, default=0.25,
+                   help="untimed seconds after every call (idle thread pools stop spinning)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run, parser=p)
     return p
@@ -170,24 +176,24 @@ def run(args) -> int:
     print(f"int8 backend {backend}; peak for {cores} cores = {cores} x {ghz or float('nan'):.2f}"
           f" GHz x {Q8.vnni_peak_macs_per_cycle()} MAC x {per_cycle}/cycle x 2 = "
           f"{peak or float('nan'):.0f} GOP/s")
-    print(f"{'case':<24} {'float32 ms':>11} {'packed ms':>10} {'int8 ms':>9} {'speedup':>8} "
-          f"{'int8 GOP/s':>11} {'of peak':>8} {'rel err':>8}")
+    print(f"{'case':<24} {'float32 ms':>11} {'packed ms':>10} {'int8 ms':>9} {'vs f32':>8} "
+          f"{'vs packed':>8} {'int8 GOP/s':>11} {'of peak':>8} {'rel err':>8}")
     rows = []
     for kind, size in cases:
-        with tqdm(total=(3 if kind == "matmul" else 2) * (args.repeat + 1), desc=f"{kind} {size}", file=sys.stderr,
+        with tqdm(total=3 * (args.repeat + 1), desc=f"{kind} {size}", file=sys.stderr,
                   leave=False) as bar:
-            row = (_matmul_case(size, args.repeat, bar.update) if kind == "matmul"
-                   else _mlp_case(kind, size, args.repeat, bar.update))
+            row = (_matmul_case(size, args.repeat, bar.update, args.pause) if kind == "matmul"
+                   else _mlp_case(kind, size, args.repeat, bar.update, args.pause))
         ms = row["ms"]
         gops = 2 * row["macs"] / (ms["int8"] * 1e-3) / 1e9
-        row.update(speedup=ms["float32"] / ms["int8"], int8_gops=gops,
+        row.update(speedup=ms["float32"] / ms["int8"],
+                   speedup_vs_packed=ms["float32-packed"] / ms["int8"], int8_gops=gops,
                    fraction_of_peak=gops / peak if peak else None)
         rows.append(row)
-        packed = f"{ms['float32-packed']:10.3f}" if "float32-packed" in ms else f"{'-':>10}"
         frac = f"{row['fraction_of_peak']:8.1%}" if peak else f"{'-':>8}"
-        print(f"{row['case']:<24} {ms['float32']:11.3f} {packed} {ms['int8']:9.3f} "
-              f"{row['speedup']:7.2f}x {gops:11.0f} {frac} {row['int8_rel_err']:8.1e}",
-              flush=True)
+        print(f"{row['case']:<24} {ms['float32']:11.3f} {ms['float32-packed']:10.3f} "
+              f"{ms['int8']:9.3f} {row['speedup']:7.2f}x {row['speedup_vs_packed']:7.2f}x "
+              f"{gops:11.0f} {frac} {row['int8_rel_err']:8.1e}", flush=True)
     if args.json:
         for row in rows:
             print(json.dumps({**row, "machine": info.as_dict(), "backend": backend,

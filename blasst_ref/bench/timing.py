@@ -71,7 +71,7 @@ def _timed(fn, sync) -> tuple[float, Any]:
 
 def measure(
     variants: list[Variant], repeat: int, *, progress: Callable[[int], None] | None = None,
-    on_warm: Callable[[Variant, Any], Any] | None = None,
+    on_warm: Callable[[Variant, Any], Any] | None = None, pause_s: float = 0.0,
 ) -> dict[str, Timing]:
     """Time each variant: one warm-up call, then ``repeat`` interleaved rounds.
 
@@ -82,6 +82,11 @@ def measure(
         on_warm: called as ``on_warm(variant, result)`` right after each warm-up call; its
             return value replaces the result kept in :attr:`Timing.result`. Lets a caller
             reduce a large output (e.g. to an error norm) before the next variant runs.
+        pause_s: untimed sleep after every call. Variants that use different thread pools
+            (numpy's OpenBLAS, Numba's OpenMP, ONNX Runtime) leave their idle threads
+            spinning for a while after a call (OpenBLAS: up to ~0.1 s); without a pause those
+            threads steal the cores from the next variant and the ratio measures the
+            interference, not the variants.
 
     Returns:
         ``{name: Timing}``. The warm-up call is excluded from the median unless the variant
@@ -96,6 +101,8 @@ def measure(
     warm: dict[str, tuple[float, Any]] = {}
     for v in variants:
         ms, r = _timed(v.fn, v.sync)
+        if pause_s:
+            time.sleep(pause_s)
         if on_warm is not None:
             r = on_warm(v, r)
         warm[v.name] = (ms, r)
@@ -112,6 +119,8 @@ def measure(
                 continue
             ms, _ = _timed(v.timed_fn or v.fn, v.sync)
             samples[v.name].append(ms)
+            if pause_s:
+                time.sleep(pause_s)
             if progress:
                 progress(1)
     return {

@@ -53,7 +53,7 @@ class Stage:
 
 
 def compile(graph: Graph, *, fuse: bool = True, fold_constants: bool = True,
-            matmul_kernel: str = "blas", plan_memory: bool = True, inplace: bool = True,
+            matmul_kernel: str = "packed", plan_memory: bool = True, inplace: bool = True,
             int8: bool = True,
             attention_thresh: float = 0.0, attention_backend: str = "cpu",
             attention_block: tuple[int | None, int | None] = (None, None),
@@ -68,13 +68,14 @@ def compile(graph: Graph, *, fuse: bool = True, fold_constants: bool = True,
         int8: lower quantized MatMuls (``Dequantize -> MatMul -> post-ops -> Quantize``, as
             :func:`~blasst_ref.graph.quantize.quantize_graph` writes them) to ``QMatMul``
             kernels: u8 x s8 -> s32 with VNNI where the CPU has it. Needs ``fuse``.
-        matmul_kernel: how a ``FusedMatMul`` on a constant weight runs. ``"blas"``
-            (default): the product through numpy's BLAS straight into its buffer, then the
-            post-ops in one Numba pass. ``"packed"``: constant-weight preprocessing packs
-            every weight into column panels now (:func:`~.passes.pack_weights`), and a
-            blocked Numba kernel applies the post-ops to each block before its store
-            (:func:`~.kernels.matmul_packed`). On few cores BLAS wins: see
-            docs/BENCHMARKS.md.
+        matmul_kernel: how a MatMul on a constant weight runs. ``"packed"`` (default):
+            constant-weight preprocessing packs every weight into column panels now
+            (:func:`~.passes.pack_weights`), and a blocked Numba kernel applies the
+            post-ops to each block before its store (:func:`~.kernels.matmul_packed`);
+            BLAS stays single-threaded for the whole call, so Numba's threads are the only
+            pool. ``"blas"``: the product through numpy's multi-threaded BLAS straight into
+            its buffer, then the post-ops in one Numba pass -- two thread pools, which
+            trade the cores badly (docs/BENCHMARKS.md, "graph").
         plan_memory: best-fit arena with buffer reuse; off, every intermediate gets its own
             buffer (the naive baseline). ``inplace``: element-wise ops may overwrite an
             input that dies there.
