@@ -132,6 +132,15 @@ def test_measure_interleaves_and_counts():
     assert calls[3:6] == ["a", "b", "c"] and calls[6] == "c"  # second round rotated by one
 
 
+def test_measure_in_blocks_times_steady_state():
+    calls = []
+    variants = [Variant("a", lambda: calls.append("a")), Variant("b", lambda: calls.append("b"))]
+    res = measure(variants, 4, blocks=2, rewarm=1)
+    assert [len(res[n].samples_ms) for n in "ab"] == [4, 4]
+    # warm-ups, then block 1 (a: 1 rewarm + 2 timed, b: same), then block 2 reversed
+    assert "".join(calls) == "ab" + "aaa" + "bbb" + "bbb" + "aaa"
+
+
 # ---------------------------------------------------------------------------------------
 # the bench CLI, end to end at tiny sizes
 
@@ -247,7 +256,7 @@ def test_bench_graph_table_and_json(capsys):
     import json
 
     assert bench_main.main(["graph", "--model", "dlrm-bottom", "bert", "--batch", "2",
-                            "--seq", "16", "--repeat", "1", "--no-onnx", "--json", "--pause", "0"]) == 0
+                            "--seq", "16", "--repeat", "1", "--no-onnx", "--json", "--blocks", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("machine: ")
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
@@ -261,7 +270,7 @@ def test_bench_graph_table_and_json(capsys):
 def test_bench_int8_table_and_json(capsys):
     import json
 
-    assert bench_main.main(["int8", "--size", "64", "--mlp", "dlrm-bottom:4", "--repeat", "1", "--pause", "0",
+    assert bench_main.main(["int8", "--size", "64", "--mlp", "dlrm-bottom:4", "--repeat", "1", "--blocks", "1",
                             "--json"]) == 0
     out = capsys.readouterr().out
     assert "int8 backend" in out and "GOP/s" in out

@@ -54,7 +54,7 @@ def build(model: str, batch: int, seq: int | None):
 
 
 def run_case(model: str, batch: int, seq: int | None, *, repeat: int, onnx: bool,
-             thresh: float, progress=None, pause_s: float = 0.0) -> dict:
+             thresh: float, progress=None, blocks: int = 0) -> dict:
     """Time one model graph; returns a row of the table (times in ms, ratios, bytes)."""
     from .. import graph as bg
     from ..graph import models
@@ -77,7 +77,7 @@ def run_case(model: str, batch: int, seq: int | None, *, repeat: int, onnx: bool
         ort_feeds = {names[k]: v for k, v in feeds.items()} if isinstance(names, dict) \
             else feeds
         variants.append(Variant("onnxruntime", lambda: sess.run(None, ort_feeds)))
-    timings = measure(variants, repeat, progress=progress, pause_s=pause_s)
+    timings = measure(variants, repeat, progress=progress, blocks=blocks)
     want = timings["interpret"].result
     got = timings["compiled-packed"].result
     err = max(float(np.linalg.norm(got[k].astype(np.float64) - want[k])
@@ -137,9 +137,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="BLASST threshold of the fused attention (default 0: exact)")
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime even if installed")
-    p.add_argument("--pause", type=float, default=0.25,
-                   help="untimed seconds after every call, so that one variant's idle "
-                        "spinning threads do not slow the next (default 0.25)")
+    p.add_argument("--blocks", type=int, default=2,
+                   help="time each variant in this many blocks of back-to-back calls "
+                        "(A B C, C B A; 0: interleave call by call). Numba's and OpenBLAS's "
+                        "thread pools disturb each other when variants alternate call by "
+                        "call on few cores (default 2)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON lines too")
     p.set_defaults(func=run, parser=p)
     return p
@@ -175,7 +177,7 @@ def run(args) -> int:
         with tqdm(total=n_var * (args.repeat + 1),
                   desc=f"{model} b={batch}", file=sys.stderr, leave=False) as bar:
             row = run_case(model, batch, seq, repeat=args.repeat, onnx=onnx,
-                           thresh=args.thresh, progress=bar.update, pause_s=args.pause)
+                           thresh=args.thresh, progress=bar.update, blocks=args.blocks)
         rows.append(row)
         print(_fmt_row(row, names), flush=True)
     if args.json:

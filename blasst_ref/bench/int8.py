@@ -67,7 +67,7 @@ def vnni_peak_gops(cores: int, ghz: float, per_cycle: int) -> float:
     return cores * ghz * Q8.vnni_peak_macs_per_cycle() * per_cycle * 2
 
 
-def _matmul_case(size: int, repeat: int, progress, pause_s: float = 0.0) -> dict:
+def _matmul_case(size: int, repeat: int, progress, blocks: int = 0) -> dict:
     from ..graph import int8_kernels as Q8
     from ..graph import kernels as K
     from ..graph.quantize import activation_params, weight_params
@@ -95,7 +95,7 @@ def _matmul_case(size: int, repeat: int, progress, pause_s: float = 0.0) -> dict
         Variant("int8", lambda: Q8.qmatmul(a_u8, a_scale, a_zp, pq, b, K.ACT_RELU, None,
                                            out=out_i8)),
     ]
-    t = measure(variants, repeat, progress=progress, pause_s=pause_s,
+    t = measure(variants, repeat, progress=progress, blocks=blocks,
                 on_warm=lambda v, r: None if r is None else np.array(r, copy=True))
     ref = np.maximum(a.astype(np.float64) @ w + b, 0)
     err = float(np.linalg.norm(t["int8"].result - ref) / np.linalg.norm(ref))
@@ -103,7 +103,7 @@ def _matmul_case(size: int, repeat: int, progress, pause_s: float = 0.0) -> dict
             "ms": {v: x.median_ms for v, x in t.items()}, "int8_rel_err": err}
 
 
-def _mlp_case(model: str, batch: int, repeat: int, progress, pause_s: float = 0.0) -> dict:
+def _mlp_case(model: str, batch: int, repeat: int, progress, blocks: int = 0) -> dict:
     from .. import graph as bg
     from ..graph.quantize import quantize_graph
 
@@ -119,7 +119,7 @@ def _mlp_case(model: str, batch: int, repeat: int, progress, pause_s: float = 0.
     variants = [Variant("float32", lambda: cf(**feeds)),
                 Variant("float32-packed", lambda: cp(**feeds)),
                 Variant("int8", lambda: cq(**feeds))]
-    t = measure(variants, repeat, progress=progress, pause_s=pause_s)
+    t = measure(variants, repeat, progress=progress, blocks=blocks)
     ref = t["float32"].result["y"].astype(np.float64)
     err = float(np.linalg.norm(t["int8"].result["y"] - ref) / np.linalg.norm(ref))
     macs = sum(int(np.prod(g.tensors[nd.inputs[0]].shape)) * g.tensors[nd.inputs[1]].shape[1]
@@ -144,8 +144,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ghz", type=float, default=None, help="clock for the peak (default: OS)")
     p.add_argument("--vnni-per-cycle", type=int, default=None,
                    help="zmm vpdpbusd per cycle per core (default: 2 Intel Xeon, 1 else)")
-    p.add_argument("--pause", type=float, default=0.25,
-                   help="untimed seconds after every call (idle thread pools stop spinning)")
+    p.add_argument("--blocks", type=int, default=2,
+                   help="time each variant in this many blocks of back-to-back calls "
+                        "(0: interleave call by call; see bench graph --help)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run, parser=p)
     return p
@@ -182,8 +183,8 @@ def run(args) -> int:
     for kind, size in cases:
         with tqdm(total=3 * (args.repeat + 1), desc=f"{kind} {size}", file=sys.stderr,
                   leave=False) as bar:
-            row = (_matmul_case(size, args.repeat, bar.update, args.pause) if kind == "matmul"
-                   else _mlp_case(kind, size, args.repeat, bar.update, args.pause))
+            row = (_matmul_case(size, args.repeat, bar.update, args.blocks) if kind == "matmul"
+                   else _mlp_case(kind, size, args.repeat, bar.update, args.blocks))
         ms = row["ms"]
         gops = 2 * row["macs"] / (ms["int8"] * 1e-3) / 1e9
         row.update(speedup=ms["float32"] / ms["int8"],

@@ -72,6 +72,7 @@ def _timed(fn, sync) -> tuple[float, Any]:
 def measure(
     variants: list[Variant], repeat: int, *, progress: Callable[[int], None] | None = None,
     on_warm: Callable[[Variant, Any], Any] | None = None, pause_s: float = 0.0,
+    blocks: int = 0, rewarm: int = 2,
 ) -> dict[str, Timing]:
     """Time each variant: one warm-up call, then ``repeat`` interleaved rounds.
 
@@ -87,6 +88,12 @@ def measure(
             spinning for a while after a call (OpenBLAS: up to ~0.1 s); without a pause those
             threads steal the cores from the next variant and the ratio measures the
             interference, not the variants.
+        blocks: 0 (default) times in interleaved rounds. ``blocks = b > 0`` instead times
+            each variant in ``b`` blocks of ``repeat / b`` back-to-back calls (blocks in
+            the order A B C, C B A, ...), each block after ``rewarm`` untimed calls: the
+            steady state of each variant, for variants whose thread pools (OpenBLAS,
+            Numba's OpenMP) disturb each other when they alternate call by call on few
+            cores.
 
     Returns:
         ``{name: Timing}``. The warm-up call is excluded from the median unless the variant
@@ -111,6 +118,25 @@ def measure(
         if progress:
             progress(1)
     n = len(variants)
+    if blocks:
+        # Steady state per variant: a block of back-to-back calls, its first `rewarm`
+        # untimed (they absorb the other variants' idle thread pools and wake this one's);
+        # blocks in the order A B C, then C B A, ... so that drift hits every variant alike.
+        per_block = max(1, -(-repeat // blocks))
+        for blk in range(blocks):
+            order = variants if blk % 2 == 0 else variants[::-1]
+            for v in order:
+                for _ in range(rewarm):
+                    _timed(v.timed_fn or v.fn, v.sync)
+                for _ in range(per_block):
+                    cap = repeat if v.max_repeat is None else min(repeat, v.max_repeat)
+                    if len(samples[v.name]) >= cap:
+                        break
+                    ms, _ = _timed(v.timed_fn or v.fn, v.sync)
+                    samples[v.name].append(ms)
+                    if progress:
+                        progress(1)
+        repeat = 0  # the interleaved rounds below are replaced by the blocks
     for rnd in range(repeat):
         # rotate the order each round: no variant always runs right after the same other one
         for v in variants[rnd % n:] + variants[:rnd % n] if n else []:
