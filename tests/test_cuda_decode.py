@@ -72,6 +72,12 @@ def _v2_applies(q, k, v, block_k):
                                tiling.decode_split_tiles(lk, block_k)) is not None
 
 
+def _assert_v2_refused(q, k, v, causal, block_k):
+    """v1 serves this shape: asking for v2 must be refused, not computed."""
+    with pytest.raises(ValueError, match="v2 does not apply"):
+        run_decode(q, k, v, 0.0, causal, block_k, version=2)
+
+
 def run_decode(q, k, v, thresh, causal, block_k, *, scale=None, threads=THREADS, chunk=None,
                version=None):
     """Launch the CUDA decode kernels on host arrays; returns ``(out, tile_map)`` on the host.
@@ -140,7 +146,7 @@ def test_dense_matches_oracle(case, version, monkeypatch):
     assert tiling.decode_num_splits(lk, bk) > 1  # the merge is exercised
     q, k, v = _inputs(np.random.default_rng(lk + lq), b, hq, hkv, lq, lk, dqk, dv, dtype)
     if version == 2 and not _v2_applies(q, k, v, bk):
-        pytest.skip("decode v2 does not take this shape (version 1 does)")
+        return _assert_v2_refused(q, k, v, causal, bk)
     out, tile_map = run_decode(q, k, v, 0.0, causal, bk, version=version)
     expect = reference.dense_attention(q, k, v, causal=causal)
     assert out.dtype == dtype and not np.isnan(out).any()
@@ -213,7 +219,7 @@ def test_skips_like_reference(case, version, monkeypatch):
     else:
         q, k, v = _peaked(rng, b, hq, hkv, lq, lk, d, dtype, bk * tiling.decode_split_tiles(lk, bk))
     if version == 2 and not _v2_applies(q, k, v, bk):
-        pytest.skip("decode v2 does not take this shape (version 1 does)")
+        return _assert_v2_refused(q, k, v, causal, bk)
     out, tile_map = run_decode(q, k, v, thresh, causal, bk, version=version)
     ref = reference.blasst_attention_reference(q, k, v, thresh, causal=causal, block_k=bk)
     assert ref.decode
@@ -236,7 +242,7 @@ def test_nan_score_never_skips_and_propagates(version, monkeypatch):
         (1, 4, 2, 1, 128, 16, 16)
     q, k, v = _peaked(np.random.default_rng(3), b, hq, hkv, lq, lk, d, np.float32, 4 * bk)
     if version == 2 and not _v2_applies(q, k, v, bk):
-        pytest.skip("decode v2 does not take this shape (version 1 does)")
+        return _assert_v2_refused(q, k, v, False, bk)
     k[0, 1, 2 * bk + 4, 3] = np.nan  # kv head 1, tile 2: would be skipped, must be computed
     out, tile_map = run_decode(q, k, v, 0.05, False, bk, version=version)
     ref = reference.blasst_attention_reference(q, k, v, 0.05, causal=False, block_k=bk)
