@@ -244,3 +244,15 @@ def group_max(x, scratch, t, width):
         s = _max_nan(s, scratch[base + i])
     cuda.syncthreads()
     return s
+
+
+def aligned16(*arrays) -> bool:
+    """Whether every array's data starts on a 16-byte boundary (the v2 vector loads)."""
+    for a in arrays:
+        try:
+            ptr = a.__cuda_array_interface__["data"][0]
+        except AttributeError:  # the simulator's arrays have no interface: nothing to align
+            continue
+        if ptr % 16:
+            return False
+    return True

@@ -108,6 +108,8 @@ import math
 import numpy as np
 from numba import cuda, float32, float64, uint64
 
+from ._intrinsics import aligned16 as _aligned16
+
 COMPUTED = 1  # tile_map codes: as blasst_ref.reference (kernels do not import it)
 SKIPPED = 2
 
@@ -746,17 +748,6 @@ def _scratch(n_work, rows, dv):
         _SCRATCH[key] = bufs
     return bufs
 
-
-def _aligned16(*arrays) -> bool:
-    """Whether every array's data starts on a 16-byte boundary (the v2 vector loads)."""
-    for a in arrays:
-        try:
-            ptr = a.__cuda_array_interface__["data"][0]
-        except AttributeError:  # the simulator's arrays have no interface: nothing to align
-            continue
-        if ptr % 16:
-            return False
-    return True
 
 def launch_decode(q, k, v, out, tile_map, log_thresh, causal, scale, block_k, split_tiles,
                   n_splits, *, threads=None, chunk=None, version=None):

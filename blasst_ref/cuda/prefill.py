@@ -150,6 +150,7 @@ import math
 
 from numba import config, cuda, float32
 
+from ._intrinsics import aligned16 as _aligned16
 from ._intrinsics import group_max as _group_max
 from ._intrinsics import group_sum as _group_sum
 
@@ -437,18 +438,6 @@ def _make_prefill_kernel(block_q, block_k, dqk, dv, tpr, dc):
                             out[b, h, gi, col] = float32(0.0)
 
     return prefill_kernel
-
-
-def _aligned16(*arrays) -> bool:
-    """Whether every array's data starts on a 16-byte boundary (the v2 vector loads)."""
-    for a in arrays:
-        try:
-            ptr = a.__cuda_array_interface__["data"][0]
-        except AttributeError:  # the simulator's arrays have no interface: nothing to align
-            continue
-        if ptr % 16:
-            return False
-    return True
 
 
 def _contiguous(*arrays) -> bool:

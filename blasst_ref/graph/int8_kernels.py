@@ -80,7 +80,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .kernels import ACT_NONE, _activate, _check_act
+from .kernels import ACT_NONE, _activate, _check_act, _check_out
 
 __all__ = [
     "BACKENDS", "MAX_K", "PackedInt8Weight", "QMatMulPlan", "asm_of_kernel",
@@ -681,19 +681,6 @@ def _check_a(a, pw):
         ap[:, :pw.k] = a
         return ap
     return np.ascontiguousarray(a)
-
-
-def _check_out(out, shape, dtype, name="out"):
-    if out is None:
-        return np.empty(shape, dtype)
-    if not isinstance(out, np.ndarray):
-        raise ValueError(f"{name} must be a numpy array, got {type(out).__name__}")
-    if out.shape != tuple(shape) or out.dtype != dtype:
-        raise ValueError(f"{name} must be a {np.dtype(dtype)} array of shape {tuple(shape)}, "
-                         f"got {out.dtype} {out.shape}")
-    if not out.flags.c_contiguous or not out.flags.writeable:
-        raise ValueError(f"{name} must be C-contiguous and writeable")
-    return out
 
 
 def _check_f32(name, x, shape):

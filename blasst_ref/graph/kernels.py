@@ -521,16 +521,17 @@ def _check_optional(name, x, shape, dtype):
     return None if x is None else _check_array(name, x, ndim=len(shape), dtype=dtype, shape=shape)
 
 
-def _check_out(out, shape, dtype):
+def _check_out(out, shape, dtype, name="out"):
+    """``out`` checked (a C-contiguous, writeable array of ``shape``/``dtype``), or a new one."""
     if out is None:
         return np.empty(shape, dtype)
     if not isinstance(out, np.ndarray):
-        raise ValueError(f"out must be a numpy array, got {type(out).__name__}")
+        raise ValueError(f"{name} must be a numpy array, got {type(out).__name__}")
     if out.shape != tuple(shape) or out.dtype != dtype:
-        raise ValueError(f"out must be a {np.dtype(dtype)} array of shape {tuple(shape)}, "
+        raise ValueError(f"{name} must be a {np.dtype(dtype)} array of shape {tuple(shape)}, "
                          f"got {out.dtype} {out.shape}")
     if not out.flags.c_contiguous or not out.flags.writeable:
-        raise ValueError("out must be C-contiguous and writeable")
+        raise ValueError(f"{name} must be C-contiguous and writeable")
     return out
 
 

@@ -190,7 +190,7 @@ def _attention_nodes(g: Graph, fresh, q: str, kt: str, v: str, out: str,
         return [Node("Transpose", (kt,), (t("k"),), {"perm": (0, 1, 3, 2)}, t("k")),
                 Node("Attention", (q, t("k"), v), (out,), attrs, name)]
     if len(qs) == len(ks) == len(vs) == 5:
-        (b, hkv, grp, lq, d), (bk, hk, one, dk, lk), (bv, hv, onev, lv, dv) = qs, ks, vs
+        (b, hkv, grp, lq, d), (bk, hk, one, _dk, lk), (bv, hv, onev, lv, dv) = qs, ks, vs
         if not (b == bk == bv and hkv == hk == hv and one == onev == 1 and lk == lv):
             return None
         return [Node("Reshape", (q,), (t("q4"),), {"shape": (b, hkv * grp, lq, d)}, t("q4")),
