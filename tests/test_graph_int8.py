@@ -136,6 +136,37 @@ def test_lowering_makes_one_qmatmul_per_matmul_with_requantization_between_layer
     assert cg.graph.tensors[q_nodes[0].outputs[0]].dtype == "uint8"
 
 
+def _one_layer(bias: bool):
+    """y = relu(x) @ W (+ b): the MatMul's input has a large mean, as after any ReLU."""
+    g = bg.Graph("one-layer")
+    x = g.input("x", (64, 96))
+    rng = np.random.default_rng(5)
+    h = g.matmul(g.relu(x), g.constant("w", rng.standard_normal((96, 48)).astype(np.float32)))
+    if bias:
+        h = g.add(h, g.constant("b", (0.1 * rng.standard_normal(48)).astype(np.float32)))
+    g.output("y", h)
+    return g
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_bias_correction_removes_the_mean_output_shift_of_weight_rounding(bias):
+    g = _one_layer(bias)
+    samples = _samples(g, 8)
+    want = np.concatenate([bg.interpret(g, **f)["y"] for f in samples])
+    shift = {}
+    for bc in (False, True):
+        qg = quantize_graph(g, samples, bias_correction=bc)
+        got = np.concatenate([bg.interpret(qg, **f)["y"] for f in samples])
+        shift[bc] = np.linalg.norm((got - want).mean(axis=0))
+        cg = bg.compile(qg)
+        # the correction rides in the QMatMul's bias: still one kernel, nothing in float
+        assert cg.graph.count_ops().get("QMatMul") == 1 and "Add" not in cg.graph.count_ops()
+        assert [n.attrs["has_bias"] for n in cg.graph.nodes if n.op == "QMatMul"] == [
+            bias or bc]
+    # what is left of the shift is the activations' rounding and saturation, a few percent
+    assert shift[True] < 0.2 * shift[False], shift
+
+
 def test_int8_lowering_can_be_switched_off():
     g = bg.models.mlp([13, 32, 8], 4)
     qg = quantize_graph(g, _samples(g))
@@ -187,10 +218,11 @@ def test_int8_weights_are_packed_once_at_compile_time(monkeypatch):
 
 
 # Issue #6 asks for 1e-2. Measured (models' N(0, 1/fan_in) weights, Gaussian inputs, min/max
-# calibration on 4 samples): 1.1% (BERT) to 1.8% (DLRM MLPs); quantizing the weights alone
-# already costs ~1.1% on the MLPs (s8 rounding noise ~ max|w| / (127 sqrt 12) per layer,
-# ~0.7% of a Gaussian column's rms, compounding over 3-5 layers). This bound guards that
-# level; the 1e-2 target is open (docs/BENCHMARKS.md).
+# calibration on 4 samples, bias correction): 1.1% (BERT) to 1.9% (DLRM bottom MLP). The
+# activations' u8 rounding alone -- float weights kept -- already costs 0.9% (BERT), 1.2%
+# (LLM block) and 1.4-1.5% (DLRM MLPs): static per-tensor u8 activations cannot meet 1e-2 on
+# these graphs, whatever is done to the weights (docs/BENCHMARKS.md has the split). This
+# bound guards the level reached; the 1e-2 target is open.
 INT8_VS_FLOAT = 2.5e-2
 
 

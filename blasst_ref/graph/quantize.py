@@ -23,6 +23,15 @@ Formulas (round half to even, saturating, as ONNX QuantizeLinear):
 * weights, per output channel ``n`` (``weights="per_channel"``) or per tensor, symmetric
   s8: ``s_w = max|W[:, n]| / 127``, ``q = clip(round(W / s_w), -127, 127)``.
 
+Bias correction (``bias_correction=True``, the default; Nagel et al., "Data-Free
+Quantization Through Weight Equalization and Bias Correction", 2019): rounding the weights
+changes a layer's output by ``a @ dW`` with ``dW = W_q s_w - W``. Its mean over the inputs,
+``mean(a) @ dW``, is a per-channel shift that does not average out -- after a ReLU or GELU
+``mean(a)`` is far from 0 -- and it is subtracted from the bias (an ``Add`` of a constant
+``(N,)`` bias after the MatMul; one is inserted where there is none), with ``mean(a)``
+observed on the samples. It removes the systematic part of the weight error; the random part
+and the activations' rounding stay.
+
 Attention itself stays in float (BLASST); its Q/K/V/output projections are MatMuls with
 constant weights, so they become int8.
 """
@@ -36,7 +45,7 @@ import numpy as np
 from .interpreter import trace
 from .ir import Graph, GraphError, Node
 from .ops import quantize_array
-from .passes import rewrite
+from .passes import _single_consumer, rewrite
 
 __all__ = ["activation_params", "quantize_graph", "weight_params"]
 
@@ -63,7 +72,8 @@ def weight_params(w: np.ndarray, per_channel: bool = True) -> tuple[np.ndarray, 
     return q, scale
 
 
-def quantize_graph(g: Graph, samples, weights: str = "per_channel") -> Graph:
+def quantize_graph(g: Graph, samples, weights: str = "per_channel",
+                   bias_correction: bool = True) -> Graph:
     """Insert Quantize/Dequantize around every MatMul with a constant float ``(K, N)`` weight.
 
     Args:
@@ -71,6 +81,8 @@ def quantize_graph(g: Graph, samples, weights: str = "per_channel") -> Graph:
         samples: calibration inputs: one feed dict, or an iterable of feed dicts; activation
             ranges are the min/max observed over all of them.
         weights: ``"per_channel"`` (one scale per output column) or ``"per_tensor"``.
+        bias_correction: subtract the mean output shift that weight rounding causes from the
+            bias (module docstring); ``False`` gives plain min/max quantization.
 
     Returns:
         A new graph (``g`` is not changed) with the same inputs and outputs.
@@ -89,11 +101,17 @@ def quantize_graph(g: Graph, samples, weights: str = "per_channel") -> Graph:
     observed = {n.inputs[0] for n in targets}
     lo = {t: np.inf for t in observed}
     hi = {t: -np.inf for t in observed}
+    row_sum = {t: np.zeros(g.tensors[t].shape[-1]) for t in observed}
+    rows = {t: 0 for t in observed}
     for feeds in samples:
         env = trace(g, feeds)
         for t in observed:
             lo[t] = min(lo[t], float(np.min(env[t])))
             hi[t] = max(hi[t], float(np.max(env[t])))
+            flat = env[t].reshape(-1, env[t].shape[-1])
+            row_sum[t] += flat.sum(axis=0, dtype=np.float64)
+            rows[t] += flat.shape[0]
+    users = g.consumers()
 
     fresh = g.name_generator()
     new_constants: dict[str, np.ndarray] = {}
@@ -117,9 +135,32 @@ def quantize_graph(g: Graph, samples, weights: str = "per_channel") -> Graph:
             before.append(Node("Dequantize", (w_name,), (dq,),
                                {"scale": w_scale, "zero_point": 0, "axis": 1,
                                 "dtype": "float32"}, dq))
-            wq_of[w] = dq
-        replace[node.name] = before + [Node("MatMul", (quantized[a], wq_of[w]), node.outputs,
-                                            {}, node.name)]
+            wq_of[w] = (dq, w_s8, w_scale)
+        dq_w, w_s8, w_scale = wq_of[w]
+        matmul = Node("MatMul", (quantized[a], dq_w), node.outputs, {}, node.name)
+        if not bias_correction:
+            replace[node.name] = before + [matmul]
+            continue
+        d_w = w_s8.astype(np.float64) * w_scale - g.constants[w]
+        shift = (row_sum[a] / rows[a]) @ d_w                       # (N,): mean of a @ dW
+        y = node.outputs[0]
+        add = _single_consumer(g, users, y)
+        bias = None if add is None or add.op != "Add" else next(
+            (t for t in add.inputs if t != y and t in g.constants
+             and g.constants[t].shape == shift.shape), None)
+        if bias is not None:     # y + b  ->  y + (b - shift)
+            b_name = fresh(f"{bias}.bc")
+            new_constants[b_name] = (g.constants[bias] - shift).astype(g.constants[bias].dtype)
+            replace[add.name] = [Node("Add", tuple(b_name if t == bias else t
+                                                   for t in add.inputs),
+                                      add.outputs, dict(add.attrs), add.name)]
+            replace[node.name] = before + [matmul]
+        else:                    # no bias to fold it into: y = MatMul(...) + (-shift)
+            raw, b_name = fresh(f"{y}.raw"), fresh(f"{node.name}.bias_correction")
+            new_constants[b_name] = (-shift).astype(np.float32)
+            replace[node.name] = before + [
+                Node("MatMul", matmul.inputs, (raw,), {}, node.name),
+                Node("Add", (raw, b_name), (y,), {}, fresh(f"{node.name}.bc"))]
     out = rewrite(g, replace, new_constants)
     out.name = f"{g.name}-int8"
     return out
