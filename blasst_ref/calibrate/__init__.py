@@ -194,6 +194,10 @@ class Calibration:
             ax1.loglog(grid, self.scale_factor(s) / grid, color=c, label=f"fit, s = {s:g}")
             meas = [self.measured_threshold(int(n), s) for n in lens]
             ax1.loglog(lens, meas, "o", color=c, mfc="none")
+        # ticks at the calibrated lengths: over less than two decades matplotlib's minor
+        # labels overlap
+        ax1.set_xticks(lens, [f"{int(n)}" for n in lens])
+        ax1.xaxis.set_minor_formatter(plt.NullFormatter())
         ax1.set_xlabel("context length L (keys)")
         ax1.set_ylabel("threshold")
         ax1.set_title(f"{self.phase}: threshold vs length (o: measured)")
@@ -390,7 +394,12 @@ def calibrate(samples, *, phase: str = "prefill", causal: bool = True, threshold
     thresholds = (default_thresholds(lengths) if thresholds is None
                   else _check_thresholds(thresholds))
 
-    from tqdm.auto import tqdm  # lazy, like every optional nicety
+    # lazy, like every optional nicety; tqdm.auto only when a bar is shown: in a notebook
+    # without ipywidgets it warns even for a disabled bar
+    if progress:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
 
     # per (length, thresh): [skipped, visited, err^2, ref^2, n_samples]
     acc: dict[tuple[int, float], list] = {}
