@@ -80,6 +80,8 @@ def _is_simulated_device_array(x) -> bool:
 
 
 def _is_device_array(x) -> bool:
+    if type(x).__module__.startswith("torch") and hasattr(x, "is_cuda"):
+        return bool(x.is_cuda)  # (torch builds __cuda_array_interface__ on every access)
     return hasattr(x, "__cuda_array_interface__") or _is_simulated_device_array(x)
 
 
@@ -102,9 +104,28 @@ def _check_arrays(q, k, v):
     return kinds[0] == "device"
 
 
+@dataclass(frozen=True)
+class _DeviceDtype:
+    """A device dtype numpy has no name for (torch's ``bfloat16``)."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
 def _shape_and_dtype(name, x):
     if isinstance(x, np.ndarray) or _is_simulated_device_array(x):
         return tuple(x.shape), np.dtype(x.dtype)
+    if type(x).__module__.startswith("torch") and hasattr(x, "data_ptr"):
+        # read torch's shape and dtype directly: its __cuda_array_interface__ is built in
+        # Python on every access, and raises for bfloat16
+        tname = str(x.dtype).rsplit(".", 1)[-1]
+        try:
+            dt = np.dtype(tname)
+        except TypeError:
+            dt = _DeviceDtype(tname)
+        return tuple(x.shape), dt
     try:
         iface = x.__cuda_array_interface__
     except (TypeError, AttributeError, RuntimeError) as exc:  # e.g. torch bfloat16
@@ -152,9 +173,11 @@ def _validate(q, k, v, thresh, causal, scale, backend, block_q, block_k):
 
     allowed = ("float16", "float32") if on_device else ("float16", "float32", "float64")
     for name, d in (("q", qd), ("k", kd), ("v", vd)):
-        if d.name not in allowed and not (on_device and d.name in ("bfloat16", "V2")):
-            raise TypeError(f"{name} has unsupported dtype {d}; expected one of {', '.join(allowed)}")
-    if not (qd == kd == vd):
+        if d.name not in allowed and not (on_device and d.name == "bfloat16"):
+            extra = ", or bfloat16 (torch)" if on_device else ""
+            raise TypeError(f"{name} has unsupported dtype {d}; expected one of "
+                            f"{', '.join(allowed)}{extra}")
+    if not (str(qd) == str(kd) == str(vd)):
         raise TypeError(f"q, k and v must share one dtype, got q {qd}, k {kd}, v {vd}")
 
     if isinstance(thresh, bool) or not isinstance(thresh, numbers.Real):

@@ -35,9 +35,9 @@ kernels are usually timed: a single call plus a synchronisation would add the
 launch-and-wait round trip to kernels that take 0.1 ms. The median is over such samples.
 
 ``--dtype``: ``float32`` (default), ``float16``, ``float64`` (CPU only) and ``bfloat16``
-(GPU torch rows only: numpy has no bfloat16, and the CUDA backend's API takes float16 and
-float32; the inputs are rounded to bfloat16 once and every row, the oracle included, sees
-those values).
+(GPU rows only, on torch bfloat16 tensors: numpy has no bfloat16; the inputs are rounded to
+bfloat16 once and every row, the oracle included, sees those values; ``auto:S`` thresholds
+are searched with the cuda backend).
 
 Columns: ``ms`` the median wall time; ``GFLOP/s`` the *dense* FLOP count
 (:func:`attention_flops`) over that time, so a sparse row's figure is the dense-equivalent
@@ -648,12 +648,13 @@ def run_case(case: Case, backends: list[str], *, repeat: int, block_q=None, bloc
         dev = _to_device((q, k, v), case.dtype)
     search_backend = "cpu" if cpu_available()[0] else "reference"
     sq, sk, sv = q, k, v
-    if "cuda" in backends and case.dtype != "bfloat16":
+    if "cuda" in backends:
         # the thresholds are searched with the GPU kernel on the same device arrays
-        # (same tiles, same skip rule as the CPU's; much faster at B=8, Lk=64k)
+        # (same tiles, same skip rule as the CPU's; much faster at B=8, Lk=64k; the only
+        # way for bfloat16, which numpy does not have)
         search_backend = "cuda"
         sq, sk, sv = dev[0]
-    if case.dtype == "bfloat16":  # torch rows only: they have no threshold
+    if case.dtype == "bfloat16" and "cuda" not in backends:  # torch rows: no threshold
         threshes, notes = [(0.0, "0")], []
     else:
         threshes, notes = resolve_thresholds(
@@ -697,10 +698,6 @@ def run_case(case: Case, backends: list[str], *, repeat: int, block_q=None, bloc
                 result.notes.append(f"torch SDPA: {note}")
             add(_vname("torch", 0.0), backend, 0.0, "0", call)
         elif backend == "cuda":
-            if case.dtype == "bfloat16":
-                result.notes.append("cuda: no bfloat16 rows (blasst_ref.attention takes "
-                                    "float16/float32 CUDA arrays)")
-                continue
             (dq, dk, dvv), sync, to_host = dev
             for t, label in threshes:
                 kw = dict(causal=case.causal, backend="cuda", block_q=block_q, block_k=block_k)
@@ -983,7 +980,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "blasst_ref.workloads.llm_like for the knobs")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"),
                    default="float32",
-                   help="input dtype (float64: CPU only; bfloat16: GPU torch rows only)")
+                   help="input dtype (float64: CPU only; bfloat16: GPU only, torch tensors)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--block-q", type=_positive_int, default=None, help="prefill tile rows")
     p.add_argument("--block-k", type=_positive_int, default=None, help="tile keys")

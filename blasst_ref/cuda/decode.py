@@ -106,9 +106,10 @@ import functools
 import math
 
 import numpy as np
-from numba import cuda, float32, float64, uint64
+from numba import config, cuda, float32, float64, uint64
 
 from ._intrinsics import aligned16 as _aligned16
+from ._intrinsics import narrow, widen
 
 COMPUTED = 1  # tile_map codes: as blasst_ref.reference (kernels do not import it)
 SKIPPED = 2
@@ -221,7 +222,7 @@ def _split_kernel(R, BK, DQK, DV, DC, QW, NT):
                 d = idx % QW
                 x = float32(0.0)
                 if d < DQK:
-                    x = float32(q[b, g * group + r // lq, r % lq, d]) * scale
+                    x = widen(q[b, g * group + r // lq, r % lq, d]) * scale
                 qs[r, d] = x
         cuda.syncthreads()
 
@@ -240,7 +241,7 @@ def _split_kernel(R, BK, DQK, DV, DC, QW, NT):
                         d = idx % DC
                         x = float32(0.0)
                         if c * DC + d < DQK:
-                            x = float32(q[b, g * group + r // lq, r % lq, c * DC + d]) * scale
+                            x = widen(q[b, g * group + r // lq, r % lq, c * DC + d]) * scale
                         qs[r, d] = x
                 uc = uint64(c) * U_DC
                 uidx = ut
@@ -249,7 +250,7 @@ def _split_kernel(R, BK, DQK, DV, DC, QW, NT):
                     d = uidx % U_DC
                     x = float32(0.0)
                     if uj0 + j < ulk and uc + d < U_DQK:
-                        x = float32(k[ub, ug, uj0 + j, uc + d])
+                        x = widen(k[ub, ug, uj0 + j, uc + d])
                     kvs[j, d] = x
                     uidx += U_NT
                 cuda.syncthreads()
@@ -349,7 +350,7 @@ def _split_kernel(R, BK, DQK, DV, DC, QW, NT):
                     d = uidx % U_DC
                     x = float32(0.0)
                     if uj0 + j < ulk and uc + d < U_DV:
-                        x = float32(v[ub, ug, uj0 + j, uc + d])
+                        x = widen(v[ub, ug, uj0 + j, uc + d])
                     kvs[j, d] = x
                     uidx += U_NT
                 cuda.syncthreads()
@@ -402,7 +403,7 @@ def _merge_kernel(part_m, part_l, part_acc, causal, lk, n_splits, out):
     w0 = bg * n_splits
     if causal and i + lk - lq < 0:  # the row sees no key: zeros
         for d in range(t, dv, cuda.blockDim.x):
-            out[b, h, i, d] = 0.0
+            out[b, h, i, d] = narrow(out, float32(0.0))
         return
     neg_inf = float32(-math.inf)
     mx = neg_inf
@@ -416,7 +417,7 @@ def _merge_kernel(part_m, part_l, part_acc, causal, lk, n_splits, out):
         o = float32(0.0)
         for s in range(n_splits):
             o += math.exp(part_m[w0 + s, r] - shift) * part_acc[w0 + s, r, d]
-        out[b, h, i, d] = o / total
+        out[b, h, i, d] = narrow(out, o / total)
 
 
 # ---------------------------------------------------------------------------------------
@@ -430,8 +431,9 @@ def _merge_kernel(part_m, part_l, part_acc, causal, lk, n_splits, out):
 # V rows of its kept tiles, with the same decisions as the reference's sequential walk:
 #
 #   1. scores: lanes take 16-byte slices of K rows (16 lanes per row for D = 128 in fp16,
-#      2 rows per warp instruction), 4 rows in flight per lane; the R partial dot products
-#      are summed over the row's lanes with shfl_xor; masked keys store -inf;
+#      2 rows per warp instruction), 4 rows in flight per lane; the 4 x R partial dot
+#      products are summed over the row's lanes by one reduce-scatter butterfly (shfl_xor),
+#      after which each lane stores one score; masked keys store -inf;
 #   2. tile maxima, one thread per (row, tile) (padded rows of ss: no bank conflicts);
 #   3. votes: one thread per row walks the window (prefix max, float32 gap vs log(thresh)
 #      in float64, NaN never agrees), one thread per tile ANDs the rows and writes tile_map;
@@ -443,15 +445,24 @@ def _merge_kernel(part_m, part_l, part_acc, causal, lk, n_splits, out):
 #
 # On the simulator the same kernel runs with shared-memory reductions and a scalar twin of
 # the vector load (_intrinsics.py). Measured (H100, fp16, B=8, Hq=32/Hkv=8, D=128): 1.80 TB/s
-# at Lk=16k, 1.95 TB/s at 64k (60-65% of a copy); limits and next steps in BENCHMARKS.md.
+# at Lk=16k, 1.95 TB/s at 64k (60-65% of a copy) for the first v2; 2.15-2.19 / 2.32-2.35 TB/s
+# (72-79%) since step 1 reduce-scatters its partial sums (_kscore_source) and blocks have 128
+# threads; limits and next steps in BENCHMARKS.md.
 # ---------------------------------------------------------------------------------------
 
-#: threads per block of the v2 split kernel on a GPU (the simulator uses fewer)
-V2_THREADS = 256
+#: threads per block of the v2 split kernel on a GPU (the simulator uses fewer). 128 beat
+#: 256 on an H100: at 128 registers both give 16 warps per SM, but as 4 blocks instead of 2,
+#: whose phases (K pass, votes, V pass) overlap better, and B=8 x Hkv=8 x 8 splits (Lk=16k)
+#: = 512 blocks fit one wave of 4 x 132
+V2_THREADS = 128
 #: rounds of K row loads a lane issues before it uses any of them (loads in flight)
 V2_UNROLL = 4
 #: largest score window (float32 words of ``ss``) the v2 kernel keeps in shared memory
 V2_WINDOW_WORDS = 8704
+#: register cap of the v2 split kernel (``max_registers``)
+V2_REGS = 128
+#: issue the next K / V loads before the current group's math (see _split_kernel_v2)
+V2_PREFETCH_K, V2_PREFETCH_V = False, False
 
 
 def plan_v2(rows: int, block_k: int, dqk: int, dv: int, itemsize: int,
@@ -484,11 +495,107 @@ def plan_v2(rows: int, block_k: int, dqk: int, dv: int, itemsize: int,
     return wt
 
 
+_KSCORE: dict = {}
+_KSCORE_INLINE = True  #: Numba-level inlining of ``_kscore`` (a tuning switch)
+
+
+@(cuda.jit(device=True) if config.ENABLE_CUDASIM else cuda.jit(device=True, forceinline=True))
+def _pick(c, a, b):
+    """``a if c else b`` as a call (a select after inlining, no branch in Numba's IR)."""
+    return a if c else b
+
+
+def _kscore_source(R, VEC, LPK, RSK, BK, BKP, U, sim):
+    """Python source of ``_kscore``: the scores of U key rows (this lane's raw 16-byte
+    slices ``xa0..``) against the R query rows, reduced over the LPK lanes of a row.
+
+    The U * R partial dot products of a lane are summed over its LPK lanes by a
+    *reduce-scatter* butterfly: at the step of offset ``o`` a lane keeps half of its values
+    (the upper half if bit ``o`` of its lane is set), sends the other half to lane
+    ``lane ^ o`` and adds what it receives. For U * R = LPK = 16 (R = 4, D = 128, 16-bit)
+    that is 8 + 4 + 2 + 1 = 15 shuffles for 16 sums, where one butterfly per sum (the
+    previous version) took 64; each lane then holds one finished score and stores it."""
+    N = U * R
+    NP = 1
+    while NP < N:
+        NP *= 2
+    L = []
+
+    def emit(ind, line):
+        L.append("    " * ind + line)
+
+    args = ", ".join(f"xa{u}" for u in range(U))
+    emit(0, f"def _kscore({args}, k, qr, ss, hzs, red, t, ck, kk, j0, jlim):")
+    for u in range(U):
+        emit(1, f"y{u} = unpack(k, xa{u})")
+    for u in range(U):
+        for r in range(R):
+            terms = " + ".join(f"qr[{r * VEC + e}] * y{u}[{e}]" for e in range(VEC))
+            emit(1, f"v{u * R + r} = {terms}")
+    for i in range(N, NP):
+        emit(1, f"v{i} = float32(0.0)")
+    emit(1, "base = 0")
+    n, off, dup = NP, LPK // 2, 0
+    while off >= 1:
+        if n > 1:
+            half = n // 2
+            emit(1, f"hb = (ck // {off}) % 2")
+            for i in range(half):
+                emit(1, f"s_ = _pick(hb, v{i}, v{i + half})")
+                emit(1, f"v{i} = _pick(hb, v{i + half}, v{i}) + xor_shfl(s_, {off}, red, t)")
+            emit(1, f"base += hb * {half}")
+            n = half
+        else:
+            emit(1, f"v0 += xor_shfl(v0, {off}, red, t)")
+            dup |= off
+        off //= 2
+    for i in range(n):
+        emit(1, f"vi = base + {i}")
+        cond = []
+        if NP > N:
+            cond.append(f"vi < {N}")
+        if dup:
+            cond.append(f"(ck & {dup}) == 0")
+        ind = 1
+        if cond:
+            emit(1, "if " + " and ".join(cond) + ":")
+            ind = 2
+        emit(ind, f"r = vi % {R}")
+        emit(ind, f"key = kk + (vi // {R}) * {RSK}")
+        emit(ind, "jg = j0 + key")
+        emit(ind, f"ss[r, (key // {BK}) * {BKP} + key % {BK}] = "
+                  f"_pick(jg < jlim and jg <= hzs[r], v{i}, float32(-math.inf))")
+    return "\n".join(L) + "\n"
+
+
+def _kscore_fn(R, VEC, LPK, RSK, BK, BKP, U):
+    """The compiled ``_kscore`` device function for these constants (see
+    :func:`_kscore_source`)."""
+    from ._intrinsics import unpack, xor_shfl
+
+    sim = bool(config.ENABLE_CUDASIM)
+    key = (R, VEC, LPK, RSK, BK, BKP, U, sim)
+    if key not in _KSCORE:
+        import linecache
+
+        src = _kscore_source(R, VEC, LPK, RSK, BK, BKP, U, sim)
+        fname = f"<blasst_ref.cuda.decode _kscore {key}>"
+        linecache.cache[fname] = (len(src), None, src.splitlines(True), fname)
+        ns = {"cuda": cuda, "float32": float32, "math": math, "unpack": unpack,
+              "xor_shfl": xor_shfl, "_pick": _pick}
+        exec(compile(src, fname, "exec"), ns)  # noqa: S102 (our own generated source)
+        # inlined by Numba (NVVM-level inlining left ``qr`` in local memory); its
+        # selects are ``_pick`` calls, so Numba's front end sees few branches
+        jit = cuda.jit(device=True) if sim else cuda.jit(device=True, inline=_KSCORE_INLINE)
+        _KSCORE[key] = jit(ns["_kscore"])
+    return _KSCORE[key]
+
+
 @functools.lru_cache(maxsize=None)
-def _split_kernel_v2(R, BK, DQK, DV, VEC, NT, WT):
+def _split_kernel_v2(R, BK, DQK, DV, VEC, NT, WT, REGS=128, PF_K=True, PF_V=True):
     """The v2 split kernel for ``R`` rows, ``BK`` keys per tile, head dims, ``VEC`` elements
     per 16-byte load, ``NT`` threads and windows of ``WT`` tiles (compile-time constants)."""
-    from ._intrinsics import SHFL, FULL_MASK, group_sum, ld16
+    from ._intrinsics import SHFL, FULL_MASK, ld16, ldw, unpack
 
     NW = NT // 32  # warps
     LPK = DQK // VEC  # lanes that share one K row (16 for D = 128 in float16)
@@ -499,6 +606,7 @@ def _split_kernel_v2(R, BK, DQK, DV, VEC, NT, WT):
     RSV = KPV * NW  # V rows per block round
     WK = WT * BK  # keys per window
     U = V2_UNROLL
+    assert U == 4, "the K and V loops below are unrolled by hand for 4 loads"
     NRK = WK // RSK  # rounds of K loads per window (a multiple of U)
     NRV = BK // RSV  # rounds of V loads per kept tile
     BKP = BK + 1  # padded tile row in ss: conflict-free per-(row, tile) walks
@@ -508,41 +616,29 @@ def _split_kernel_v2(R, BK, DQK, DV, VEC, NT, WT):
     RV = R * VEC  # local arrays need literal sizes: computed here, not in the kernel
     neg_inf_c = -math.inf
 
-    @cuda.jit(device=True, inline=True)
-    def _scores(x, qr, ss, red, t, ck, kk, j0, jlim, hz):
-        """Scores of window key ``kk`` (this lane's 16-byte slice ``x`` of its K row) for
-        the R rows: partial dot products, summed over the LPK lanes of the row. ``hz[r]``:
-        the last key row ``r`` sees (its causal horizon, precomputed: a 64-bit ``r % Lq``
-        per key and row cost more than the dot product itself)."""
-        jg = j0 + kk
-        for r in range(R):
-            a = float32(0.0)
-            for e in range(VEC):
-                a += qr[r * VEC + e] * x[e]
-            a = group_sum(a, red, t, LPK)
-            if ck == 0:
-                vis = jg < jlim and jg <= hz[r]
-                ss[r, (kk // BK) * BKP + kk % BK] = a if vis else float32(neg_inf_c)
+    _kscore = _kscore_fn(R, VEC, LPK, RSK, BK, BKP, U)
 
     @cuda.jit(device=True, inline=True)
     def _vcol(klist, idx, n_rounds, w, kv):
-        """Window key of this lane in flattened V round ``idx``; past the last round, a
-        key past ``jlim`` (its load is clamped, its FMAs skipped)."""
-        if idx >= n_rounds:
-            return WK
+        """Window key of this lane in flattened V round ``idx``; past the last round, the
+        key of the last round (a kept tile: its load is a cache hit, its FMAs skipped by
+        the caller)."""
+        idx = min(idx, n_rounds - 1)
         return klist[idx // NRV] * BK + (idx % NRV) * RSV + w * KPV + kv
 
     @cuda.jit(device=True, inline=True)
-    def _pv(x, acc, ss, kk, valid):
-        """acc[r, :] += P[r, kk] * (this lane's slice ``x`` of window key kk's V row)."""
-        if valid:  # a clamped row (past Lk or the split) may hold inf/NaN: never 0 * it
+    def _pv(xw, v, acc, ss, kk, valid):
+        """acc[r, :] += P[r, kk] * (this lane's slice ``xw`` (raw words) of window key kk's
+        V row)."""
+        if valid:
+            x = unpack(v, xw)  # a clamped row (past Lk or the split) may hold inf/NaN: never 0 * it
             col = (kk // BK) * BKP + kk % BK
             for r in range(R):
                 pr = ss[r, col]
                 for e in range(VEC):
                     acc[r * VEC + e] += pr * x[e]
 
-    @cuda.jit(max_registers=128) if SHFL else cuda.jit
+    @cuda.jit(max_registers=REGS) if SHFL else cuda.jit
     def split_v2(q, k, v, n_hq, n_hkv, lq, lk, log_thresh, causal, scale, k_tiles,
                  split_tiles, n_splits, part_m, part_l, part_acc, tile_map):
         """q, k, v: flat (1-D) views of (B,Hq,Lq,Dqk), (B,Hkv,Lk,Dqk), (B,Hkv,Lk,Dv);
@@ -563,7 +659,6 @@ def _split_kernel_v2(R, BK, DQK, DV, VEC, NT, WT):
         sacc = cuda.shared.array((R, DV), float32)
         red = cuda.shared.array(RED_N, float32)
         qr = cuda.local.array(RV, float32)  # this lane's slice of the scaled queries
-        hz = cuda.local.array(R, np.int64)  # last key each row sees
         acc = cuda.local.array(RV, float32)  # this lane's partial P V
 
         t = cuda.threadIdx.x
@@ -584,7 +679,6 @@ def _split_kernel_v2(R, BK, DQK, DV, VEC, NT, WT):
         f_scale = float32(scale)
 
         for r in range(R):
-            hz[r] = min(lk - 1, r % lq + offset) if causal else lk - 1
             h = g * group + r // lq
             x = ld16(q, ((b * n_hq + h) * lq + r % lq) * DQK + ck * VEC)
             for e in range(VEC):
@@ -604,19 +698,32 @@ def _split_kernel_v2(R, BK, DQK, DV, VEC, NT, WT):
             nwt = min(WT, kt1 - wt0)
             j0 = wt0 * BK
             jlim = min(lk, (wt0 + nwt) * BK)  # keys past it: masked, never used
-            # ---- 1. scores of the whole window: 4 rows of K in flight per lane ----------
+            # ---- 1. scores of the whole window: U rows of K in flight per lane, and the
+            # next U rows loaded (raw words) before the current ones are used -------------
             # (unrolled by hand into tuples: a loop over a local array of loaded vectors
             # was left rolled by the compiler and the array went to local memory)
-            for it in range(0, NRK, 4):
-                kk = it * RSK + w * KPI + kl
-                x0 = ld16(k, (kbase + min(j0 + kk, jlim - 1)) * DQK + ck * VEC)
-                x1 = ld16(k, (kbase + min(j0 + kk + RSK, jlim - 1)) * DQK + ck * VEC)
-                x2 = ld16(k, (kbase + min(j0 + kk + 2 * RSK, jlim - 1)) * DQK + ck * VEC)
-                x3 = ld16(k, (kbase + min(j0 + kk + 3 * RSK, jlim - 1)) * DQK + ck * VEC)
-                _scores(x0, qr, ss, red, t, ck, kk, j0, jlim, hz)
-                _scores(x1, qr, ss, red, t, ck, kk + RSK, j0, jlim, hz)
-                _scores(x2, qr, ss, red, t, ck, kk + 2 * RSK, j0, jlim, hz)
-                _scores(x3, qr, ss, red, t, ck, kk + 3 * RSK, j0, jlim, hz)
+            kk = w * KPI + kl
+            kq = ck * VEC
+            xa0 = ldw(k, (kbase + min(j0 + kk, jlim - 1)) * DQK + kq)
+            xa1 = ldw(k, (kbase + min(j0 + kk + RSK, jlim - 1)) * DQK + kq)
+            xa2 = ldw(k, (kbase + min(j0 + kk + 2 * RSK, jlim - 1)) * DQK + kq)
+            xa3 = ldw(k, (kbase + min(j0 + kk + 3 * RSK, jlim - 1)) * DQK + kq)
+            for it in range(0, NRK, U):
+                kn = kk + U * RSK  # the next group (past the window: clamped, unused)
+                if PF_K:  # the next loads are issued before this group's math
+                    xb0 = ldw(k, (kbase + min(j0 + kn, jlim - 1)) * DQK + kq)
+                    xb1 = ldw(k, (kbase + min(j0 + kn + RSK, jlim - 1)) * DQK + kq)
+                    xb2 = ldw(k, (kbase + min(j0 + kn + 2 * RSK, jlim - 1)) * DQK + kq)
+                    xb3 = ldw(k, (kbase + min(j0 + kn + 3 * RSK, jlim - 1)) * DQK + kq)
+                    _kscore(xa0, xa1, xa2, xa3, k, qr, ss, hzs, red, t, ck, kk, j0, jlim)
+                else:  # ... or after it (their registers are reused: no double buffer)
+                    _kscore(xa0, xa1, xa2, xa3, k, qr, ss, hzs, red, t, ck, kk, j0, jlim)
+                    xb0 = ldw(k, (kbase + min(j0 + kn, jlim - 1)) * DQK + kq)
+                    xb1 = ldw(k, (kbase + min(j0 + kn + RSK, jlim - 1)) * DQK + kq)
+                    xb2 = ldw(k, (kbase + min(j0 + kn + 2 * RSK, jlim - 1)) * DQK + kq)
+                    xb3 = ldw(k, (kbase + min(j0 + kn + 3 * RSK, jlim - 1)) * DQK + kq)
+                xa0, xa1, xa2, xa3 = xb0, xb1, xb2, xb3
+                kk = kn
             cuda.syncthreads()
             # ---- 2. tile maxima, one thread per (row, tile) ------------------------------
             for p in range(t, NPAIR, NT):
@@ -692,21 +799,41 @@ def _split_kernel_v2(R, BK, DQK, DV, VEC, NT, WT):
                     for e in range(VEC):
                         acc[r * VEC + e] *= alpha
             # (kept tile, round) pairs flattened: 4 rows of V in flight per lane whatever
-            # the head dim (a tile has only NRV = 2..8 rounds), across kept tiles
+            # the head dim (a tile has only NRV = 2..8 rounds), across kept tiles, and the
+            # next 4 loaded before the current ones are used
             n_rounds = nkept[0] * NRV
-            for it in range(0, n_rounds, 4):
-                c0 = _vcol(klist, it, n_rounds, w, kv)
-                c1 = _vcol(klist, it + 1, n_rounds, w, kv)
-                c2 = _vcol(klist, it + 2, n_rounds, w, kv)
-                c3 = _vcol(klist, it + 3, n_rounds, w, kv)
-                x0 = ld16(v, (kbase + min(j0 + c0, jlim - 1)) * DV + cv * VEC)
-                x1 = ld16(v, (kbase + min(j0 + c1, jlim - 1)) * DV + cv * VEC)
-                x2 = ld16(v, (kbase + min(j0 + c2, jlim - 1)) * DV + cv * VEC)
-                x3 = ld16(v, (kbase + min(j0 + c3, jlim - 1)) * DV + cv * VEC)
-                _pv(x0, acc, ss, c0, j0 + c0 < jlim)
-                _pv(x1, acc, ss, c1, j0 + c1 < jlim)
-                _pv(x2, acc, ss, c2, j0 + c2 < jlim)
-                _pv(x3, acc, ss, c3, j0 + c3 < jlim)
+            if n_rounds > 0:  # a window with every tile skipped reads no V at all
+                kv0 = kv
+                c0 = _vcol(klist, 0, n_rounds, w, kv0)
+                c1 = _vcol(klist, 1, n_rounds, w, kv0)
+                c2 = _vcol(klist, 2, n_rounds, w, kv0)
+                c3 = _vcol(klist, 3, n_rounds, w, kv0)
+                vq = cv * VEC
+                xa0 = ldw(v, (kbase + min(j0 + c0, jlim - 1)) * DV + vq)
+                xa1 = ldw(v, (kbase + min(j0 + c1, jlim - 1)) * DV + vq)
+                xa2 = ldw(v, (kbase + min(j0 + c2, jlim - 1)) * DV + vq)
+                xa3 = ldw(v, (kbase + min(j0 + c3, jlim - 1)) * DV + vq)
+                for it in range(0, n_rounds, 4):
+                    d0 = _vcol(klist, it + 4, n_rounds, w, kv0)
+                    d1 = _vcol(klist, it + 5, n_rounds, w, kv0)
+                    d2 = _vcol(klist, it + 6, n_rounds, w, kv0)
+                    d3 = _vcol(klist, it + 7, n_rounds, w, kv0)
+                    if PF_V:
+                        xb0 = ldw(v, (kbase + min(j0 + d0, jlim - 1)) * DV + vq)
+                        xb1 = ldw(v, (kbase + min(j0 + d1, jlim - 1)) * DV + vq)
+                        xb2 = ldw(v, (kbase + min(j0 + d2, jlim - 1)) * DV + vq)
+                        xb3 = ldw(v, (kbase + min(j0 + d3, jlim - 1)) * DV + vq)
+                    _pv(xa0, v, acc, ss, c0, it < n_rounds and j0 + c0 < jlim)
+                    _pv(xa1, v, acc, ss, c1, it + 1 < n_rounds and j0 + c1 < jlim)
+                    _pv(xa2, v, acc, ss, c2, it + 2 < n_rounds and j0 + c2 < jlim)
+                    _pv(xa3, v, acc, ss, c3, it + 3 < n_rounds and j0 + c3 < jlim)
+                    if not PF_V:
+                        xb0 = ldw(v, (kbase + min(j0 + d0, jlim - 1)) * DV + vq)
+                        xb1 = ldw(v, (kbase + min(j0 + d1, jlim - 1)) * DV + vq)
+                        xb2 = ldw(v, (kbase + min(j0 + d2, jlim - 1)) * DV + vq)
+                        xb3 = ldw(v, (kbase + min(j0 + d3, jlim - 1)) * DV + vq)
+                    xa0, xa1, xa2, xa3 = xb0, xb1, xb2, xb3
+                    c0, c1, c2, c3 = d0, d1, d2, d3
             cuda.syncthreads()  # ss is rewritten by the next window
 
         # ---- the split's partial state: reduce acc over the lanes that share a slice ------
@@ -774,16 +901,14 @@ def launch_decode(q, k, v, out, tile_map, log_thresh, causal, scale, block_k, sp
 
     Accumulates in float32. Launches two kernels on the default stream; returns nothing.
     """
+    threads = threads or (32 if config.ENABLE_CUDASIM else None)  # simulator: 1 Python thread each
     n_b, n_hq, lq, dqk = q.shape
     n_hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     rows = (n_hq // n_hkv) * lq
     n_kt = -(-lk // block_k)
     if n_splits * split_tiles < n_kt:
         raise ValueError(f"{n_splits} splits of {split_tiles} tiles do not cover {n_kt} tiles")
-    k_tiles = n_kt
-    if causal:  # tiles past the last query row's horizon are masked for every row
-        last_visible = lq - 1 + lk - lq
-        k_tiles = 0 if last_visible < 0 else min(n_kt, last_visible // block_k + 1)
+    k_tiles = _visible_tiles(lq, lk, n_kt, block_k, causal)
     n_work = n_b * n_hkv * n_splits
     part_m, part_l, part_acc = _scratch(n_work, rows, dv)
     itemsize = np.dtype(q.dtype).itemsize
@@ -797,7 +922,8 @@ def launch_decode(q, k, v, out, tile_map, log_thresh, causal, scale, block_k, sp
         if version == 2 and wt is None:
             raise ValueError("decode v2 does not apply to this shape / alignment")
     if wt is not None:
-        kernel = _split_kernel_v2(rows, block_k, dqk, dv, 16 // itemsize, nt2, wt)
+        kernel = _split_kernel_v2(rows, block_k, dqk, dv, 16 // itemsize, nt2, wt, V2_REGS,
+                                  V2_PREFETCH_K, V2_PREFETCH_V)
         kernel[n_work, nt2](q.reshape(q.size), k.reshape(k.size), v.reshape(v.size),
                             n_hq, n_hkv, lq, lk, float(log_thresh), bool(causal),
                             np.float32(scale), k_tiles, split_tiles, n_splits, part_m, part_l,
@@ -811,3 +937,106 @@ def launch_decode(q, k, v, out, tile_map, log_thresh, causal, scale, block_k, sp
                                 tile_map)
     _merge_kernel[n_b * n_hkv * rows, min(MERGE_THREADS, _pow2_ceil(dv))](
         part_m, part_l, part_acc, bool(causal), lk, n_splits, out)
+
+
+def _visible_tiles(lq, lk, n_kt, block_k, causal):
+    """Key tiles any row visits: under the causal mask, tiles past the last query row's
+    horizon are masked for every row."""
+    if not causal:
+        return n_kt
+    last_visible = lq - 1 + lk - lq
+    return 0 if last_visible < 0 else min(n_kt, last_visible // block_k + 1)
+
+
+class FastDecode:
+    """One decode shape, ready for raw launches (:mod:`._launch`): the compiled v2 split
+    kernel and merge kernel, their fixed parameters, and the partials and tile map of this
+    shape, allocated once. :meth:`run` takes the data pointers of one call and launches a
+    memset of the tile map and the two kernels; it synchronises nothing.
+
+    The tile map it returns is reused by the next call of the same shape (the API copies
+    it to the host, when asked for statistics, before it returns)."""
+
+    @classmethod
+    def build(cls, q_shape, k_shape, v_shape, dtype, causal, block_k, split_tiles,
+              n_splits):
+        """A :class:`FastDecode`, or ``None`` where v2 does not apply to the shape."""
+        n_b, n_hq, lq, dqk = q_shape
+        n_hkv, lk, dv = k_shape[1], k_shape[2], v_shape[3]
+        rows = (n_hq // n_hkv) * lq
+        itemsize = np.dtype(dtype).itemsize
+        wt = plan_v2(rows, block_k, dqk, dv, itemsize, V2_THREADS, split_tiles)
+        n_kt = -(-lk // block_k)
+        if wt is None or n_splits * split_tiles < n_kt:
+            return None
+        return cls(q_shape, k_shape, v_shape, dtype, causal, block_k, split_tiles, n_splits,
+                   wt)
+
+    def __init__(self, q_shape, k_shape, v_shape, dtype, causal, block_k, split_tiles,
+                 n_splits, wt):
+        import ctypes
+
+        from numba.cuda import types
+
+        from . import _launch as L
+
+        n_b, n_hq, lq, dqk = q_shape
+        n_hkv, lk, dv = k_shape[1], k_shape[2], v_shape[3]
+        rows = (n_hq // n_hkv) * lq
+        n_kt = -(-lk // block_k)
+        k_tiles = _visible_tiles(lq, lk, n_kt, block_k, causal)
+        n_work = n_b * n_hkv * n_splits
+        dtype = np.dtype(dtype)
+        self.itemsize = isz = dtype.itemsize
+        self.sizes = (int(np.prod(q_shape)), int(np.prod(k_shape)), int(np.prod(v_shape)))
+        self.out_shape = (n_b, n_hq, lq, dv)
+        part_m, part_l, part_acc = (cuda.device_array((n_work, rows), np.float32),
+                                    cuda.device_array((n_work, rows), np.float32),
+                                    cuda.device_array((n_work, rows, dv), np.float32))
+        self.tile_map = cuda.device_array((n_b, n_hkv, 1, n_kt), np.int8)
+        self._keep = (part_m, part_l, part_acc)
+        ptr = L.device_ptr
+
+        arr1, f32 = L.array_type(dtype, 1), L.array_type(np.float32, 2)
+        split = _split_kernel_v2(rows, block_k, dqk, dv, 16 // isz, V2_THREADS, wt, V2_REGS,
+                                 V2_PREFETCH_K, V2_PREFETCH_V)
+        self.k_split, self.f_split = L.compile_kernel(split, (
+            arr1, arr1, arr1, types.int64, types.int64, types.int64, types.int64,
+            types.float64, types.boolean, types.float32, types.int64, types.int64,
+            types.int64, f32, f32, L.array_type(np.float32, 3), L.array_type(np.int8, 4)))
+        _, self.f_merge = L.compile_kernel(_merge_kernel, (
+            f32, f32, L.array_type(np.float32, 3), types.boolean, types.int64, types.int64,
+            L.array_type(dtype, 4)))
+        i64 = ctypes.c_int64
+        self.mid = [i64(n_hq), i64(n_hkv), i64(lq), i64(lk)]
+        self.causal = bool(causal)
+        self.tail = ([i64(k_tiles), i64(split_tiles), i64(n_splits)]
+                     + L.array_params(ptr(part_m), part_m.shape, 4)
+                     + L.array_params(ptr(part_l), part_l.shape, 4)
+                     + L.array_params(ptr(part_acc), part_acc.shape, 4)
+                     + L.array_params(ptr(self.tile_map), self.tile_map.shape, 1))
+        self.merge_head = (L.array_params(ptr(part_m), part_m.shape, 4)
+                           + L.array_params(ptr(part_l), part_l.shape, 4)
+                           + L.array_params(ptr(part_acc), part_acc.shape, 4)
+                           + [bool(causal), i64(lk), i64(n_splits)])
+        self.grid_split, self.grid_merge = n_work, n_b * n_hkv * rows
+        self.block_merge = min(MERGE_THREADS, _pow2_ceil(dv))
+        self.map_ptr, self.map_bytes = ptr(self.tile_map), int(self.tile_map.size)
+
+    def run(self, qp, kp, vp, outp, log_thresh, scale):
+        """Launch one call on the data pointers of q, k, v, out; returns the tile map."""
+        import ctypes
+
+        from . import _launch as L
+
+        isz = self.itemsize
+        nq, nk, nv = self.sizes
+        L.memset0(self.map_ptr, self.map_bytes)
+        params = (L.array_params(qp, (nq,), isz) + L.array_params(kp, (nk,), isz)
+                  + L.array_params(vp, (nv,), isz) + self.mid
+                  + [ctypes.c_double(log_thresh), self.causal, ctypes.c_float(scale)]
+                  + self.tail)
+        L.launch_raw(self.f_split, (self.grid_split, 1, 1), (V2_THREADS, 1, 1), 0, params)
+        L.launch_raw(self.f_merge, (self.grid_merge, 1, 1), (self.block_merge, 1, 1), 0,
+                     self.merge_head + L.array_params(outp, self.out_shape, isz))
+        return self.tile_map

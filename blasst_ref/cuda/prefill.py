@@ -148,11 +148,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from numba import config, cuda, float32
 
 from ._intrinsics import aligned16 as _aligned16
 from ._intrinsics import group_max as _group_max
 from ._intrinsics import group_sum as _group_sum
+from ._intrinsics import narrow, widen
 
 __all__ = ["launch_prefill", "plan_prefill", "plan_v2"]
 
@@ -333,14 +336,14 @@ def _make_prefill_kernel(block_q, block_k, dqk, dv, tpr, dc):
                     dd = idx % dc
                     x = float32(0.0)
                     if i0 + rr < i1 and d0 + dd < dqk:
-                        x = float32(q[b, h, i0 + rr, d0 + dd]) * f_scale
+                        x = widen(q[b, h, i0 + rr, d0 + dd]) * f_scale
                     qs[rr, dd] = x
                 for idx in range(tid, block_k * dc, threads):
                     jj = idx // dc
                     dd = idx % dc
                     x = float32(0.0)
                     if j0 + jj < lk and d0 + dd < dqk:
-                        x = float32(k[b, kvh, j0 + jj, d0 + dd])
+                        x = widen(k[b, kvh, j0 + jj, d0 + dd])
                     kvs[jj, dd] = x
                 cuda.syncthreads()
                 for u in range(kpt):
@@ -413,7 +416,7 @@ def _make_prefill_kernel(block_q, block_k, dqk, dv, tpr, dc):
                     dd = idx % dc
                     x = float32(0.0)
                     if j0 + jj < lk and d0 + dd < dv:
-                        x = float32(v[b, kvh, j0 + jj, d0 + dd])
+                        x = widen(v[b, kvh, j0 + jj, d0 + dd])
                     kvs[jj, dd] = x
                 cuda.syncthreads()
                 for w in range(cpc):
@@ -433,9 +436,9 @@ def _make_prefill_kernel(block_q, block_k, dqk, dv, tpr, dc):
                     if t + w * tpr < dc and col < dv:
                         if sees_keys:
                             # l = 0 with visible keys (all scores -inf): 0 / 0 = NaN, as dense
-                            out[b, h, gi, col] = acc[c * cpc + w] / l_run
+                            out[b, h, gi, col] = narrow(out, acc[c * cpc + w] / l_run)
                         else:
-                            out[b, h, gi, col] = float32(0.0)
+                            out[b, h, gi, col] = narrow(out, float32(0.0))
 
     return prefill_kernel
 
@@ -497,6 +500,68 @@ def launch_prefill(q, k, v, out, tile_map, log_thresh, causal, scale, block_q, b
     kernel = _get_kernel(block_q, block_k, dqk, dv, plan["tpr"], plan["dc"])
     kernel[grid, plan["threads"]](q, k, v, out, tile_map, float(log_thresh), bool(causal),
                                   float(scale))
+
+
+class FastPrefill:
+    """One prefill shape, ready for raw launches (:mod:`._launch`, see ``FastDecode`` in
+    :mod:`.decode`): the compiled v2 kernel, its fixed parameters and a tile map of this
+    shape, allocated once and zeroed (memset) by every :meth:`run`."""
+
+    @classmethod
+    def build(cls, q_shape, k_shape, v_shape, dtype, causal, block_q, block_k):
+        """A :class:`FastPrefill`, or ``None`` where v2 does not apply to the shape."""
+        dqk, dv = q_shape[3], v_shape[3]
+        plan2 = plan_v2(block_q, block_k, dqk, dv, np.dtype(dtype).itemsize)
+        if plan2 is None or q_shape[0] * q_shape[1] * q_shape[2] == 0:
+            return None
+        return cls(q_shape, k_shape, v_shape, dtype, causal, block_q, block_k, plan2)
+
+    def __init__(self, q_shape, k_shape, v_shape, dtype, causal, block_q, block_k, plan2):
+        import ctypes
+
+        from numba.cuda import types
+
+        from . import _launch as L
+
+        n_b, n_hq, lq, dqk = q_shape
+        n_hkv, lk = k_shape[1], k_shape[2]
+        n_qt, n_kt = -(-lq // block_q), -(-lk // block_k)
+        dtype = np.dtype(dtype)
+        self.itemsize = dtype.itemsize
+        self.sizes = (int(np.prod(q_shape)), int(np.prod(k_shape)), int(np.prod(v_shape)),
+                      int(np.prod(q_shape[:3])) * v_shape[3])
+        self.tile_map = cuda.device_array((n_b, n_hq, n_qt, n_kt), np.int8)
+        entry = _get_kernel_v2(block_q, block_k, dqk, plan2)
+        arr1 = L.array_type(dtype, 1)
+        _, self.func = L.compile_kernel(entry[0], (
+            arr1, arr1, arr1, arr1, L.array_type(np.int8, 4), types.float64, types.boolean,
+            types.float64, types.int64, types.int64, types.int64, types.int64))
+        self.shared = plan2["shared_bytes"]
+        if self.shared > SHARED_BYTES:
+            L.allow_dynamic_shared(self.func, self.shared)
+        i64 = ctypes.c_int64
+        self.causal = bool(causal)
+        self.map_params = L.array_params(L.device_ptr(self.tile_map), self.tile_map.shape, 1)
+        self.tail = [i64(n_hq), i64(n_hkv), i64(lq), i64(lk)]
+        self.grid, self.block = (n_qt, n_hq, n_b), (plan2["threads"], 1, 1)
+        self.map_ptr, self.map_bytes = L.device_ptr(self.tile_map), int(self.tile_map.size)
+
+    def run(self, qp, kp, vp, outp, log_thresh, scale):
+        """Launch one call on the data pointers of q, k, v, out; returns the tile map."""
+        import ctypes
+
+        from . import _launch as L
+
+        isz = self.itemsize
+        nq, nk, nv, no = self.sizes
+        L.memset0(self.map_ptr, self.map_bytes)
+        params = (L.array_params(qp, (nq,), isz) + L.array_params(kp, (nk,), isz)
+                  + L.array_params(vp, (nv,), isz) + L.array_params(outp, (no,), isz)
+                  + self.map_params
+                  + [ctypes.c_double(log_thresh), self.causal, ctypes.c_double(scale)]
+                  + self.tail)
+        L.launch_raw(self.func, self.grid, self.block, self.shared, params)
+        return self.tile_map
 
 
 # =========================================================================================
@@ -676,8 +741,9 @@ def _v2_source(BQ, BK, D, TR, TC, VEC, QS, PS, sim, raw=True):
             emit(i2, f"if g{tag}{n} < lk:")
             for w in R(VEC // 4):
                 if RAW:  # two words of two float16 each, widened by the store
-                    emit(i2 + 1, f"st4h(sm, {off} + r{tag}{n} * {QS} + c{tag}{n} + {4 * w}, "
-                                 f"{tag}{n}[{2 * w}], {tag}{n}[{2 * w + 1}])")
+                    src = "k" if tag == "xk" else "v"  # the source gives the word format
+                    emit(i2 + 1, f"st4w(sm, {off} + r{tag}{n} * {QS} + c{tag}{n} + {4 * w}, "
+                                 f"{tag}{n}[{2 * w}], {tag}{n}[{2 * w + 1}], {src})")
                     continue
                 vals = ", ".join(f"{tag}{n}[{4 * w + e}]" for e in R(4))
                 emit(i2 + 1, f"st4(sm, {off} + r{tag}{n} * {QS} + c{tag}{n} + {4 * w}, {vals})")
@@ -844,7 +910,7 @@ def _v2_source(BQ, BK, D, TR, TC, VEC, QS, PS, sim, raw=True):
         emit(2, f"rb = obase + gi{i} * {D}")
         for c in R(NCH):
             for e in R(4):
-                emit(2, f"out[rb + {c * 4 * TC + e}] = _fin(o{i}_{c}_{e}, l{i}, sees)")
+                emit(2, f"out[rb + {c * 4 * TC + e}] = narrow(out, _fin(o{i}_{c}_{e}, l{i}, sees))")
     return "\n".join(L) + "\n"
 
 
@@ -875,10 +941,10 @@ def _get_kernel_v2(block_q, block_k, d, plan):
 
 def _v2_namespace():
     """The globals of the generated kernel source."""
-    from ._intrinsics import ld16, ld16raw, st4, st4h
+    from ._intrinsics import ld16, ld16raw, narrow, st4, st4h, st4w
 
     return {"cuda": cuda, "float32": float32, "math": math, "ld16": ld16, "st4": st4,
-            "ld16raw": ld16raw, "st4h": st4h,
+            "ld16raw": ld16raw, "st4h": st4h, "st4w": st4w, "narrow": narrow,
             "_max_nan": _max_nan, "_gmax": _gmax, "_gsum": _gsum, "_mask": _mask,
             "_vote": _vote, "_shift": _shift, "_horizon": _horizon, "_sees": _sees,
             "_tile_horizon": _tile_horizon,
