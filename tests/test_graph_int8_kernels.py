@@ -9,7 +9,12 @@
   product, and the u8 output is ``ops.quantize_array`` of the float output exactly (and of
   the float64 reference except at rounding ties).
 * On a VNNI CPU the compiled kernel's assembly contains ``vpdpbusd``.
-* Bad scales, dtypes and shapes give ValueErrors that name the argument.
+* K tails (K % 4 != 0) run on the caller's rows without padding and read no byte past
+  them (a guard page); every thread count (1 = the serial driver, 2, capped, auto) gives
+  the same bytes.
+* :func:`IK.quantize` (the compiled graph's float32 -> u8/s8 step) is bit for bit
+  ``ops.quantize_array``.
+* Bad scales, dtypes, shapes and thread counts give ValueErrors that name the argument.
 
 Outputs are poisoned before each call, so an element a kernel forgets to write shows up.
 The strategies of this file live here: nothing else in the suite uses them.
@@ -395,6 +400,189 @@ def test_qmatmul_parallel_all_post_ops(backend):
 
 
 # ---------------------------------------------------------------------------------------
+# K tails without padding, thread counts, the serial path
+# ---------------------------------------------------------------------------------------
+
+_GUARD_PAGE_SCRIPT = r"""
+import ctypes, mmap, sys
+import numpy as np
+from blasst_ref.graph import int8_kernels as IK
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+page = mmap.PAGESIZE
+buf = mmap.mmap(-1, 2 * page)
+base = np.frombuffer(buf, np.uint8)
+addr = base.ctypes.data
+assert addr % page == 0
+checked = 0
+for backend in IK.available_int8_backends():
+    for k in range(1, 12):
+        w = np.arange(k * 21, dtype=np.int64).reshape(k, 21) % 255 - 127
+        w = w.astype(np.int8)
+        pw = IK.pack_int8_weight(w, 1.0, backend=backend)
+        for m in (1, 2, 3, 5, 7, 13):
+            # a (m, k) ends exactly at the end of the first page; the second is unreadable
+            a = base[page - m * k: page].reshape(m, k)
+            a[:] = (np.arange(m * k).reshape(m, k) * 37 + 11) % 256
+            ref = a.astype(np.int64) @ w.astype(np.int64)
+            assert libc.mprotect(addr + page, page, 0) == 0, ctypes.get_errno()  # PROT_NONE
+            try:
+                got = IK.qmatmul_s32(a, pw, threads=1)
+                got_par = IK.qmatmul_s32(a, pw, threads=2)
+            finally:
+                assert libc.mprotect(addr + page, page, 3) == 0  # PROT_READ | PROT_WRITE
+            assert (got == ref).all() and (got_par == ref).all(), (backend, k, m)
+            checked += 1
+print("ok", checked)
+"""
+
+
+def test_k_tail_reads_nothing_past_the_rows():
+    """K = 1..11 (every K % 4) with ``a`` ending exactly at a page whose successor is
+    unreadable (``mprotect``): the micro-kernel reads the K tail byte by byte, never past
+    the last row (no padding copy of the activations). Run in a subprocess: a read past
+    the end would be a segfault, not an assertion."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("mprotect through ctypes: Linux only")
+    r = subprocess.run([sys.executable, "-c", _GUARD_PAGE_SCRIPT], capture_output=True,
+                       text=True, timeout=600, check=False)
+    assert r.returncode == 0, f"rc {r.returncode}: {r.stderr[-2000:]}"
+    assert r.stdout.startswith("ok")
+
+
+@pytest.mark.parametrize("backend", PAR_BACKENDS)
+@pytest.mark.parametrize("k", [13, 479, 480])
+def test_k_tail_no_copy_equals_padded(backend, k):
+    """The DLRM widths K = 13 and 479 (K % 4 = 1 and 3) straight from the caller's array
+    equal the same product on rows zero-padded to K = 16 / 480, and int64."""
+    rng = np.random.default_rng(k)
+    m, n = 37, 70
+    a = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    w = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    kp = -(-k // 4) * 4
+    ap = np.zeros((m, kp), np.uint8)
+    ap[:, :k] = a
+    wp = np.zeros((kp, n), np.int8)
+    wp[:k] = w
+    got = IK.qmatmul_s32(a, IK.pack_int8_weight(w, 1.0, backend=backend))
+    padded = IK.qmatmul_s32(ap, IK.pack_int8_weight(wp, 1.0, backend=backend))
+    assert got.tobytes() == padded.tobytes()
+    np.testing.assert_array_equal(got, _ref_s32(a, w))
+
+
+@pytest.mark.parametrize("backend", PAR_BACKENDS)
+def test_thread_counts_bit_exact(backend):
+    """threads = 1 (the serial driver), 2, a count above the pool (capped), and None (auto)
+    give the same bytes for s32, float and u8 outputs, above and below the serial
+    threshold."""
+    rng = np.random.default_rng(23)
+    for m, k, n in [(5, 13, 40), (130, 479, 200)]:
+        a = rng.integers(0, 256, (m, k), dtype=np.uint8)
+        w = rng.integers(-128, 128, (k, n), dtype=np.int8)
+        pw = IK.pack_int8_weight(w, rng.uniform(1e-3, 1e-2, n).astype(np.float32),
+                                 backend=backend)
+        bias = rng.standard_normal(n).astype(np.float32)
+        ref = _ref_s32(a, w)
+        outs = []
+        for threads in (1, 2, 1000, None):
+            s32 = IK.qmatmul_s32(a, pw, out=_poisoned((m, n), np.int32), threads=threads)
+            np.testing.assert_array_equal(s32, ref)
+            f = IK.qmatmul(a, 0.02, 9, pw, bias, K.ACT_RELU, threads=threads,
+                           out=_poisoned((m, n), np.float32))
+            q = IK.qmatmul(a, 0.02, 9, pw, bias, K.ACT_RELU, out_scale=0.03,
+                           out_zero_point=5, threads=threads, out=_poisoned((m, n), np.uint8))
+            outs.append((f.tobytes(), q.tobytes()))
+        assert all(o == outs[0] for o in outs[1:])
+
+
+def test_auto_threads():
+    """All or one: serial below SERIAL_MACS of work, else every thread (a team of one
+    size for every layer of a graph stays awake between them)."""
+    assert IK.auto_threads(1, 1, 1, 16) == 1
+    assert IK.auto_threads(128, 1, 256, 16) == 1           # DLRM's 256 -> 1 layer
+    assert IK.auto_threads(128, 512, 13, 16) == 16         # 2.9 M: every thread
+    assert IK.auto_threads(4096, 4096, 4096, 3) == 3
+    counts = [IK.auto_threads(m, 256, 256, 16) for m in (1, 8, 14, 15, 64, 2048)]
+    assert set(counts) == {1, 16} and counts == sorted(counts)
+    plan = IK.QMatMulPlan(IK.pack_int8_weight(np.ones((8, 4), np.int8), 1.0), 1.0, 0)
+    rb, cb, nt, cap = plan.schedule(3)
+    assert nt == 1 and cap >= 1 and plan.schedule(3) == (rb, cb, nt, cap)
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
+def test_bad_threads(threads):
+    pw = IK.pack_int8_weight(np.ones((8, 4), np.int8), 1.0)
+    a = np.ones((2, 8), np.uint8)
+    with pytest.raises(ValueError, match="threads"):
+        IK.qmatmul_s32(a, pw, threads=threads)
+    with pytest.raises(ValueError, match="threads"):
+        IK.QMatMulPlan(pw, 1.0, 0, threads=threads)
+    with pytest.raises(ValueError, match="threads"):
+        IK.quantize(np.ones(3, np.float32), 1.0, 0, threads=threads)
+
+
+# ---------------------------------------------------------------------------------------
+# quantize (float32 -> u8 / s8)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype, zp", [("uint8", 0), ("uint8", 131), ("int8", 0),
+                                       ("int8", -7)])
+def test_quantize_equals_ops(dtype, zp):
+    """Bit for bit ops.quantize_array: ties (round half to even), saturation both ways,
+    NaN -> the zero point, +-inf, -0.0; serial and parallel, 1-D to 3-D."""
+    rng = np.random.default_rng(3)
+    scale = np.float32(0.0123)
+    ties = (np.arange(-300, 300) + 0.5).astype(np.float32) * scale
+    special = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, 1e30, -1e30, 1e-30],
+                       np.float32)
+    for x in (ties, special, rng.standard_normal((3, 7, 13)).astype(np.float32) * 3,
+              rng.standard_normal((300, 479)).astype(np.float32)):
+        ref = ops.quantize_array(x, scale, zp, dtype)
+        for threads in (1, 2, None):
+            got = IK.quantize(x, scale, zp, dtype, threads=threads)
+            assert got.dtype == np.dtype(dtype) and got.shape == x.shape
+            assert got.tobytes() == ref.tobytes(), threads
+    out = np.empty((3, 4), np.dtype(dtype))
+    assert IK.quantize(np.ones((3, 4), np.float32), 1.0, zp, dtype, out=out) is out
+
+
+def test_quantize_bad_args():
+    x = np.ones((2, 3), np.float32)
+    with pytest.raises(ValueError, match="dtype"):
+        IK.quantize(x, 1.0, 0, "int32")
+    with pytest.raises(ValueError, match="float32"):
+        IK.quantize(x.astype(np.float64), 1.0, 0)
+    with pytest.raises(ValueError, match="scale"):
+        IK.quantize(x, 0.0, 0)
+    with pytest.raises(ValueError, match="zero_point"):
+        IK.quantize(x, 1.0, 256)
+    with pytest.raises(ValueError, match="zero_point"):
+        IK.quantize(x, 1.0, 200, "int8")
+    with pytest.raises(ValueError, match="out"):
+        IK.quantize(x, 1.0, 0, out=np.empty((3, 2), np.uint8))
+
+
+def test_compiled_quantize_step_equals_interpreter():
+    """A graph whose int8 entry (Quantize, float32 -> u8 and -> s8) the compiled executor
+    runs with :func:`IK.quantize`: the same bytes as the interpreter (ops.quantize_array)."""
+    from blasst_ref import graph as bg
+
+    g = bg.Graph("q")
+    x = g.input("x", (64, 479), "float32")
+    g.output("qu", g.quantize(x, 0.021, 77, "uint8"))
+    g.output("qs", g.quantize(x, 0.021, -3, "int8"))
+    x = np.random.default_rng(0).standard_normal((64, 479)).astype(np.float32) * 2
+    x[0, :4] = [np.nan, np.inf, -np.inf, 0.5 * 0.021]
+    c = bg.compile(g)
+    assert c.graph.count_ops() == {"Quantize": 2}
+    got, ref = c(x=x), bg.interpret(g, x=x)
+    for name in ("qu", "qs"):
+        assert got[name].dtype == ref[name].dtype
+        assert got[name].tobytes() == ref[name].tobytes()
+
+
+# ---------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------
 
@@ -475,3 +663,47 @@ def test_bad_qmatmul_args(kwargs, name):
 def test_bad_s32_out():
     with pytest.raises(ValueError, match="out"):
         IK.qmatmul_s32(A, PW, out=np.empty((3, 4), np.int64))
+
+
+# ---------------------------------------------------------------------------------------
+# The benchmark's timing of the int8 rows (blasst_ref/bench/int8.py)
+# ---------------------------------------------------------------------------------------
+
+
+def test_bench_pause_is_never_timed():
+    """``--quiet``: the pause and re-warm before each block run inside the block's first,
+    untimed call; no timed sample contains them."""
+    from blasst_ref.bench import int8 as B
+    from blasst_ref.bench.timing import Variant
+
+    calls = {"a": 0, "b": 0}
+
+    def fn(name):
+        def f():
+            calls[name] += 1
+        return f
+    variants = [Variant("a", fn("a")), Variant("b", fn("b"))]
+    t = B._measure(variants, 6, None, 2, 0.2)
+    for name in ("a", "b"):
+        assert len(t[name].samples_ms) == 6
+        assert max(t[name].samples_ms) < 100, t[name].samples_ms  # a pause is 200 ms
+        assert calls[name] > 1 + 6 + 2 * 2  # warm-up, samples, rewarms, plus re-warm calls
+
+
+def test_bench_ort_columns():
+    from blasst_ref.bench import __main__ as bench_main
+    from blasst_ref.bench import int8 as B
+
+    if not B.ort_available():
+        pytest.skip("onnx / onnxruntime not installed")
+    import contextlib
+    import io
+    import json
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert bench_main.main(["int8", "--mlp", "dlrm-bottom:8", "--repeat", "1", "--blocks",
+                                "1", "--quiet", "0", "--json"]) == 0
+    rows = [json.loads(ln) for ln in buf.getvalue().splitlines() if ln.startswith("{")]
+    assert len(rows) == 1 and {"ort-f32", "ort-int8"} <= set(rows[0]["ms"])
+    assert rows[0]["ort_int8_rel_err"] < 5e-2 and rows[0]["speedup_vs_ort_int8"] > 0

@@ -10,7 +10,9 @@ then: check the feeds, walk the steps, return the outputs.
 The kernels: ``PackedMatMul`` -> :func:`.kernels.matmul_packed` (blocked, on weights packed
 at compile time, post-ops before the store); ``FusedMatMul`` on two activations -> numpy's
 matmul and :func:`.kernels.matmul_epilogue`; ``LayerNorm`` and last-axis ``Softmax`` ->
-their Numba kernels; ``Attention`` -> :func:`blasst_ref.attention`; element-wise ops -> numpy
+their Numba kernels; ``QMatMul`` -> :class:`.int8_kernels.QMatMulPlan` (u8 x s8 -> s32,
+built once here); a per-tensor float32 ``Quantize`` to u8/s8 -> :func:`.int8_kernels.quantize`'s
+one-pass kernel; ``Attention`` -> :func:`blasst_ref.attention`; element-wise ops -> numpy
 ufuncs writing straight into their planned buffer; anything else -> the op's numpy meaning,
 copied into its buffer.
 
@@ -307,10 +309,28 @@ def _make_step(node: Node, g: Graph, attention_backend: str) -> Callable[[dict],
                               _ACT_CODES[attrs["act"]], attrs["out_scale"],
                               attrs["out_zero_point"])
         n = out_shape[-1]
+        if nr:
+            def step(env):
+                plan(_rows(env[ins[0]]), residual=_rows(env[ins[-1]]),
+                     out=env[out].reshape(-1, n))
+            return step
+
+        def step(env):  # the common case, kept to one call
+            plan(_rows(env[ins[0]]), None, env[out].reshape(-1, n))
+        return step
+
+    if op == "Quantize" and attrs["axis"] is None and attrs["dtype"] in ("uint8", "int8") \
+            and g.tensors[ins[0]].dtype == "float32":
+        # per-tensor float32 -> u8/s8 (an int8 graph's entry): one compiled pass, bit for
+        # bit ops.quantize_array, instead of numpy's five passes and temporaries
+        from . import int8_kernels as Q8
+
+        lo, hi = _ops.INT_RANGES[attrs["dtype"]]
+        scale, zp = np.float32(attrs["scale"]), int(attrs["zero_point"])
 
         def step(env):
-            plan(_rows(env[ins[0]]), residual=_rows(env[ins[-1]]) if nr else None,
-                 out=env[out].reshape(-1, n))
+            Q8._quantize_run(np.ascontiguousarray(env[ins[0]]).reshape(-1),
+                             env[out].reshape(-1), scale, zp, lo, hi)
         return step
 
     if op == "MatMul":

@@ -12,6 +12,8 @@ Quantize and calls these lives in the passes):
 * :func:`qmatmul`: the same product plus, in one pass over each output tile before the
   store: zero-point compensation, rescale, bias, activation, residual, and either a float32
   store or requantisation to u8.
+* :func:`quantize`: float32 -> u8/s8 per tensor in one compiled pass (the int8 graph's
+  entry; bit for bit ``ops.quantize_array``).
 * :func:`int8_backend`: ``"avx512_vnni"``, ``"avx_vnni"`` or ``"portable"``.
 
 The instruction
@@ -56,9 +58,17 @@ Blocking and threads
 --------------------
 The output is cut into tasks of at most ``ROW_BLOCK x COL_BLOCK`` (smaller for small
 problems, so that every thread gets >= 2), run by a Numba ``prange`` (one thread-local
-``MR x COL_BLOCK`` int32 strip each); below ``SERIAL_MACS`` of work a call runs on the
-calling thread. Inside a task, for each strip of ``MR`` rows the micro-kernel sweeps the
-task's weight panels, then the epilogue finishes the strip while it is in L1. There is no
+``MR x COL_BLOCK`` int32 strip each). Below ``SERIAL_MACS`` of work a call runs on the
+calling thread alone (no parallel region), above it on all threads (:func:`auto_threads`
+says why nothing in between). ``threads=`` forces a count (set per call:
+``numba.set_num_threads`` is thread-local); every count gives the same bytes.
+
+K need not be a multiple of 4: the micro-kernel runs the ``K // 4`` full groups, then one
+step on the tail's 1-3 bytes of each row (read one by one, zero-extended), so activations
+are used where they lie -- no padded copy -- and no byte past a row is read.
+
+Inside a task, for each strip of ``MR`` rows the micro-kernel sweeps the task's weight
+panels, then the epilogue finishes the strip while it is in L1. There is no
 K blocking: the accumulators cover the whole K (fine to K ~ 4096; a kc-blocked variant
 would keep the weight panel in L1 for larger K). No BLAS is involved, so nothing needs
 limiting with threadpoolctl.
@@ -83,8 +93,9 @@ from numba.extending import intrinsic, overload
 from .kernels import ACT_NONE, _activate, _check_act, _check_out
 
 __all__ = [
-    "BACKENDS", "MAX_K", "PackedInt8Weight", "QMatMulPlan", "asm_of_kernel",
+    "BACKENDS", "MAX_K", "PackedInt8Weight", "QMatMulPlan", "asm_of_kernel", "auto_threads",
     "available_int8_backends", "int8_backend", "pack_int8_weight", "qmatmul", "qmatmul_s32",
+    "quantize",
     "vnni_peak_macs_per_cycle",
 ]
 
@@ -119,10 +130,10 @@ _UK_SHAPE = {16: (MR_ZMM, NBLK_ZMM), 8: (MR_YMM, NBLK_YMM), 0: (MR_PORTABLE, 1)}
 #: within noise on 1024^3 and the DLRM shapes.
 ROW_BLOCK = 96
 COL_BLOCK = 256
-#: Below this much work a call runs on the calling thread only (starting the threads
-#: costs a few us, and under CPU contention an OpenMP barrier can cost a time slice). Work
-#: is ``M * N * (K + EPILOGUE_MACS)``: the epilogue of one output costs about as much as
-#: 32 multiply-adds (measured: K = 13 layers are store/epilogue-bound).
+#: Below this much work, ``M * N * (K + EPILOGUE_MACS)``, a call runs on the calling thread
+#: only; above it, on all of Numba's threads (:func:`auto_threads`). The epilogue of one
+#: output costs about as much as 32 multiply-adds (measured: K = 13 layers are
+#: store/epilogue-bound).
 SERIAL_MACS = 1 << 20
 EPILOGUE_MACS = 32
 
@@ -209,9 +220,13 @@ def _resolve_backend(backend):
 
 
 @intrinsic(prefer_literal=True)
-def _uk_vnni(typingctx, tag, mr, nblk, a, a_off, lda, w, w_off, w_bstride, kq, c, c_off, ldc):
+def _uk_vnni(typingctx, tag, mr, nblk, a, a_off, lda, w, w_off, w_bstride, kq, kt, c, c_off,
+             ldc):
     """``c[c_off + i*ldc + j*NB : +NB] = sum_q vpdpbusd(bcast(a[a_off + i*lda + 4q : +4]),
-    w[w_off + j*w_bstride + q*4*NB : +4*NB])`` for ``i < mr``, ``j < nblk``.
+    w[w_off + j*w_bstride + q*4*NB : +4*NB])`` for ``i < mr``, ``j < nblk``, over the
+    ``kq`` full groups of 4 k's, then (``kt`` in 1..3) one step on the K tail: the ``kt``
+    bytes ``a[.. + 4kq : + kt]`` zero-extended to a word (``lda`` = K needs no multiple of
+    4, and no byte past K is read).
 
     ``tag`` is a tuple whose length (16 or 8: part of its *type*, so known when the code is
     generated) is the lane count; ``mr`` and ``nblk`` (literals) the rows and column
@@ -226,7 +241,8 @@ def _uk_vnni(typingctx, tag, mr, nblk, a, a_off, lda, w, w_off, w_bstride, kq, c
     nbits = len(tag.types)
     rows = mr.literal_value
     ncols = nblk.literal_value
-    sig = types.void(tag, mr, nblk, a, a_off, lda, w, w_off, w_bstride, kq, c, c_off, ldc)
+    sig = types.void(tag, mr, nblk, a, a_off, lda, w, w_off, w_bstride, kq, kt, c, c_off,
+                     ldc)
 
     def codegen(context, builder, sig, args):
         if nbits == 0:
@@ -237,13 +253,13 @@ def _uk_vnni(typingctx, tag, mr, nblk, a, a_off, lda, w, w_off, w_bstride, kq, c
         vty = ir.VectorType(i32, nbits)
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
                                             name)
-        _, _, _, a_v, a_off_v, lda_v, w_v, w_off_v, wbs_v, kq_v, c_v, c_off_v, ldc_v = args
+        _, _, _, a_v, a_off_v, lda_v, w_v, w_off_v, wbs_v, kq_v, kt_v, c_v, c_off_v, ldc_v = args
         targs = sig.args[1:]
         a_data = builder.bitcast(context.make_array(targs[2])(context, builder, a_v).data,
                                  i8.as_pointer())
         w_data = builder.bitcast(context.make_array(targs[5])(context, builder, w_v).data,
                                  i8.as_pointer())
-        c_data = builder.bitcast(context.make_array(targs[9])(context, builder, c_v).data,
+        c_data = builder.bitcast(context.make_array(targs[10])(context, builder, c_v).data,
                                  i32.as_pointer())
 
         def as64(v, t):
@@ -251,8 +267,8 @@ def _uk_vnni(typingctx, tag, mr, nblk, a, a_off, lda, w, w_off, w_bstride, kq, c
 
         a_off_v, lda_v = as64(a_off_v, targs[3]), as64(lda_v, targs[4])
         w_off_v, wbs_v = as64(w_off_v, targs[6]), as64(wbs_v, targs[7])
-        kq_v, ldc_v = as64(kq_v, targs[8]), as64(ldc_v, targs[11])
-        c_data = builder.gep(c_data, [as64(c_off_v, targs[10])])
+        kq_v, kt_v, ldc_v = as64(kq_v, targs[8]), as64(kt_v, targs[9]), as64(ldc_v, targs[12])
+        c_data = builder.gep(c_data, [as64(c_off_v, targs[11])])
         # loop-invariant base pointers, one per row of a and per column block of w
         a_rows = [builder.gep(a_data, [builder.add(a_off_v, builder.mul(lda_v,
                                                                          ir.Constant(i64, i)))])
@@ -296,11 +312,48 @@ def _uk_vnni(typingctx, tag, mr, nblk, a, a_off, lda, w, w_off, w_bstride, kq, c
         builder.cbranch(builder.icmp_signed("<", q_next, kq_v), loop, done)
 
         builder.position_at_end(done)
-        results = []
+        sums = []
         for v in new:  # all phis first: LLVM wants them grouped at the top of the block
             res = builder.phi(vty)
             res.add_incoming(zero, entry)
             res.add_incoming(v, body_end)
+            sums.append(res)
+        # the K tail (K % 4 = kt in 1..3 values of k past the kq full groups): one more
+        # step on a word of kt activation bytes, zero-extended -- the packed weight's
+        # group kq holds those k's and zeros after them. Every byte is read at an index
+        # < kt (clamped, then masked): nothing past the row is touched, so the activation
+        # rows need no padding.
+        tail = builder.append_basic_block("vnni.tail")
+        fin = builder.append_basic_block("vnni.fin")
+        builder.cbranch(builder.icmp_signed(">", kt_v, ir.Constant(i64, 0)), tail, fin)
+        builder.position_at_end(tail)
+        wq = builder.mul(kq_v, ir.Constant(i64, 4 * nbits))
+        wvecs = [builder.load(builder.bitcast(builder.gep(wb, [wq]), vty.as_pointer()), align=1)
+                 for wb in w_blks]
+        aq = builder.mul(kq_v, ir.Constant(i64, 4))
+        last = builder.sub(kt_v, ir.Constant(i64, 1))
+        tail_new = []
+        for i in range(rows):
+            word = ir.Constant(i32, 0)
+            for t in range(4):
+                tc = ir.Constant(i64, t)
+                inside = builder.icmp_signed("<", tc, kt_v)
+                idx = builder.select(inside, tc, last)
+                byte = builder.load(builder.gep(a_rows[i], [builder.add(aq, idx)]))
+                val = builder.select(inside, builder.zext(byte, i32), ir.Constant(i32, 0))
+                word = builder.or_(word, builder.shl(val, ir.Constant(i32, 8 * t)))
+            bc = builder.shuffle_vector(builder.insert_element(undef, word, ir.Constant(i32, 0)),
+                                        undef, splat_mask)
+            for j in range(nblk):
+                tail_new.append(builder.call(fn, [sums[i * nblk + j], bc, wvecs[j]]))
+        tail_end = builder.basic_block
+        builder.branch(fin)
+        builder.position_at_end(fin)
+        results = []
+        for v, t in zip(sums, tail_new):
+            res = builder.phi(vty)
+            res.add_incoming(v, done)
+            res.add_incoming(t, tail_end)
             results.append(res)
         for i in range(rows):
             for j in range(nblk):
@@ -315,7 +368,7 @@ def _uk_vnni(typingctx, tag, mr, nblk, a, a_off, lda, w, w_off, w_bstride, kq, c
 
 
 @njit(inline="always")
-def _uk_portable(mr, a, a_off, lda, w, w_off, kq, c, c_off, ldc, nb):
+def _uk_portable(mr, a, a_off, lda, w, w_off, kq, kt, c, c_off, ldc, nb):
     """The micro-kernel's contract in plain Numba, one column block of ``nb`` columns:
     identical integers (every product ``u8 * s8`` and every sum is exact in int32, as in
     ``vpdpbusd``). The inner loop runs over the ``nb`` columns (contiguous in ``c``, stride
@@ -340,9 +393,19 @@ def _uk_portable(mr, a, a_off, lda, w, w_off, kq, c, c_off, ldc, nb):
                 c[cr + l] += (a0 * np.int32(w[t]) + a1 * np.int32(w[t + np.uint64(1)])
                               + a2 * np.int32(w[t + np.uint64(2)])
                               + a3 * np.int32(w[t + np.uint64(3)]))
+        if kt > 0:  # the K tail: kt < 4 bytes, none read past the row
+            aq = ar + u4 * np.uint64(kq)
+            wq = np.uint64(w_off) + u4 * nbu * np.uint64(kq)
+            a0 = np.int32(a[aq])
+            a1 = np.int32(a[aq + np.uint64(1)]) if kt > 1 else np.int32(0)
+            a2 = np.int32(a[aq + np.uint64(2)]) if kt > 2 else np.int32(0)
+            for l in range(nbu):
+                t = wq + u4 * l
+                c[cr + l] += (a0 * np.int32(w[t]) + a1 * np.int32(w[t + np.uint64(1)])
+                              + a2 * np.int32(w[t + np.uint64(2)]))
 
 
-def _tile(tag, mr, one, a, a_off, lda, w, w_off, w_bstride, kq, c, c_off, ldc, nb):
+def _tile(tag, mr, one, a, a_off, lda, w, w_off, w_bstride, kq, kt, c, c_off, ldc, nb):
     """One ``mr x NR`` tile (``NR`` = NBLK column blocks of ``nb``; one block if ``one``)
     into ``c`` (flat int32, row stride ``ldc``), rows ``mr <= MR``. Compiled per backend
     (the tag's type): the portable loops, or the VNNI intrinsic with ``mr`` cut greedily
@@ -352,54 +415,54 @@ def _tile(tag, mr, one, a, a_off, lda, w, w_off, w_bstride, kq, c, c_off, ldc, n
 
 
 @overload(_tile, inline="always")
-def _tile_ol(tag, mr, one, a, a_off, lda, w, w_off, w_bstride, kq, c, c_off, ldc, nb):
+def _tile_ol(tag, mr, one, a, a_off, lda, w, w_off, w_bstride, kq, kt, c, c_off, ldc, nb):
     vw = len(tag.types)
     if vw == 0:
-        def impl(tag, mr, one, a, a_off, lda, w, w_off, w_bstride, kq, c, c_off, ldc, nb):
-            _uk_portable(mr, a, a_off, lda, w, w_off, kq, c, c_off, ldc, nb)
+        def impl(tag, mr, one, a, a_off, lda, w, w_off, w_bstride, kq, kt, c, c_off, ldc, nb):
+            _uk_portable(mr, a, a_off, lda, w, w_off, kq, kt, c, c_off, ldc, nb)
         return impl
     nblk = _UK_SHAPE[vw][1]
 
     # full strips of MR rows, then the remainder (< MR <= 8) as 4 + 2 + 1: written without
     # reassigned variables (a while loop here trips Numba's SSA checks after inlining)
-    def impl(tag, mr, one, a, a_off, lda, w, w_off, w_bstride, kq, c, c_off, ldc, nb):
+    def impl(tag, mr, one, a, a_off, lda, w, w_off, w_bstride, kq, kt, c, c_off, ldc, nb):
         if one:
-            _strips(tag, mr, 1, a, a_off, lda, w, w_off, w_bstride, kq, c, c_off, ldc)
+            _strips(tag, mr, 1, a, a_off, lda, w, w_off, w_bstride, kq, kt, c, c_off, ldc)
         else:
-            _strips(tag, mr, nblk, a, a_off, lda, w, w_off, w_bstride, kq, c, c_off, ldc)
+            _strips(tag, mr, nblk, a, a_off, lda, w, w_off, w_bstride, kq, kt, c, c_off, ldc)
     return impl
 
 
-def _strips(tag, mr, nblk, a, a_off, lda, w, w_off, w_bstride, kq, c, c_off, ldc):
+def _strips(tag, mr, nblk, a, a_off, lda, w, w_off, w_bstride, kq, kt, c, c_off, ldc):
     """``mr`` rows as micro-kernels of MR, 4, 2 and 1 rows, ``nblk`` (a literal) blocks."""
     raise NotImplementedError  # pragma: no cover - only called from compiled code
 
 
 @overload(_strips, inline="always", prefer_literal=True)
-def _strips_ol(tag, mr, nblk, a, a_off, lda, w, w_off, w_bstride, kq, c, c_off, ldc):
+def _strips_ol(tag, mr, nblk, a, a_off, lda, w, w_off, w_bstride, kq, kt, c, c_off, ldc):
     if not isinstance(nblk, types.IntegerLiteral):
         return None
     f = _UK_SHAPE[len(tag.types)][0]
     nbk = nblk.literal_value
 
-    def impl(tag, mr, nblk, a, a_off, lda, w, w_off, w_bstride, kq, c, c_off, ldc):
+    def impl(tag, mr, nblk, a, a_off, lda, w, w_off, w_bstride, kq, kt, c, c_off, ldc):
         n_full = mr // f
         for s in range(n_full):
-            _uk_vnni(tag, f, nbk, a, a_off + s * f * lda, lda, w, w_off, w_bstride, kq, c,
+            _uk_vnni(tag, f, nbk, a, a_off + s * f * lda, lda, w, w_off, w_bstride, kq, kt, c,
                      c_off + s * f * ldc, ldc)
         r4 = n_full * f
         has4 = mr - r4 >= 4
         if has4:
-            _uk_vnni(tag, 4, nbk, a, a_off + r4 * lda, lda, w, w_off, w_bstride, kq, c,
+            _uk_vnni(tag, 4, nbk, a, a_off + r4 * lda, lda, w, w_off, w_bstride, kq, kt, c,
                      c_off + r4 * ldc, ldc)
         r2 = r4 + 4 * has4
         has2 = mr - r2 >= 2
         if has2:
-            _uk_vnni(tag, 2, nbk, a, a_off + r2 * lda, lda, w, w_off, w_bstride, kq, c,
+            _uk_vnni(tag, 2, nbk, a, a_off + r2 * lda, lda, w, w_off, w_bstride, kq, kt, c,
                      c_off + r2 * ldc, ldc)
         r1 = r2 + 2 * has2
         if mr - r1 >= 1:
-            _uk_vnni(tag, 1, nbk, a, a_off + r1 * lda, lda, w, w_off, w_bstride, kq, c,
+            _uk_vnni(tag, 1, nbk, a, a_off + r1 * lda, lda, w, w_off, w_bstride, kq, kt, c,
                      c_off + r1 * ldc, ldc)
     return impl
 
@@ -480,13 +543,15 @@ def _task(tag, t, a, w, n, n_cb, row_block, col_block, p, outf, outq, outi, cbuf
 
     A function of its own (not inlined), compiled once per backend and shared by the
     serial and the parallel driver: that halves the compile time."""
-    n_blocks, kq, nb, _ = w.shape
+    n_blocks, kqp, nb, _ = w.shape
     mr_max, nblk, nr = _uk_dims(len(tag), nb)
     wflat = w.reshape(-1)
     aflat = a.reshape(-1)
     cflat = cbuf.reshape(-1)
-    lda = a.shape[1]
-    wbs = kq * 4 * nb  # bytes per column block of the packed weight
+    lda = a.shape[1]  # = K: rows are not padded (the micro-kernel handles the K tail)
+    kq = lda // 4
+    kt = lda - 4 * kq
+    wbs = kqp * 4 * nb  # bytes per column block of the packed weight (K padded to 4)
     m = a.shape[0]
     rb = t // n_cb
     cb = t % n_cb
@@ -505,12 +570,12 @@ def _task(tag, t, a, w, n, n_cb, row_block, col_block, p, outf, outq, outi, cbuf
         for n0 in range(c0, c1, nr):
             blk = n0 // nb
             if blk + nblk <= n_blocks:
-                _tile(tag, mr, False, aflat, r0 * lda, lda, wflat, blk * wbs, wbs, kq, cflat,
+                _tile(tag, mr, False, aflat, r0 * lda, lda, wflat, blk * wbs, wbs, kq, kt, cflat,
                       n0 - c0, ldc, nb)
             else:
                 # the last panel of the weight has fewer than NBLK blocks: one at a time
                 for b in range(blk, n_blocks):
-                    _tile(tag, mr, True, aflat, r0 * lda, lda, wflat, b * wbs, wbs, kq,
+                    _tile(tag, mr, True, aflat, r0 * lda, lda, wflat, b * wbs, wbs, kq, kt,
                           cflat, n0 - c0 + (b - blk) * nb, ldc, nb)
         # the epilogue runs over whole rows of the task's columns (up to COL_BLOCK wide):
         # its loops vectorise (a 48-wide tile row is shorter than LLVM's unrolled
@@ -521,7 +586,8 @@ def _task(tag, t, a, w, n, n_cb, row_block, col_block, p, outf, outq, outi, cbuf
 @njit(parallel=True, cache=True)
 def _run_par(tag, a, w, n, row_block, col_block, p, outf, outq, outi):
     """All tasks, in parallel (one compiled specialisation per backend: every argument
-    has the same type in every call, whatever the mode and post-ops)."""
+    has the same type in every call, whatever the mode and post-ops) on the threads
+    ``numba.get_num_threads()`` gives (:func:`_run` sets it per call)."""
     m = a.shape[0]
     nb = w.shape[2]
     mr_max = _uk_dims(len(tag), nb)[0]
@@ -531,6 +597,23 @@ def _run_par(tag, a, w, n, row_block, col_block, p, outf, outq, outi):
         cbuf = np.empty((mr_max, col_block), np.int32)
         fbuf = np.empty(col_block, np.float32)
         _task(tag, t, a, w, n, n_cb, row_block, col_block, p, outf, outq, outi, cbuf, fbuf)
+
+
+@njit(cache=False)
+def _swap_threads(n):
+    """``numba.set_num_threads(n)`` (thread-local: the next parallel region launched from
+    this thread uses ``n`` threads), returning the previous count. Jitted: about 0.3 us a
+    call from Python, against ~2 us for the Python-level get/set pair; not cached (Numba
+    cannot cache the thread-count calls) but tiny to compile."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(n)
+    return before
+
+
+@njit(cache=False)
+def _num_threads():
+    """``numba.get_num_threads()``, jitted (a quarter of the Python call's cost)."""
+    return numba.get_num_threads()
 
 
 @njit(cache=True)
@@ -672,14 +755,7 @@ def _check_a(a, pw):
     if a.ndim != 2 or a.shape[1] != pw.k:
         raise ValueError(f"a_u8 must be (M, {pw.k}) to match the packed weight (K={pw.k}), "
                          f"got shape {a.shape}")
-    kp = pw.data.shape[1] * 4
-    if kp != pw.k:
-        # the micro-kernel reads 4 bytes per row per step: give it rows padded with zeros
-        # (the weight's padding rows are zero too, so the pad bytes could be anything, but
-        # reading past the end of the last row could fault)
-        ap = np.zeros((a.shape[0], kp), np.uint8)
-        ap[:, :pw.k] = a
-        return ap
+    # K need not be a multiple of 4: the micro-kernel reads the K tail byte by byte
     return np.ascontiguousarray(a)
 
 
@@ -697,17 +773,45 @@ def _check_f32(name, x, shape):
 
 def _blocks(m, n, pw, n_threads):
     """(row_block, col_block) of the tasks: at most ROW_BLOCK x COL_BLOCK, shrunk (rows
-    first, in whole micro-tiles) until there are >= 2 tasks per thread where possible."""
+    first, in whole micro-tiles) until there are >= 2 tasks per thread where possible
+    (``n_threads`` <= 1: never shrunk)."""
     mr, nblk = _UK_SHAPE[_VW[pw.backend]]
     nr = nblk * pw.nb
     cb = max(nr, COL_BLOCK // nr * nr)
     rb = ROW_BLOCK
-    target = 2 * n_threads
+    target = 2 * n_threads if n_threads > 1 else 0
     while rb > mr and (-(-m // rb)) * (-(-n // cb)) < target:
         rb = max(mr, (rb // 2) // mr * mr)
     while cb > nr and (-(-m // rb)) * (-(-n // cb)) < target:
         cb = max(nr, (cb // 2) // nr * nr)
     return rb, cb
+
+
+def auto_threads(m, n, k, n_threads=None) -> int:
+    """How many threads a ``(m, k) @ (k, n)`` call uses by default: 1 (the calling thread,
+    no parallel region) below :data:`SERIAL_MACS` of work ``m * n * (k + EPILOGUE_MACS)``,
+    else all ``n_threads`` (default ``numba.get_num_threads()``) -- nothing in between.
+
+    Why not fewer threads for smaller layers: measured on a 16-core Xeon VM (OpenMP
+    layer), every DLRM layer above the threshold ran fastest on all 16 threads in
+    isolation (K = 13, 128 x 512: 68 us on 1, 59 on 2, 25 on 16), and inside a graph a
+    layer on fewer threads lets the idle ones fall asleep, so that the next layer on all
+    of them pays to wake them: a 40 us layer took 600 us after a 2-thread one. A graph whose
+    layers all use the same team keeps it spinning from layer to layer."""
+    if n_threads is None:
+        n_threads = numba.get_num_threads()
+    if m * n * (k + EPILOGUE_MACS) < SERIAL_MACS:
+        return 1
+    return int(max(1, n_threads))
+
+
+def _check_threads(threads):
+    if threads is None:
+        return None
+    if isinstance(threads, (bool, np.bool_)) or not isinstance(threads, (int, np.integer)) \
+            or threads < 1:
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    return int(threads)
 
 
 _EMPTY_F2 = np.empty((0, 0), np.float32)
@@ -717,35 +821,63 @@ _EMPTY_I32 = np.empty(0, np.int32)
 _EMPTY_F1 = np.empty(0, np.float32)
 
 
+def _schedule(m, pw, threads, cap=None):
+    """``(row_block, col_block, n_threads, cap)`` of a call on ``m`` rows: ``threads``
+    None picks :func:`auto_threads`; any value is capped at ``cap`` (default
+    ``numba.get_num_threads()``, the threads the caller may use)."""
+    if cap is None:
+        cap = _num_threads()
+    nt = auto_threads(m, pw.n, pw.k, cap) if threads is None else min(threads, cap)
+    rb, cb = _blocks(m, pw.n, pw, nt)
+    return rb, cb, nt, cap
+
+
+def _params(mode, comp=_EMPTY_I32, dscale=_EMPTY_F1, bias=None, act=ACT_NONE,
+            residual=None, out_scale=1.0, out_zp=0):
+    """The per-call parameter tuple of the drivers (absent operands as empty arrays +
+    flags, so that every call has the same Numba types)."""
+    return (int(mode), comp, dscale, _EMPTY_F1 if bias is None else bias, bias is not None,
+            int(act), _EMPTY_F2 if residual is None else residual, residual is not None,
+            np.float32(out_scale), np.int32(out_zp))
+
+
+def _run(a, pw, p, sched, outf=_EMPTY_F2, outq=_EMPTY_U2, outi=_EMPTY_I2):
+    """Run the kernel on the schedule ``sched`` (from :func:`_schedule`): on the calling
+    thread if it has one thread, else on that many."""
+    if a.shape[0] == 0:
+        return
+    rb, cb, nt, cap = sched
+    if nt <= 1:
+        _run_serial(_TAG[pw.backend], a, pw.data, pw.n, rb, cb, p, outf, outq, outi)
+        return
+    if nt == cap:
+        _run_par(_TAG[pw.backend], a, pw.data, pw.n, rb, cb, p, outf, outq, outi)
+        return
+    # a parallel region with fewer threads than the pool wakes only those it needs
+    before = _swap_threads(nt)
+    try:
+        _run_par(_TAG[pw.backend], a, pw.data, pw.n, rb, cb, p, outf, outq, outi)
+    finally:
+        _swap_threads(before)
+
+
 def _launch(a, pw, mode, comp=_EMPTY_I32, dscale=_EMPTY_F1, bias=None, act=ACT_NONE,
             residual=None, out_scale=1.0, out_zp=0, outf=_EMPTY_F2, outq=_EMPTY_U2,
-            outi=_EMPTY_I2, parallel=None, driver=None):
-    """Run the kernel. Every call passes arguments of the same Numba types (absent
-    operands as empty arrays + flags), so there is one compiled driver per backend."""
-    m = a.shape[0]
-    n = pw.n
-    if m == 0:
-        return
-    n_threads = numba.get_num_threads()
-    rb, cb = _blocks(m, n, pw, n_threads)
-    if parallel is None:
-        parallel = n_threads > 1 and m * n * (pw.k + EPILOGUE_MACS) >= SERIAL_MACS
-    if driver is None:
-        driver = _run_par if parallel else _run_serial
-    p = (int(mode), comp, dscale, _EMPTY_F1 if bias is None else bias, bias is not None,
-         int(act), _EMPTY_F2 if residual is None else residual, residual is not None,
-         np.float32(out_scale), np.int32(out_zp))
-    driver(_TAG[pw.backend], a, pw.data, n, rb, cb, p, outf, outq, outi)
+            outi=_EMPTY_I2, threads=None):
+    """Run the kernel: :func:`_params`, :func:`_schedule` and :func:`_run` in one."""
+    p = _params(mode, comp, dscale, bias, act, residual, out_scale, out_zp)
+    _run(a, pw, p, _schedule(a.shape[0], pw, threads), outf, outq, outi)
 
 
-def qmatmul_s32(a_u8, pw, out=None) -> np.ndarray:
+def qmatmul_s32(a_u8, pw, out=None, *, threads=None) -> np.ndarray:
     """The exact integer kernel: ``out[m, n] = sum_k a_u8[m, k] * w[k, n]`` as int32
     (no zero-point compensation), ``a_u8`` ``(M, K)`` uint8, ``pw`` from
-    :func:`pack_int8_weight`. Equal, bit for bit, on every backend."""
+    :func:`pack_int8_weight`. Equal, bit for bit, on every backend and thread count
+    (``threads``: None picks :func:`auto_threads`, 1 runs on the calling thread)."""
     pw = _check_pw(pw)
     a = _check_a(a_u8, pw)
     out = _check_out(out, (a.shape[0], pw.n), np.int32)
-    _launch(a, pw, 0, outi=out)
+    _launch(a, pw, 0, outi=out, threads=_check_threads(threads))
     return out
 
 
@@ -754,24 +886,27 @@ class QMatMulPlan:
     validated, and the per-column terms (``a_scale * w_scale[n]``, ``za * col_sums[n]``)
     computed, once -- at graph compile time. Calling it costs only the checks of ``a_u8``,
     ``residual`` and ``out`` and the kernel (a few us less than :func:`qmatmul` per call,
-    which matters for small layers).
+    which matters for small layers); the schedule (task blocks, thread count) of each row
+    count is computed on its first call and kept.
 
     ``plan(a_u8, residual=None, out=None)`` returns what
     ``qmatmul(a_u8, a_scale, a_zero_point, pw, bias, act, residual, out_scale,
-    out_zero_point, out)`` returns. Immutable after construction; safe to call from several
-    threads at once (each call allocates its own scratch).
+    out_zero_point, out, threads=threads)`` returns. Immutable after construction (but for
+    the schedule cache); safe to call from several threads at once (each call allocates
+    its own scratch).
     """
 
-    __slots__ = ("_comp", "_dscale", "a_scale", "a_zero_point", "act", "bias", "out_scale",
-                 "out_zero_point", "pw")
+    __slots__ = ("_comp", "_dscale", "_p", "_sched", "a_scale", "a_zero_point", "act", "bias",
+                 "out_scale", "out_zero_point", "pw", "threads")
 
     def __init__(self, pw, a_scale, a_zero_point, bias=None, act=ACT_NONE, out_scale=None,
-                 out_zero_point=0):
+                 out_zero_point=0, *, threads=None):
         self.pw = _check_pw(pw)
         self.a_scale = _check_scalar_scale("a_scale", a_scale)
         self.a_zero_point = _check_int("a_zero_point", a_zero_point, 0, 255)
         self.bias = _check_f32("bias", bias, (pw.n,))
         self.act = _check_act(act)
+        self.threads = _check_threads(threads)
         if out_scale is None:
             if out_zero_point not in (0, None):
                 raise ValueError("out_zero_point needs out_scale (a float32 output has no "
@@ -784,31 +919,48 @@ class QMatMulPlan:
         # per column: a_scale * w_scale (rounded to float32 once) and za * col_sum
         self._dscale = (np.float32(self.a_scale) * pw.scale).astype(np.float32)
         self._comp = (pw.col_sums.astype(np.int64) * self.a_zero_point).astype(np.int32)
+        # the driver's parameters without a residual (with one, they are built per call)
+        self._p = self._params(None)
+        self._sched = {}
+
+    def _params(self, residual):
+        if self.out_scale is None:
+            return _params(1, self._comp, self._dscale, self.bias, self.act, residual)
+        return _params(2, self._comp, self._dscale, self.bias, self.act, residual,
+                       self.out_scale, self.out_zero_point)
+
+    def schedule(self, m):
+        """``(row_block, col_block, threads, cap)`` of a call on ``m`` rows (cached per
+        ``m`` and per ``cap = numba.get_num_threads()``)."""
+        cap = _num_threads()
+        sched = self._sched.get((m, cap))
+        if sched is None:
+            sched = self._sched[(m, cap)] = _schedule(m, self.pw, self.threads, cap)
+        return sched
 
     def __call__(self, a_u8, residual=None, out=None) -> np.ndarray:
         pw = self.pw
         a = _check_a(a_u8, pw)
         m, n = a.shape[0], pw.n
         residual = _check_f32("residual", residual, (m, n))
+        p = self._p if residual is None else self._params(residual)
         if self.out_scale is None:
             out = _check_out(out, (m, n), np.float32)
             if np.may_share_memory(out, a_u8):
                 raise ValueError("out must not overlap a_u8")
-            _launch(a, pw, 1, self._comp, self._dscale, self.bias, self.act, residual,
-                    outf=out)
+            _run(a, pw, p, self.schedule(m), outf=out)
         else:
             out = _check_out(out, (m, n), np.uint8)
             if np.may_share_memory(out, a_u8):
                 raise ValueError("out must not overlap a_u8")
             if residual is not None and np.may_share_memory(out, residual):
                 raise ValueError("out (uint8) must not overlap residual")
-            _launch(a, pw, 2, self._comp, self._dscale, self.bias, self.act, residual,
-                    self.out_scale, self.out_zero_point, outq=out)
+            _run(a, pw, p, self.schedule(m), outq=out)
         return out
 
 
 def qmatmul(a_u8, a_scale, a_zero_point, pw, bias=None, act=ACT_NONE, residual=None,
-            out_scale=None, out_zero_point=0, out=None) -> np.ndarray:
+            out_scale=None, out_zero_point=0, out=None, *, threads=None) -> np.ndarray:
     """Quantised ``act((a - za) a_scale @ W + bias) + residual``, optionally requantised.
 
     ``y[m, n] = a_scale * pw.scale[n] * (acc[m, n] - za * pw.col_sums[n]) + bias[n]``
@@ -828,12 +980,90 @@ def qmatmul(a_u8, a_scale, a_zero_point, pw, bias=None, act=ACT_NONE, residual=N
         residual: float32 ``(M, N)`` or None (may be ``out`` when the output is float32).
         out_scale: float > 0, or None for a float32 output. out_zero_point: int in [0, 255].
         out: the output array (float32 or uint8 ``(M, N)``, C-contiguous) or None.
+        threads: how many threads run it: None (default) picks :func:`auto_threads` from
+            the problem's size, 1 runs it on the calling thread; capped at
+            ``numba.get_num_threads()``. The result is the same bit for bit.
 
     For repeated calls with the same weight and quantisation parameters (a compiled
     graph), build a :class:`QMatMulPlan` once instead.
     """
-    plan = QMatMulPlan(pw, a_scale, a_zero_point, bias, act, out_scale, out_zero_point)
+    plan = QMatMulPlan(pw, a_scale, a_zero_point, bias, act, out_scale, out_zero_point,
+                       threads=threads)
     return plan(a_u8, residual, out)
+
+
+# ---------------------------------------------------------------------------------------
+# Quantize (float32 -> u8 / s8, per tensor): the activations' entry into an int8 graph
+# ---------------------------------------------------------------------------------------
+
+#: Below this many elements a :func:`quantize` call runs on the calling thread, above it
+#: on all of Numba's threads (the same all-or-one rule as :func:`auto_threads`).
+QUANT_SERIAL_ELEMS = 1 << 15
+_QRANGE = {"uint8": (0, 255), "int8": (-128, 127)}
+
+
+@njit(cache=True)
+def _quantize_span(x, out, i0, i1, scale, zp, lo, hi):
+    """``out[i] = clip(rint(x[i] / scale) + zp, lo, hi)`` (NaN -> zp) for ``i0 <= i < i1``
+    on flat arrays: float32 IEEE division, as :func:`~.ops.quantize_array` and the
+    requantising epilogue compute it (no fast-math: bit-exact)."""
+    for i in range(np.uint64(i0), np.uint64(i1)):
+        q = np.rint(x[i] / scale)
+        if np.isnan(q):
+            q = np.float32(0.0)
+        q = min(max(q + zp, lo), hi)
+        out[i] = np.int32(q)
+
+
+@njit(parallel=True, cache=True)
+def _quantize_par(x, out, chunk, scale, zp, lo, hi):
+    n = x.size
+    for c in prange((n + chunk - 1) // chunk):
+        _quantize_span(x, out, c * chunk, min(n, (c + 1) * chunk), scale, zp, lo, hi)
+
+
+def quantize(x, scale, zero_point, dtype="uint8", out=None, *, threads=None) -> np.ndarray:
+    """Per-tensor ``saturate(round_half_even(x / scale) + zero_point)`` of a float32 ``x``
+    as ``dtype`` (``"uint8"`` or ``"int8"``): bit for bit what
+    :func:`blasst_ref.graph.ops.quantize_array` returns (NaN -> the zero point), in one
+    compiled pass instead of numpy's five (the compiled graph's ``Quantize`` step).
+
+    ``out``: a C-contiguous array of ``dtype`` and ``x``'s shape, or None. ``threads``:
+    None picks 1 below :data:`QUANT_SERIAL_ELEMS` elements, else all; 1 runs on the
+    calling thread; capped at ``numba.get_num_threads()``."""
+    if dtype not in _QRANGE:
+        raise ValueError(f"dtype must be 'uint8' or 'int8', got {dtype!r}")
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+        raise ValueError(f"x must be a numpy float32 array, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)}")
+    scale = _check_scalar_scale("scale", scale)
+    lo, hi = _QRANGE[dtype]
+    zp = _check_int("zero_point", zero_point, lo, hi)
+    out = _check_out(out, x.shape, np.dtype(dtype))
+    threads = _check_threads(threads)
+    _quantize_run(np.ascontiguousarray(x).reshape(-1), out.reshape(-1), scale, zp, lo, hi,
+                  threads)
+    return out
+
+
+def _quantize_run(xf, of, scale, zp, lo, hi, threads=None):
+    """:func:`quantize` on flat, checked arrays (the compiled graph calls this)."""
+    n = xf.size
+    cap = _num_threads()
+    nt = (1 if n < QUANT_SERIAL_ELEMS else cap) if threads is None else min(threads, cap)
+    s32, z32, l32, h32 = np.float32(scale), np.float32(zp), np.float32(lo), np.float32(hi)
+    if nt <= 1:
+        _quantize_span(xf, of, 0, n, s32, z32, l32, h32)
+        return
+    chunk = -(-n // (2 * nt))
+    if nt == cap:
+        _quantize_par(xf, of, chunk, s32, z32, l32, h32)
+        return
+    before = _swap_threads(nt)
+    try:
+        _quantize_par(xf, of, chunk, s32, z32, l32, h32)
+    finally:
+        _swap_threads(before)
 
 
 # ---------------------------------------------------------------------------------------
@@ -870,7 +1100,7 @@ def asm_of_kernel(backend=None) -> str:
 def _probe_py(tag, a, w, c, wbs, ldc, nb):
     """One full ``MR x NR`` tile of the backend's micro-kernel, K = 4 (for
     :func:`asm_of_kernel`)."""
-    _tile(tag, a.size // 4, False, a, 0, 4, w, 0, wbs, 1, c, 0, ldc, nb)
+    _tile(tag, a.size // 4, False, a, 0, 4, w, 0, wbs, 1, 0, c, 0, ldc, nb)
 
 
 def vnni_peak_macs_per_cycle(backend=None) -> int:
