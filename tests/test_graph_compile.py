@@ -337,6 +337,22 @@ def test_report_and_memory_plot():
     assert len(ax.patches) == len(cg.memory.buffers)
 
 
+def test_report_times_leave_out_the_first_call():
+    # the first call JIT-compiles the kernels: in the mean it would swamp every later call
+    g = mlp_graph(sizes=(13, 64, 8))
+    cg = bg.compile(g)
+    assert "call it to see" in cg.report()
+    feeds = feeds_for(g)
+    cg(**feeds)
+    assert "first call only" in cg.report() and not cg.total_times.any()
+    first = cg.first_times.copy()
+    cg(**feeds)
+    cg(**feeds)
+    assert "mean of the 2 calls after the first" in cg.report()
+    np.testing.assert_array_equal(cg.first_times, first)
+    assert cg.total_times.sum() > 0
+
+
 # ----------------------------------------------------------------------------- model graphs
 MODEL_GRAPHS = {
     "dlrm-bottom": lambda: bg.models.mlp([13, 64, 32, 16], 8, final_activation="relu"),

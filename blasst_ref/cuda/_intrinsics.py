@@ -12,7 +12,7 @@ LLVM intrinsics. Every helper here therefore exists twice, selected once at impo
 The vector helpers take any C-contiguous array, global or shared: they address it through
 its data pointer, and NVVM turns the access into ``ld.shared.v4`` / ``st.shared.v4`` where
 the pointer comes from a shared array (prefill v2 reads all its operands with ``ld16`` on a
-float32 shared array). ``ld16raw`` / ``st4h`` move float16 data in its raw 32-bit words and
+float32 shared array). ``ld16raw`` / ``st4w`` move float16 data in its raw 32-bit words and
 widen it at the store, halving the registers a load in flight occupies.
 
 The kernels call the helpers *uniformly* (every thread of the block, the same number of
@@ -33,7 +33,7 @@ SHFL = not bool(config.ENABLE_CUDASIM)
 FULL_MASK = 0xFFFFFFFF
 
 __all__ = ["SHFL", "group_max", "group_sum", "ld16", "ld16raw", "ldw", "narrow", "st4",
-           "st4h", "st4w", "unpack", "widen", "xor_shfl"]
+           "st4w", "unpack", "widen", "xor_shfl"]
 
 # bfloat16 (torch.bfloat16) arrives as its raw bits, in a uint16 / int16 array (Numba has no
 # bfloat16 array type): every helper below that widens or narrows an element treats a 2-byte
@@ -103,62 +103,6 @@ if SHFL:
 
         return sig, codegen
 
-    @intrinsic
-    def ld16raw(typingctx, arr, idx):
-        """16 bytes at flat element ``idx`` of a C-contiguous float16 array, *not* widened:
-        ``UniTuple(uint32, 4)``, each word two float16 (the earlier element in the low half).
-        Half the registers of :func:`ld16` for a load kept in flight across a loop; widen
-        with :func:`st4h` when storing. Same alignment contract as :func:`ld16`."""
-        if not isinstance(arr, types.Array) or _vec_width(arr.dtype) != 8 \
-                or not isinstance(idx, types.Integer):
-            return None
-        sig = types.UniTuple(types.uint32, 4)(arr, idx)
-
-        def codegen(context, builder, signature, args):
-            arrty, idxty = signature.args
-            ary = context.make_array(arrty)(context, builder, args[0])
-            i = context.cast(builder, args[1], idxty, types.intp)
-            ptr = builder.gep(ary.data, [i])
-            i32 = ir.IntType(32)
-            vec = builder.load(builder.bitcast(ptr, ir.VectorType(i32, 4).as_pointer()),
-                               align=16)
-            vals = [builder.extract_element(vec, ir.Constant(i32, wd)) for wd in range(4)]
-            return context.make_tuple(builder, signature.return_type, vals)
-
-        return sig, codegen
-
-    @intrinsic
-    def st4h(typingctx, arr, idx, w0, w1):
-        """Widen the four float16 in words ``w0, w1`` (from :func:`ld16raw`) to float32 and
-        store them at flat elements ``idx .. idx + 3`` of a float32 array: one 16-byte store
-        (``idx`` a multiple of 4, base 16-byte aligned)."""
-        if not isinstance(arr, types.Array) or arr.dtype != types.float32 \
-                or not isinstance(idx, types.Integer):
-            return None
-        sig = types.none(arr, idx, types.uint32, types.uint32)
-
-        def codegen(context, builder, signature, args):
-            arrty, idxty = signature.args[:2]
-            ary = context.make_array(arrty)(context, builder, args[0])
-            i = context.cast(builder, args[1], idxty, types.intp)
-            ptr = builder.gep(ary.data, [i])
-            i32 = ir.IntType(32)
-            f32 = ir.FloatType()
-            vty = ir.VectorType(f32, 4)
-            vec = ir.Constant(vty, ir.Undefined)
-            e = 0
-            for word in args[2:4]:
-                for sh in (0, 16):
-                    bits = builder.trunc(builder.lshr(word, ir.Constant(i32, sh)),
-                                         ir.IntType(16))
-                    x = builder.fpext(builder.bitcast(bits, ir.HalfType()), f32)
-                    vec = builder.insert_element(vec, x, ir.Constant(i32, e))
-                    e += 1
-            builder.store(vec, builder.bitcast(ptr, vty.as_pointer()), align=16)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
     def _is_bf16(dt):
         return dt in (types.uint16, types.int16)
 
@@ -220,6 +164,10 @@ if SHFL:
             return context.make_tuple(builder, signature.return_type, vals)
 
         return sig, codegen
+
+    #: the raw float16 load the prefill kernel keeps in flight (widened by :func:`st4w`):
+    #: on a GPU the same 16-byte load as :func:`ldw`; its simulator twin differs
+    ld16raw = ldw
 
     @intrinsic
     def unpack(typingctx, arr, words):
@@ -283,7 +231,10 @@ if SHFL:
 
     @intrinsic
     def st4w(typingctx, arr, idx, w0, w1, src):
-        """Like :func:`st4h`, for the raw words of ``src``'s dtype (float16 or bfloat16)."""
+        """Widen the four elements in words ``w0, w1`` (from :func:`ldw` / :func:`ld16raw`
+        of ``src``, float16 or bfloat16) to float32 and store them at flat elements
+        ``idx .. idx + 3`` of a float32 array: one 16-byte store (``idx`` a multiple of 4,
+        base 16-byte aligned)."""
         if not isinstance(arr, types.Array) or arr.dtype != types.float32 \
                 or not isinstance(idx, types.Integer) or not isinstance(src, types.Array) \
                 or not (src.dtype == types.float16 or _is_bf16(src.dtype)):
@@ -332,20 +283,11 @@ else:
     @cuda.jit(device=True)
     def ld16raw(arr, idx):
         """Simulator twin: the 8 float16 of the load as 4 "words", each a pair of float32
-        (the simulator has no bit casts); :func:`st4h`'s twin takes the same pairs."""
+        (the simulator has no bit casts); :func:`st4w`'s twin takes the same pairs."""
         return ((float32(arr[idx]), float32(arr[idx + 1])),
                 (float32(arr[idx + 2]), float32(arr[idx + 3])),
                 (float32(arr[idx + 4]), float32(arr[idx + 5])),
                 (float32(arr[idx + 6]), float32(arr[idx + 7])))
-
-    @cuda.jit(device=True)
-    def st4h(arr, idx, w0, w1):
-        """Simulator twin of the widening store."""
-        arr[idx] = w0[0]
-        arr[idx + 1] = w0[1]
-        arr[idx + 2] = w1[0]
-        arr[idx + 3] = w1[1]
-
 
     @cuda.jit(device=True)
     def ldw(arr, idx):

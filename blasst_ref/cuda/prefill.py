@@ -941,10 +941,10 @@ def _get_kernel_v2(block_q, block_k, d, plan):
 
 def _v2_namespace():
     """The globals of the generated kernel source."""
-    from ._intrinsics import ld16, ld16raw, narrow, st4, st4h, st4w
+    from ._intrinsics import ld16, ld16raw, narrow, st4, st4w
 
     return {"cuda": cuda, "float32": float32, "math": math, "ld16": ld16, "st4": st4,
-            "ld16raw": ld16raw, "st4h": st4h, "st4w": st4w, "narrow": narrow,
+            "ld16raw": ld16raw, "st4w": st4w, "narrow": narrow,
             "_max_nan": _max_nan, "_gmax": _gmax, "_gsum": _gsum, "_mask": _mask,
             "_vote": _vote, "_shift": _shift, "_horizon": _horizon, "_sees": _sees,
             "_tile_horizon": _tile_horizon,

@@ -170,9 +170,13 @@ class CompiledGraph:
             else contextlib.nullcontext
         #: ``{Attention node name: AttentionStats}`` of the last call (skip statistics).
         self.attention_stats: dict = {}
+        #: seconds per step of the last call
         self.times = np.zeros(len(self._steps))
         self.calls = 0
+        #: seconds per step summed over every call but the first (which JIT-compiles the
+        #: Numba kernels: it would swamp the mean), and the first call's own
         self.total_times = np.zeros(len(self._steps))
+        self.first_times = np.zeros(len(self._steps))
 
     def __call__(self, **feeds) -> dict[str, np.ndarray]:
         g = self.graph
@@ -189,7 +193,10 @@ class CompiledGraph:
                 t0 = clock()
                 step(env)
                 self.times[i] = clock() - t0
-        self.total_times += self.times
+        if self.calls:
+            self.total_times += self.times
+        else:
+            self.first_times[:] = self.times
         self.calls += 1
         self.attention_stats = env[_STATS]
         # an output that is (a view of) an input or a constant must not hand out the
@@ -217,9 +224,14 @@ class CompiledGraph:
                          f"{n_float} matmuls stay float32")
         lines.append("  " + self.memory.summary())
         if self.calls:
-            mean = self.total_times / self.calls
+            if self.calls > 1:
+                mean = self.total_times / (self.calls - 1)
+                how = f"mean of the {self.calls - 1} calls after the first"
+            else:
+                mean = self.first_times
+                how = "the first call only: it includes JIT compilation; call again"
             total = mean.sum()
-            lines.append(f"  time per call: {total * 1e3:.3f} ms (mean of {self.calls} calls)")
+            lines.append(f"  time per call: {total * 1e3:.3f} ms ({how})")
             by_op: dict[str, float] = {}
             for node, t in zip(self.graph.nodes, mean):
                 by_op[node.op] = by_op.get(node.op, 0.0) + t
