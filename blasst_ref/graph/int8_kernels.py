@@ -847,18 +847,25 @@ def _run(a, pw, p, sched, outf=_EMPTY_F2, outq=_EMPTY_U2, outi=_EMPTY_I2):
     if a.shape[0] == 0:
         return
     rb, cb, nt, cap = sched
+    _on_threads(nt, cap, _run_serial, _run_par,
+                (_TAG[pw.backend], a, pw.data, pw.n, rb, cb, p, outf, outq, outi))
+
+
+def _on_threads(nt, cap, serial, parallel, args):
+    """``serial(*args)`` on the calling thread if ``nt <= 1``, else ``parallel(*args)`` on
+    ``nt`` of the ``cap`` threads the caller may use (``serial`` and ``parallel``: the same
+    jitted body without and with ``parallel=True``)."""
     if nt <= 1:
-        _run_serial(_TAG[pw.backend], a, pw.data, pw.n, rb, cb, p, outf, outq, outi)
-        return
-    if nt == cap:
-        _run_par(_TAG[pw.backend], a, pw.data, pw.n, rb, cb, p, outf, outq, outi)
-        return
-    # a parallel region with fewer threads than the pool wakes only those it needs
-    before = _swap_threads(nt)
-    try:
-        _run_par(_TAG[pw.backend], a, pw.data, pw.n, rb, cb, p, outf, outq, outi)
-    finally:
-        _swap_threads(before)
+        serial(*args)
+    elif nt == cap:
+        parallel(*args)
+    else:
+        # a parallel region with fewer threads than the pool wakes only those it needs
+        before = _swap_threads(nt)
+        try:
+            parallel(*args)
+        finally:
+            _swap_threads(before)
 
 
 def _launch(a, pw, mode, comp=_EMPTY_I32, dscale=_EMPTY_F1, bias=None, act=ACT_NONE,
@@ -1017,9 +1024,16 @@ def _quantize_span(x, out, i0, i1, scale, zp, lo, hi):
 
 @njit(parallel=True, cache=True)
 def _quantize_par(x, out, chunk, scale, zp, lo, hi):
+    """:func:`_quantize_span` over chunks of ``chunk`` elements, in parallel."""
     n = x.size
     for c in prange((n + chunk - 1) // chunk):
         _quantize_span(x, out, c * chunk, min(n, (c + 1) * chunk), scale, zp, lo, hi)
+
+
+@njit(cache=True)
+def _quantize_serial(x, out, chunk, scale, zp, lo, hi):
+    """:func:`_quantize_par`'s twin on the calling thread (``chunk`` unused: one span)."""
+    _quantize_span(x, out, 0, x.size, scale, zp, lo, hi)
 
 
 def quantize(x, scale, zero_point, dtype="uint8", out=None, *, threads=None) -> np.ndarray:
@@ -1051,19 +1065,10 @@ def _quantize_run(xf, of, scale, zp, lo, hi, threads=None):
     n = xf.size
     cap = _num_threads()
     nt = (1 if n < QUANT_SERIAL_ELEMS else cap) if threads is None else min(threads, cap)
-    s32, z32, l32, h32 = np.float32(scale), np.float32(zp), np.float32(lo), np.float32(hi)
-    if nt <= 1:
-        _quantize_span(xf, of, 0, n, s32, z32, l32, h32)
-        return
     chunk = -(-n // (2 * nt))
-    if nt == cap:
-        _quantize_par(xf, of, chunk, s32, z32, l32, h32)
-        return
-    before = _swap_threads(nt)
-    try:
-        _quantize_par(xf, of, chunk, s32, z32, l32, h32)
-    finally:
-        _swap_threads(before)
+    _on_threads(nt, cap, _quantize_serial, _quantize_par,
+                (xf, of, chunk, np.float32(scale), np.float32(zp), np.float32(lo),
+                 np.float32(hi)))
 
 
 # ---------------------------------------------------------------------------------------
