@@ -21,10 +21,8 @@ For one tile with row maxima ``m~_r`` (scaled, causally masked scores) and runni
 
     exp(m~_r - m_r) < thresh   for every row r,   written   m~_r - m_r < log(thresh).
 
-In the log form ``thresh == 0`` gives ``log(thresh) == -inf`` and nothing is ever skipped;
-a row with ``m_r == -inf`` (nothing seen yet: the first tile) gives ``+inf`` and never agrees;
-a row whose keys in this tile are all masked has ``m~_r == -inf`` and agrees (it has nothing
-to add); NaN compares false, so a NaN score never lets a tile be skipped. A skipped tile
+Each row's vote is :func:`blasst_ref.rule.row_votes_skip`, the one function every backend
+compiles; its docstring gives the cases of ``thresh == 0``, ``-inf`` and NaN. A skipped tile
 changes neither ``m``, nor the running sum ``l``, nor the accumulator.
 """
 
@@ -34,20 +32,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import tiling
-
-# tile_map codes, shared with the kernels and AttentionStats.tile_map
-NOT_VISITED = 0  #: masked entirely by causality: never visited, not counted
-COMPUTED = 1  #: visited and kept: exp, running sum and P.V were computed
-SKIPPED = 2  #: visited and skipped by the threshold test
+from . import rule, tiling
+from .rule import COMPUTED, NOT_VISITED, SKIPPED  # noqa: F401 (AttentionStats.tile_map codes)
+from .rule import log_threshold as _log_thresh
 
 
 def _as_4d(x: np.ndarray) -> np.ndarray:
     return x[None] if x.ndim == 3 else x
-
-
-def _log_thresh(thresh: float) -> float:
-    return -np.inf if thresh == 0 else float(np.log(thresh))
 
 
 def dense_attention(q, k, v, *, causal: bool = False, scale: float | None = None) -> np.ndarray:
@@ -120,11 +111,17 @@ class _OnlineSoftmax:
         self.l = np.zeros(rows, dtype)
         self.acc = np.zeros((rows, dv), dtype)
 
-    def tile_margin(self, tile_max: np.ndarray, log_thresh: float) -> float:
-        """``max_r(m~_r - m_r) - log(thresh)``; the tile is skipped iff this is ``< 0``.
+    def rows_vote_skip(self, tile_max: np.ndarray, log_thresh: float) -> bool:
+        """The skip rule: every row votes for it (:func:`blasst_ref.rule.row_votes_skip`,
+        row by row, against the row's running max)."""
+        log_thresh = np.float64(log_thresh)  # float32 gaps, compared in float64
+        with np.errstate(invalid="ignore"):  # -inf - -inf: a row that has seen nothing
+            return all(rule.row_votes_skip(t, m, log_thresh) for t, m in zip(tile_max, self.m))
 
-        NaN (a NaN score, or ``-inf - -inf`` for a row that has seen nothing yet) is
-        mapped to ``+inf``: such a row never agrees to skip."""
+    def tile_margin(self, tile_max: np.ndarray, log_thresh: float) -> float:
+        """A diagnostic, not the rule: ``max_r(m~_r - m_r) - log(thresh)``, negative exactly
+        when :meth:`rows_vote_skip` skips the tile (a row whose gap is NaN counts as
+        ``+inf``), so its size says how close to the threshold a decision was."""
         with np.errstate(invalid="ignore"):
             gap = tile_max - self.m
         gap = np.where(np.isnan(gap), np.inf, gap)
@@ -160,8 +157,8 @@ def _process_tile(state, q_rows, k, v, rows_q, j0, j1, offset, causal, log_thres
     visible = _visible_mask(rows_q, j0, j1, offset, causal)
     with np.errstate(invalid="ignore"):
         tile_max = np.max(np.where(visible, s, -np.inf), axis=1)
-    margin = state.tile_margin(tile_max, log_thresh)
-    if margin < 0:
+    margin = state.tile_margin(tile_max, log_thresh)  # reported, not used to decide
+    if state.rows_vote_skip(tile_max, log_thresh):
         return SKIPPED, margin  # no exp, no V load, no P.V; m, l, acc unchanged
     state.update(s, visible, v[j0:j1])
     return COMPUTED, margin

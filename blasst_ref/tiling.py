@@ -3,7 +3,10 @@
 Skip decisions are taken per tile, so two backends make the same decisions only if they cut
 the score matrix into the same tiles. Everything that fixes the tiling lives here, as small
 pure functions of the problem shape, and every backend (the numpy reference, the Numba CPU
-kernels, the CUDA kernels) calls them. Nothing in this module imports numba.
+kernels, the CUDA kernels) calls them. Nothing in this module imports numba. The one tile range
+that kernels compute themselves, the causal horizon of a row block, is
+:func:`blasst_ref.rule.visited_k_tiles`, which they compile from the same source and which
+host code reaches through :func:`visited_k_tiles` / :func:`causal_k_tiles` here.
 
 Phases
 ------
@@ -17,6 +20,8 @@ Phases
 from __future__ import annotations
 
 import math
+
+from . import rule
 
 #: A query length at or below this is served by the split-KV decode path.
 DECODE_MAX_Q_LEN = 16
@@ -64,10 +69,14 @@ def causal_k_tiles(q_start: int, q_stop: int, q_len: int, kv_len: int, block_k: 
     The last row of the range sees keys ``j <= q_stop - 1 + offset``; key tiles beyond that
     are masked for every row of the range and are never visited (nor counted). Returns 0 when
     no row of the range sees any key (``Lq > Lk``)."""
-    last_visible = q_stop - 1 + causal_offset(q_len, kv_len)
-    if last_visible < 0:
-        return 0
-    return min(num_tiles(kv_len, block_k), last_visible // block_k + 1)
+    return rule.visited_k_tiles(q_stop, q_len, kv_len, block_k, True)
+
+
+def visited_k_tiles(q_stop: int, q_len: int, kv_len: int, block_k: int, causal: bool) -> int:
+    """Number of key tiles that rows below ``q_stop`` visit: :func:`causal_k_tiles` under
+    the causal mask, every tile (``num_tiles(kv_len, block_k)``) without it. In decode a
+    tile's rows are every query position of a kv group: ``q_stop = q_len``."""
+    return rule.visited_k_tiles(q_stop, q_len, kv_len, block_k, causal)
 
 
 def decode_split_tiles(kv_len: int, block_k: int) -> int:

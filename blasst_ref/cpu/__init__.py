@@ -6,18 +6,18 @@ The kernels are plain ``@njit(parallel=True)`` functions in :mod:`.prefill` and
 calls BLAS on small tiles; a multi-threaded BLAS underneath would oversubscribe the cores).
 
 The kernels are compiled with ``cache=True`` (CI and first calls skip the compile). Numba's
-cache checks the kernel's own file only: after editing ``_math.py`` or ``_online.py``, whose
-functions are inlined into the kernels, delete ``blasst_ref/cpu/__pycache__``.
+cache checks the kernel's own file only: after editing ``_math.py``, ``_online.py`` or
+``blasst_ref/rule.py``, whose functions are inlined into the kernels, delete
+``blasst_ref/cpu/__pycache__``.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 
 import numpy as np
 
-from .. import tiling
+from .. import rule, tiling
 from .decode import decode_merge_kernel, decode_split_kernel
 from .prefill import pack_k_tiles, prefill_kernel
 
@@ -72,7 +72,7 @@ def blasst_attention(q, k, v, thresh, causal, scale, block_q, block_k, *, skip_t
         out = np.empty((n_b, n_hq, lq, dv), q.dtype)
     elif out.shape != (n_b, n_hq, lq, dv) or out.dtype != q.dtype or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous {q.dtype} array of shape {(n_b, n_hq, lq, dv)}")
-    log_thresh = -math.inf if thresh == 0 else math.log(thresh)
+    log_thresh = rule.log_threshold(thresh)
     causal = bool(causal)
     skip_test = True if skip_test else None  # None: a kernel compiled without the test
     n_kt = tiling.num_tiles(lk, block_k)

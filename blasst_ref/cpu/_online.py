@@ -1,11 +1,25 @@
-"""The two per-tile steps both CPU kernels share: the skip vote and the online-softmax fold."""
+"""The two per-tile steps both CPU kernels share: the skip vote and the online-softmax fold.
+
+The skip rule itself is :mod:`blasst_ref.rule`'s, compiled here from the same source as the
+reference and the CUDA kernels use (``njit(inline="always")``: no call in the kernels)."""
 
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
+from .. import rule
 from ._math import FASTMATH, exp
+
+_inline = njit(inline="always")
+#: :func:`blasst_ref.rule.row_votes_skip`, compiled for the CPU kernels
+row_votes_skip = _inline(rule.row_votes_skip)
+#: :func:`blasst_ref.rule.max_nan`, compiled for the CPU kernels
+max_nan = _inline(rule.max_nan)
+#: :func:`blasst_ref.rule.last_visible_key`, compiled for the CPU kernels
+last_visible_key = _inline(rule.last_visible_key)
+#: :func:`blasst_ref.rule.visited_k_tiles`, compiled for the CPU kernels
+visited_k_tiles = _inline(rule.visited_k_tiles)
 
 
 @njit(inline="always", fastmath=FASTMATH)
@@ -28,7 +42,7 @@ def fold_row(row, lim, tile_max, r, m, l, acc):
     m_old = m[r]
     # NaN-keeping max: as in the reference, a row whose visible scores held a NaN keeps a
     # NaN running max, so no later tile of it can be skipped (its output is NaN anyway).
-    m_new = tile_max if (tile_max > m_old or tile_max != tile_max) else m_old
+    m_new = max_nan(tile_max, m_old)
     # a row that has seen nothing yet shifts by 0, keeping l = 0 and acc = 0
     shift = dt(0.0) if m_new == dt(-np.inf) else m_new
     alpha = exp(m_old - shift)
@@ -51,13 +65,11 @@ def fold_row(row, lim, tile_max, r, m, l, acc):
 
 
 @njit(inline="always")
-def rows_agree_to_skip(tile_max, m, n_rows, log_thresh):
-    """The BLASST skip rule (DESIGN §3): every row ``r < n_rows`` agrees that
-    ``exp(tile_max[r] - m[r]) < thresh``, written ``tile_max[r] - m[r] < log(thresh)``.
-
-    NaN compares false (a NaN max never lets a tile be skipped), ``log(0) = -inf`` never
-    skips, and a row that has seen nothing yet (``m = -inf``) never agrees."""
+def rows_agree_to_skip(tile_max, m_ref, n_rows, log_thresh):
+    """Whether a tile is skipped: every row ``r < n_rows`` votes for it
+    (:func:`blasst_ref.rule.row_votes_skip` of ``tile_max[r]`` against ``m_ref[r]``, the
+    row's running max; its docstring gives the NaN / ``-inf`` / ``thresh = 0`` cases)."""
     for r in range(n_rows):
-        if not (tile_max[r] - m[r] < log_thresh):
+        if not row_votes_skip(tile_max[r], m_ref[r], log_thresh):
             return False
     return True

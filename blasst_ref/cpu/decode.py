@@ -24,9 +24,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..rule import COMPUTED, SKIPPED
 from ._math import FASTMATH, exp
-from ._online import fold_row, rows_agree_to_skip
-from .prefill import COMPUTED, SKIPPED
+from ._online import fold_row, last_visible_key, max_nan, rows_agree_to_skip, visited_k_tiles
 
 
 @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
@@ -52,15 +52,11 @@ def decode_split_kernel(q, k, v, log_thresh, causal, scale, block_k, split_tiles
     n_hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     group = n_hq // n_hkv
     n_rows = group * lq
-    offset = lk - lq
-    n_kt = (lk + block_k - 1) // block_k
     n_splits = part_m.shape[2]
     neg_inf = dt(-np.inf)
 
-    k_tiles = n_kt
-    if causal:  # tiles past the last query row's horizon are masked for every row
-        last_visible = lq - 1 + offset
-        k_tiles = 0 if last_visible < 0 else min(n_kt, last_visible // block_k + 1)
+    # tiles past the last query row's horizon are masked for every row: never visited
+    k_tiles = visited_k_tiles(lq, lq, lk, block_k, causal)
 
     for w in prange(n_b * n_hkv * n_splits):
         b = w // (n_hkv * n_splits)
@@ -106,17 +102,14 @@ def decode_split_kernel(q, k, v, log_thresh, causal, scale, block_k, split_tiles
             nc = min(lk, j0 + block_k) - j0
             c0 = j0 - js  # column of key j0 in s
             for r in range(n_rows):
-                lim = nc
-                if causal:
-                    lim = min(nc, max(0, r % lq + offset - j0 + 1))
+                lim = min(nc, max(0, last_visible_key(r % lq, lq, lk, causal) - j0 + 1))
                 # A max that keeps NaN, over visible scores only: a NaN score never lets its
                 # tile be skipped, and one the causal mask hides does not count (as in the
                 # reference). Decode is memory-bound: this scalar loop costs nothing.
                 mx = neg_inf
                 row = s[r, c0:c0 + lim]
                 for j in range(lim):
-                    x = row[j]
-                    mx = x if (x > mx or x != x) else mx
+                    mx = max_nan(row[j], mx)
                 tile_max[r] = mx
 
             if skip_test is not None:  # pruned at compile time when None
@@ -127,9 +120,7 @@ def decode_split_kernel(q, k, v, log_thresh, causal, scale, block_k, split_tiles
             tile_map[b, g, 0, kt] = COMPUTED
 
             for r in range(n_rows):
-                lim = nc
-                if causal:
-                    lim = min(nc, max(0, r % lq + offset - j0 + 1))
+                lim = min(nc, max(0, last_visible_key(r % lq, lq, lk, causal) - j0 + 1))
                 fold_row(s[r, c0:c0 + nc], lim, tile_max[r], r, m, l, acc)
             # O += P V, one V row at a time (read once, from L1) for all rows
             v_g = v[b, g]
@@ -158,7 +149,6 @@ def decode_merge_kernel(part_m, part_l, part_acc, causal, lk, out):
     n_b, n_hkv, n_splits, n_rows = part_m.shape
     n_hq, lq, dv = out.shape[1], out.shape[2], out.shape[3]
     group = n_hq // n_hkv
-    offset = lk - lq
     neg_inf = dt(-np.inf)
     for w in prange(n_b * n_hkv):
         b = w // n_hkv
@@ -167,7 +157,7 @@ def decode_merge_kernel(part_m, part_l, part_acc, causal, lk, out):
         for r in range(n_rows):
             h = g * group + r // lq
             i = r % lq
-            if causal and i + offset < 0:  # the row sees no key: zeros
+            if last_visible_key(i, lq, lk, causal) < 0:  # the row sees no key: zeros
                 for d in range(dv):
                     out[b, h, i, d] = dt(0.0)
                 continue

@@ -24,11 +24,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..rule import COMPUTED, SKIPPED
 from ._math import FASTMATH
-from ._online import fold_row, rows_agree_to_skip
-
-COMPUTED = np.int8(1)
-SKIPPED = np.int8(2)
+from ._online import fold_row, last_visible_key, max_nan, rows_agree_to_skip, visited_k_tiles
 
 
 @njit(inline="always", fastmath=FASTMATH)
@@ -113,9 +111,7 @@ def prefill_kernel(q, k_tiles_t, v, log_thresh, causal, scale, block_q, block_k,
     n_b, n_hq, lq, dqk = q.shape
     n_hkv, lk, dv = v.shape[1], v.shape[2], v.shape[3]
     group = n_hq // n_hkv
-    offset = lk - lq  # bottom-right causal alignment: row i sees keys j <= i + offset
     n_qt = (lq + block_q - 1) // block_q
-    n_kt = (lk + block_k - 1) // block_k
     neg_inf = dt(-np.inf)
 
     for w in prange(n_b * n_hq * n_qt):
@@ -146,10 +142,7 @@ def prefill_kernel(q, k_tiles_t, v, log_thresh, causal, scale, block_q, block_k,
         p_buf = np.empty(nr * block_k, q.dtype)  # compact P of a partial last tile
         pv = np.empty((nr, dv), q.dtype)
 
-        k_tiles = n_kt
-        if causal:  # tiles past the last row's horizon are never visited
-            last_visible = i1 - 1 + offset
-            k_tiles = 0 if last_visible < 0 else min(n_kt, last_visible // block_k + 1)
+        k_tiles = visited_k_tiles(i1, lq, lk, block_k, causal)  # past the horizon: masked
 
         for kt in range(k_tiles):
             j0 = kt * block_k
@@ -159,18 +152,17 @@ def prefill_kernel(q, k_tiles_t, v, log_thresh, causal, scale, block_q, block_k,
             np.dot(q_tile, k_tiles_t[b, kvh, kt], s)
 
             # Only tiles that cross the diagonal need a per-row key limit.
-            partial = causal and (j1 - 1 > i0 + offset)
+            partial = j1 - 1 > last_visible_key(i0, lq, lk, causal)
             if partial:
                 # Few tiles cross the diagonal: a scalar max that keeps NaN is cheap here,
                 # and it looks at visible scores only (a NaN that the mask hides must not
                 # block a skip, as in the reference).
                 for r in range(nr):
-                    lim = min(nc, max(0, i0 + r + offset - j0 + 1))
+                    lim = min(nc, max(0, last_visible_key(i0 + r, lq, lk, causal) - j0 + 1))
                     mx = neg_inf
                     row = s[r]
                     for j in range(lim):
-                        x = row[j]
-                        mx = x if (x > mx or x != x) else mx
+                        mx = max_nan(row[j], mx)
                     tile_max[r] = mx
             else:
                 _rows_max(s, nr, nc, tile_max)
@@ -188,7 +180,7 @@ def prefill_kernel(q, k_tiles_t, v, log_thresh, causal, scale, block_q, block_k,
             for r in range(nr):
                 lim = nc
                 if partial:
-                    lim = min(nc, max(0, i0 + r + offset - j0 + 1))
+                    lim = min(nc, max(0, last_visible_key(i0 + r, lq, lk, causal) - j0 + 1))
                 fold_row(s[r, :nc], lim, tile_max[r], r, m, l, acc)
             if nc == block_k:
                 np.dot(s, v[b, kvh, j0:j1], pv)
@@ -203,7 +195,7 @@ def prefill_kernel(q, k_tiles_t, v, log_thresh, causal, scale, block_q, block_k,
                     acc[r, d] += pv[r, d]
 
         for r in range(nr):
-            if causal and i0 + r + offset < 0:  # the row sees no key: zeros
+            if last_visible_key(i0 + r, lq, lk, causal) < 0:  # the row sees no key: zeros
                 for d in range(dv):
                     out[b, h, i0 + r, d] = dt(0.0)
             else:
