@@ -1,4 +1,4 @@
-"""The split-KV decode kernels of ``blasst_ref.cuda.decode`` against the numpy specification.
+"""The split-KV decode kernels (``blasst_ref.cuda.decode_v1/v2``) against the numpy specification.
 
 Runs on Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, set before ``numba.cuda`` is
 first imported) at tiny sizes, and on a real GPU at the same tiny sizes by default.
@@ -24,12 +24,14 @@ import numpy as np
 import pytest
 
 from blasst_ref import reference, tiling, workloads
+from blasst_ref.rule import log_threshold
 
 cuda = pytest.importorskip("numba.cuda")
 if not cuda.is_available():
     pytest.skip("no CUDA GPU and NUMBA_ENABLE_CUDASIM is not set", allow_module_level=True)
 
-from blasst_ref.cuda import decode as cuda_decode  # noqa: E402
+from blasst_ref.cuda import decode_v1, decode_v2  # noqa: E402
+from blasst_ref.cuda.launch import launch_decode  # noqa: E402
 
 pytestmark = [
     # the simulator computes -inf - -inf (a row that has seen nothing) with numpy scalars
@@ -44,7 +46,7 @@ GPU_SCALE = os.environ.get("BLASST_CUDA_TEST_SCALE", "").lower() == "gpu"
 #: on a GPU each version's default
 THREADS = 32 if SIM else None
 #: kernel versions: 1 (any shape), 2 (windows, vector loads, warp shuffles on a GPU; shared
-#: memory reductions on the simulator), tested where ``plan_v2`` accepts the shape
+#: memory reductions on the simulator), tested where ``decode_v2.plan`` accepts the shape
 VERSIONS = [1, 2]
 #: relative L2 tolerance of out vs the float64 oracle / the float32 reference
 TOL = {np.float32: 1e-5, np.float16: 2e-3}
@@ -67,9 +69,9 @@ def split_tiles(monkeypatch, request):
 def _v2_applies(q, k, v, block_k):
     b, hq, lq, dqk = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
-    return cuda_decode.plan_v2((hq // hkv) * lq, block_k, dqk, dv, q.dtype.itemsize,
-                               THREADS or cuda_decode.V2_THREADS,
-                               tiling.decode_split_tiles(lk, block_k)) is not None
+    return decode_v2.plan((hq // hkv) * lq, block_k, dqk, dv, q.dtype.itemsize,
+                          THREADS or decode_v2.THREADS,
+                          tiling.decode_split_tiles(lk, block_k)) is not None
 
 
 def _assert_v2_refused(q, k, v, causal, block_k):
@@ -90,8 +92,8 @@ def run_decode(q, k, v, thresh, causal, block_k, *, scale=None, threads=THREADS,
     n_kt = tiling.num_tiles(lk, block_k)
     out = cuda.to_device(np.full((b, hq, lq, dv), np.nan, q.dtype))
     tile_map = cuda.to_device(np.zeros((b, hkv, 1, n_kt), np.int8))
-    log_thresh = -math.inf if thresh == 0 else math.log(thresh)
-    cuda_decode.launch_decode(
+    log_thresh = log_threshold(thresh)
+    launch_decode(
         cuda.to_device(q), cuda.to_device(k), cuda.to_device(v), out, tile_map, log_thresh,
         causal, scale, block_k, tiling.decode_split_tiles(lk, block_k),
         tiling.decode_num_splits(lk, block_k), threads=threads, chunk=chunk, version=version,
@@ -168,7 +170,7 @@ def test_head_dim_chunks_and_streamed_q(monkeypatch):
     expect = reference.dense_attention(q, k, v, causal=True)
     out, _ = run_decode(q, k, v, 0.0, True, bk, chunk=8)  # v1: Q resident, 3 chunks of 8
     assert _rel(out, expect) < 1e-5
-    monkeypatch.setattr(cuda_decode, "plan", lambda *a, **kw: (8, 8))
+    monkeypatch.setattr(decode_v1, "plan", lambda *a, **kw: (8, 8))
     out, _ = run_decode(q, k, v, 0.0, True, bk, version=1)  # v1: Q re-staged per chunk
     assert _rel(out, expect) < 1e-5
 

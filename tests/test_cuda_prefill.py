@@ -11,7 +11,8 @@ On a GPU, ``BLASST_CUDA_TEST_SCALE=gpu`` switches to real sizes (L = 300..1024, 
 the MLA pair Dqk = 576 / Dv = 512) with the default launch plan and tiles.
 
 Every kernel test runs each kernel version (``version=1``: the SIMT kernel, any shape;
-``version=2``: register-tiled, where ``plan_v2`` accepts the shape, else skipped). Under the
+``version=2``: register-tiled, where ``prefill_v2.plan`` accepts the shape; elsewhere the test
+checks that v2 refuses the shape). Under the
 simulator v2 runs with a small thread layout (4 row groups x 1-4 lanes) and shared-memory
 reductions in place of the warp shuffles.
 
@@ -28,10 +29,13 @@ import numpy as np
 import pytest
 
 from blasst_ref import dense_attention, tiling
-from blasst_ref.reference import _log_thresh, blasst_attention_reference
+from blasst_ref.reference import blasst_attention_reference
+from blasst_ref.rule import log_threshold
 
 cuda = pytest.importorskip("numba.cuda")
-from blasst_ref.cuda.prefill import launch_prefill, plan_prefill, plan_v2  # noqa: E402
+from blasst_ref.cuda.launch import launch_prefill  # noqa: E402
+from blasst_ref.cuda.prefill_v1 import plan as plan_prefill  # noqa: E402
+from blasst_ref.cuda.prefill_v2 import plan as plan_v2  # noqa: E402
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 GPU_SCALE = os.environ.get("BLASST_CUDA_TEST_SCALE", "") == "gpu"
@@ -118,7 +122,7 @@ def _run(q, k, v, thresh, causal, shape, version=1):
     out = np.full((b, hq, lq, dv), np.nan, q.dtype)  # poison: unwritten elements show
     tile_map = np.zeros((b, hq, tiling.num_tiles(lq, bq), tiling.num_tiles(lk, bk)), np.int8)
     d_q, d_k, d_v, d_out, d_map = (cuda.to_device(x) for x in (q, k, v, out, tile_map))
-    launch_prefill(d_q, d_k, d_v, d_out, d_map, _log_thresh(thresh), causal, scale, bq, bk,
+    launch_prefill(d_q, d_k, d_v, d_out, d_map, log_threshold(thresh), causal, scale, bq, bk,
                    threads_per_row=tpr, d_chunk=dc, version=version)
     return d_out.copy_to_host(), d_map.copy_to_host()
 

@@ -4,24 +4,39 @@ This module is the backend's front door, called by :func:`blasst_ref.attention` 
 ``backend="cuda"`` (or ``"auto"`` for CUDA arrays). It takes any objects that expose
 ``__cuda_array_interface__`` (CuPy arrays, PyTorch CUDA tensors, Numba device arrays), wraps
 them with :func:`numba.cuda.as_cuda_array` (no copy: the kernels read the caller's memory),
-allocates the output with the caller's library, and launches the kernels of
-:mod:`.prefill` or :mod:`.decode`. The kernels know nothing of the libraries.
+allocates the output with the caller's library, and launches the kernel version that
+:mod:`.launch` chooses for the shape. The kernels know nothing of the libraries.
+
+What is where in this package:
+
+* :mod:`.launch`: the version table (which version serves a shape), the two host paths,
+  ``dump_source`` for the generated kernel sources;
+* one module per kernel version, llm.c ``dev/cuda`` style: :mod:`.prefill_v1`,
+  :mod:`.prefill_v2`, :mod:`.decode_v1`, :mod:`.decode_v2`, and :mod:`.combine` (the
+  split-KV merge of decode);
+* :mod:`.rule`: the skip rule of :mod:`blasst_ref.rule` compiled for the device;
+  :mod:`.intrinsics`: vector loads, warp shuffles and their simulator twins;
+  :mod:`.problem`: the vocabulary of the version table;
+* :mod:`.numba_internals`: every use of Numba internals, and the fallback to Numba's public
+  dispatcher where one is missing.
 
 On a real GPU, torch tensors and CuPy arrays of shapes the v2 kernels take go through a
-faster host path (:func:`attention`'s docstring, :mod:`._launch`): plans cached per shape,
-launches from raw data pointers, ~0.1 ms of host time per call instead of ~0.5-0.8 ms.
+faster host path (:func:`attention`'s docstring, :mod:`.numba_internals`): plans cached per
+shape, launches from raw data pointers, ~0.1 ms of host time per call instead of ~0.5-0.8 ms.
 torch ``bfloat16`` tensors are read as their bits (a 2-byte integer array is bfloat16 to
-the kernels' loads and stores, :mod:`._intrinsics`).
+the kernels' loads and stores, :mod:`.intrinsics`).
 """
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from numba import config, cuda
 
 from .. import tiling
+from ..rule import log_threshold  # (not `rule`: that name is this package's .rule module)
+from . import launch, numba_internals
+from .problem import Problem
 
 __all__ = ["attention", "array_library"]
 
@@ -159,14 +174,14 @@ def attention(q, k, v, thresh, causal, scale, block_q, block_k):
 
     Two host paths, the same kernels:
 
-    * **fast** (torch tensors or objects with ``__cuda_array_interface__``, on a real GPU,
-      shapes the v2 kernels take, 16-byte aligned data): the kernels of a shape are compiled
-      and their fixed launch parameters, partials and tile map built once
-      (``FastDecode`` / ``FastPrefill``, cached per shape, dtype, mask and tiles); a call
-      reads the data pointers, allocates the output through the caller's library, zeroes
-      the tile map and launches from raw pointers (:mod:`._launch`). No synchronisation.
-    * **general** (Numba arrays, the simulator, v1 shapes): Numba views of the arrays and
-      Numba's dispatcher, as in the first version.
+    * **fast** (torch tensors or objects with ``__cuda_array_interface__``, on a real GPU
+      whose Numba has the internals it needs, shapes the v2 kernels take, 16-byte aligned
+      data): the kernels of a shape are compiled and their fixed launch parameters, partials
+      and tile map built once (:func:`.launch.fast_plan`, cached per problem); a call reads
+      the data pointers, allocates the output through the caller's library, zeroes the tile
+      map and launches from raw pointers (:mod:`.numba_internals`). No synchronisation.
+    * **general** (Numba arrays, the simulator, v1 shapes, or a Numba without those
+      internals): Numba views of the arrays and Numba's public dispatcher.
     """
     global _AVAILABLE
     if not _AVAILABLE:
@@ -176,7 +191,7 @@ def attention(q, k, v, thresh, causal, scale, block_q, block_k):
                 "is False on this machine; use backend='cpu' with numpy arrays"
             )
         _AVAILABLE = True
-    if not SIMULATOR:
+    if numba_internals.available():
         res = _attention_fast(q, k, v, thresh, causal, scale, block_q, block_k)
         if res is not None:
             return res
@@ -185,9 +200,6 @@ def attention(q, k, v, thresh, causal, scale, block_q, block_k):
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 _AVAILABLE = False
-#: fast-path plans per (phase, shapes, dtype, causal, tiles); ``None``: v2 does not apply
-_PLANS: dict = {}
-_MAX_PLANS = 64
 _TORCH_DTYPES: dict = {}
 
 
@@ -239,26 +251,12 @@ def _attention_fast(q, k, v, thresh, causal, scale, block_q, block_k):
     q_shape = rq[1]
     q4, k4, v4 = ((1,) + r[1] if len(r[1]) == 3 else r[1] for r in (rq, rk, rv))
     if any(r[0] % 16 for r in (rq, rk, rv)):
-        return None  # v2 reads 16-byte vectors
-    lq, lk = q4[2], k4[2]
-    decode = tiling.is_decode(lq)
-    key = (decode, q4, k4, v4, dtype, bool(causal), block_q, block_k)
-    plan = _PLANS.get(key, False)
-    if plan is False:
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.clear()
-        if decode:
-            from .decode import FastDecode
-
-            plan = FastDecode.build(q4, k4, v4, dtype, bool(causal), block_k,
-                                    tiling.decode_split_tiles(lk, block_k),
-                                    tiling.decode_num_splits(lk, block_k))
-        else:
-            from .prefill import FastPrefill
-
-            plan = FastPrefill.build(q4, k4, v4, dtype, bool(causal), block_q, block_k)
-        _PLANS[key] = plan
-    if plan is None:
+        return None  # the fast versions read 16-byte vectors
+    problem = Problem.of(q4, k4, v4, dtype, causal, block_q, block_k)
+    if problem.batch * problem.q_heads * problem.q_len == 0:
+        return None
+    runner = launch.fast_plan(problem)
+    if runner is None:
         return None
     out_shape = q_shape[:-1] + (v4[3],)
     out = _new_like_library(q, out_shape, q.dtype if array_library(q) == "torch" else dtype)
@@ -266,8 +264,7 @@ def _attention_fast(q, k, v, thresh, causal, scale, block_q, block_k):
         out.__cuda_array_interface__["data"][0]
     if outp % 16:
         return None
-    log_thresh = -math.inf if thresh == 0 else math.log(thresh)
-    tile_map = plan.run(rq[0], rk[0], rv[0], outp, log_thresh, scale)
+    tile_map = runner.run(rq[0], rk[0], rv[0], outp, log_threshold(thresh), scale)
     return out, tile_map
 
 
@@ -301,20 +298,16 @@ def _attention_general(q, k, v, thresh, causal, scale, block_q, block_k):
     out_shape = q_shape[:-1] + (dv,)
     out = _new_like_library(q, out_shape, dtype)
     out4 = _as_4d(out)
-    log_thresh = -math.inf if thresh == 0 else math.log(thresh)
+    log_thresh = log_threshold(thresh)
     n_kt = tiling.num_tiles(lk, block_k)
 
     if tiling.is_decode(lq):
-        from .decode import launch_decode
-
         tile_map = _as_map(q, (n_b, n_hkv, 1, n_kt))
-        launch_decode(q4, k4, v4, out4, tile_map, log_thresh, bool(causal), scale, block_k,
-                      tiling.decode_split_tiles(lk, block_k),
-                      tiling.decode_num_splits(lk, block_k))
+        launch.launch_decode(q4, k4, v4, out4, tile_map, log_thresh, bool(causal), scale,
+                             block_k, tiling.decode_split_tiles(lk, block_k),
+                             tiling.decode_num_splits(lk, block_k))
     else:
-        from .prefill import launch_prefill
-
         tile_map = _as_map(q, (n_b, n_hq, tiling.num_tiles(lq, block_q), n_kt))
-        launch_prefill(q4, k4, v4, out4, tile_map, log_thresh, bool(causal), scale, block_q,
-                       block_k)
+        launch.launch_prefill(q4, k4, v4, out4, tile_map, log_thresh, bool(causal), scale,
+                              block_q, block_k)
     return out, tile_map

@@ -21,12 +21,15 @@ simulator's barriers the whole block.
 
 NOTE: kernels that import these helpers are compiled by factories (no ``cache=True``); if
 that changes, delete ``blasst_ref/cuda/__pycache__`` after editing this file (Numba's cache
-only tracks the kernel's own file).
+only tracks the kernel's own file). The NaN-keeping max of :func:`group_max` is the skip
+rule's :func:`blasst_ref.rule.max_nan` (compiled in :mod:`.rule`).
 """
 
 from __future__ import annotations
 
 from numba import config, cuda, float32
+
+from .rule import max_nan
 
 #: True on a real GPU: warp shuffles and vector-load intrinsics are available.
 SHFL = not bool(config.ENABLE_CUDASIM)
@@ -354,19 +357,13 @@ def group_sum(x, scratch, t, width):
 
 
 @cuda.jit(device=True, inline=True)
-def _max_nan(a, b):
-    """max(a, b) that propagates NaN (like ``np.maximum``); CUDA's ``fmaxf`` drops it."""
-    return a if (a > b or a != a) else b
-
-
-@cuda.jit(device=True, inline=True)
 def group_max(x, scratch, t, width):
     """NaN-propagating max of ``x`` over the aligned group of ``width`` lanes holding ``t``
     (see :func:`group_sum`); every lane of the group gets it."""
     if SHFL:
         off = width // 2
         while off > 0:
-            x = _max_nan(x, cuda.shfl_xor_sync(FULL_MASK, x, off))
+            x = max_nan(x, cuda.shfl_xor_sync(FULL_MASK, x, off))
             off //= 2
         return x
     scratch[t] = x
@@ -374,7 +371,7 @@ def group_max(x, scratch, t, width):
     base = t - t % width
     s = scratch[base]
     for i in range(1, width):
-        s = _max_nan(s, scratch[base + i])
+        s = max_nan(s, scratch[base + i])
     cuda.syncthreads()
     return s
 
