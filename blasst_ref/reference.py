@@ -111,22 +111,6 @@ class _OnlineSoftmax:
         self.l = np.zeros(rows, dtype)
         self.acc = np.zeros((rows, dv), dtype)
 
-    def rows_vote_skip(self, tile_max: np.ndarray, log_thresh: float) -> bool:
-        """The skip rule: every row votes for it (:func:`blasst_ref.rule.row_votes_skip`,
-        row by row, against the row's running max)."""
-        log_thresh = np.float64(log_thresh)  # float32 gaps, compared in float64
-        with np.errstate(invalid="ignore"):  # -inf - -inf: a row that has seen nothing
-            return all(rule.row_votes_skip(t, m, log_thresh) for t, m in zip(tile_max, self.m))
-
-    def tile_margin(self, tile_max: np.ndarray, log_thresh: float) -> float:
-        """A diagnostic, not the rule: ``max_r(m~_r - m_r) - log(thresh)``, negative exactly
-        when :meth:`rows_vote_skip` skips the tile (a row whose gap is NaN counts as
-        ``+inf``), so its size says how close to the threshold a decision was."""
-        with np.errstate(invalid="ignore"):
-            gap = tile_max - self.m
-        gap = np.where(np.isnan(gap), np.inf, gap)
-        return float(np.max(gap)) - log_thresh
-
     def update(self, s: np.ndarray, visible: np.ndarray, v_tile: np.ndarray) -> None:
         """Fold one kept tile in: scores ``s`` ``(rows, cols)``, mask ``visible``, ``v_tile``
         ``(cols, Dv)``."""
@@ -140,6 +124,24 @@ class _OnlineSoftmax:
             self.l = self.l * alpha + p.sum(axis=1)
             self.acc = self.acc * alpha[:, None] + p @ v_tile
         self.m = m_new
+
+
+def _rows_vote_skip(tile_max: np.ndarray, m_ref: np.ndarray, log_thresh: float) -> bool:
+    """The skip rule: every row votes for the tile (:func:`blasst_ref.rule.row_votes_skip`,
+    row by row, against its reference ``m_ref``: the running max)."""
+    log_thresh = np.float64(log_thresh)  # float32 gaps, compared in float64
+    with np.errstate(invalid="ignore"):  # -inf - -inf: a row that has seen nothing
+        return all(rule.row_votes_skip(t, m, log_thresh) for t, m in zip(tile_max, m_ref))
+
+
+def _tile_margin(tile_max: np.ndarray, m_ref: np.ndarray, log_thresh: float) -> float:
+    """A diagnostic, not the rule: ``max_r(m~_r - m_ref_r) - log(thresh)``, negative exactly
+    when :func:`_rows_vote_skip` skips the tile (a row whose gap is NaN counts as ``+inf``),
+    so its size says how close to the threshold a decision was."""
+    with np.errstate(invalid="ignore"):
+        gap = tile_max - m_ref
+    gap = np.where(np.isnan(gap), np.inf, gap)
+    return float(np.max(gap)) - log_thresh
 
 
 def _visible_mask(rows_q: np.ndarray, j0: int, j1: int, offset: int, causal: bool) -> np.ndarray:
@@ -157,8 +159,8 @@ def _process_tile(state, q_rows, k, v, rows_q, j0, j1, offset, causal, log_thres
     visible = _visible_mask(rows_q, j0, j1, offset, causal)
     with np.errstate(invalid="ignore"):
         tile_max = np.max(np.where(visible, s, -np.inf), axis=1)
-    margin = state.tile_margin(tile_max, log_thresh)  # reported, not used to decide
-    if state.rows_vote_skip(tile_max, log_thresh):
+    margin = _tile_margin(tile_max, state.m, log_thresh)  # reported, not used to decide
+    if _rows_vote_skip(tile_max, state.m, log_thresh):
         return SKIPPED, margin  # no exp, no V load, no P.V; m, l, acc unchanged
     state.update(s, visible, v[j0:j1])
     return COMPUTED, margin

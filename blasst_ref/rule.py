@@ -9,6 +9,12 @@ Every backend runs these same functions, compiled the minitorch way for its targ
   (:mod:`blasst_ref.cuda.rule`, which also puts them into the namespace of the generated
   kernel sources).
 
+What is here: the tile codes of ``AttentionStats.tile_map``; :func:`log_threshold`;
+:func:`row_votes_skip`, one row's vote; :func:`max_nan`, the maximum that keeps NaN; and the
+causal mask and horizons (DESIGN.md §3's bottom-right alignment): :func:`key_visible`,
+:func:`last_visible_key` of a row, :func:`row_sees_keys`, and :func:`visited_k_tiles` of a
+block of rows.
+
 So that one source compiles for all three, each function is a few lines of scalar
 arithmetic and comparisons that call nothing else (no other function of the package, no
 numpy), and nothing in this module imports numba. The tile geometry (how many tiles, which
@@ -25,8 +31,8 @@ through) is skipped when **every** row votes for it, and row ``r`` votes when
 (:func:`row_votes_skip`). ``m_ref_r`` is the reference the row measures its tile against. In
 prefill and in the unseeded split-KV decode it is the row's running max ``m_r`` over the tiles
 it has kept so far. DESIGN.md §3's seeded decode measures every chunk's tiles against
-``m_ref_r = max(m_r, s0_r)``, with ``s0_r`` the row's max score over key tile 0; that is a
-change of the argument a kernel passes, not of the rule. How the votes of a tile's rows are
+``m_ref_r = max_nan(m_r, s0_r)``, with ``s0_r`` the row's max score over key tile 0; that is
+a change of the argument a kernel passes, not of the rule. How the votes of a tile's rows are
 combined (every row must vote; padding rows past ``Lq`` do not count) is the kernels' own
 business: a loop on the CPU, a block-wide barrier on the GPU.
 """
@@ -94,6 +100,14 @@ def max_nan(a, b):
     return b
 
 
+def key_visible(row, key, q_len, kv_len, causal):
+    """Whether query row ``row`` may see key ``key`` (``0 <= key``): the key exists
+    (``key < kv_len``) and, under the causal mask (aligned bottom-right, DESIGN.md §3),
+    ``key <= row + kv_len - q_len``. A score the mask hides is ``-inf``: it takes no part in
+    a tile's max, and its probability is 0."""
+    return key < kv_len and (not causal or key <= row + kv_len - q_len)
+
+
 def last_visible_key(row, q_len, kv_len, causal):
     """The last key query row ``row`` may see: ``kv_len - 1``, or under the causal mask
     (aligned bottom-right, DESIGN.md §3) ``min(kv_len - 1, row + kv_len - q_len)``.
@@ -103,6 +117,13 @@ def last_visible_key(row, q_len, kv_len, causal):
     if causal:
         return min(kv_len - 1, row + kv_len - q_len)
     return kv_len - 1
+
+
+def row_sees_keys(row, q_len, kv_len, causal):
+    """Whether query row ``row`` sees at least one key: always without a mask; under the
+    causal mask when ``row + kv_len - q_len >= 0``. A row that sees none outputs zeros
+    (FlashAttention's rule), not the ``0 / 0`` of an empty softmax."""
+    return not causal or row + kv_len - q_len >= 0
 
 
 def visited_k_tiles(q_stop, q_len, kv_len, block_k, causal):

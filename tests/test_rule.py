@@ -117,6 +117,9 @@ def test_horizons_match_the_mask(q_len, kv_len, block_k, causal):
     for row in range(q_len):
         last = rule.last_visible_key(row, q_len, kv_len, causal)
         np.testing.assert_array_equal(j[0] <= last, mask[row])
+        assert rule.row_sees_keys(row, q_len, kv_len, causal) == mask[row].any()
+        assert [rule.key_visible(row, key, q_len, kv_len, causal) for key in range(kv_len + 2)] \
+            == list(mask[row]) + [False, False]  # keys past Lk are never visible
     for q_stop in range(1, q_len + 1):
         seen = mask[:q_stop].any(axis=0)
         want = int(np.nonzero(seen)[0].max()) // block_k + 1 if seen.any() else 0
@@ -199,9 +202,12 @@ def test_cuda_compilation_agrees_with_python():
 
 
 @njit
-def _cpu_horizons(q_len, kv_len, block_k, causal, last, tiles):
+def _cpu_horizons(q_len, kv_len, block_k, causal, last, sees, tiles, vis):
     for r in range(q_len):
+        for j in range(vis.shape[1]):
+            vis[r, j] = cpu_rule.key_visible(r, j, q_len, kv_len, causal)
         last[r] = cpu_rule.last_visible_key(r, q_len, kv_len, causal)
+        sees[r] = cpu_rule.row_sees_keys(r, q_len, kv_len, causal)
         tiles[r] = cpu_rule.visited_k_tiles(r + 1, q_len, kv_len, block_k, causal)
 
 
@@ -209,10 +215,13 @@ def _cuda_horizons():
     from blasst_ref.cuda import rule as gpu_rule
 
     @cuda.jit
-    def kernel(q_len, kv_len, block_k, causal, last, tiles):
+    def kernel(q_len, kv_len, block_k, causal, last, sees, tiles, vis):
         r = cuda.grid(1)
         if r < q_len:
+            for j in range(vis.shape[1]):
+                vis[r, j] = 1 if gpu_rule.key_visible(r, j, q_len, kv_len, causal) else 0
             last[r] = gpu_rule.last_visible_key(r, q_len, kv_len, causal)
+            sees[r] = 1 if gpu_rule.row_sees_keys(r, q_len, kv_len, causal) else 0
             tiles[r] = gpu_rule.visited_k_tiles(r + 1, q_len, kv_len, block_k, causal)
 
     return kernel
@@ -222,17 +231,28 @@ def _cuda_horizons():
                                                    (24, 40, False)])
 def test_horizons_agree_across_targets(q_len, kv_len, causal):
     block_k = 8
-    want_last = [rule.last_visible_key(r, q_len, kv_len, causal) for r in range(q_len)]
-    want_tiles = [rule.visited_k_tiles(r + 1, q_len, kv_len, block_k, causal)
-                  for r in range(q_len)]
+    rows = range(q_len)
+    want_last = [rule.last_visible_key(r, q_len, kv_len, causal) for r in rows]
+    want_sees = [rule.row_sees_keys(r, q_len, kv_len, causal) for r in rows]
+    want_tiles = [rule.visited_k_tiles(r + 1, q_len, kv_len, block_k, causal) for r in rows]
+    want_vis = np.array([[rule.key_visible(r, j, q_len, kv_len, causal)
+                          for j in range(kv_len + 3)] for r in rows])
+    assert all(want_sees) == (not causal or q_len <= kv_len)  # Lq > Lk: rows without keys
     last, tiles = np.full(q_len, 99, np.int64), np.full(q_len, 99, np.int64)
-    _cpu_horizons(q_len, kv_len, block_k, causal, last, tiles)
+    sees = np.zeros(q_len, np.bool_)
+    vis = np.zeros(want_vis.shape, np.bool_)
+    _cpu_horizons(q_len, kv_len, block_k, causal, last, sees, tiles, vis)
+    np.testing.assert_array_equal(vis, want_vis)
     np.testing.assert_array_equal(last, want_last)
+    np.testing.assert_array_equal(sees, want_sees)
     np.testing.assert_array_equal(tiles, want_tiles)
-    d_last, d_tiles = cuda.to_device(np.full(q_len, 99, np.int64)), \
-        cuda.to_device(np.full(q_len, 99, np.int64))
-    _cuda_horizons()[1, 64](q_len, kv_len, block_k, causal, d_last, d_tiles)
+    d_last, d_tiles = (cuda.to_device(np.full(q_len, 99, np.int64)) for _ in range(2))
+    d_sees = cuda.to_device(np.full(q_len, -1, np.int8))
+    d_vis = cuda.to_device(np.full(want_vis.shape, -1, np.int8))
+    _cuda_horizons()[1, 64](q_len, kv_len, block_k, causal, d_last, d_sees, d_tiles, d_vis)
+    np.testing.assert_array_equal(d_vis.copy_to_host(), want_vis.astype(np.int8))
     np.testing.assert_array_equal(d_last.copy_to_host(), want_last)
+    np.testing.assert_array_equal(d_sees.copy_to_host(), np.array(want_sees, np.int8))
     np.testing.assert_array_equal(d_tiles.copy_to_host(), want_tiles)
 
 

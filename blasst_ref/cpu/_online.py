@@ -16,8 +16,12 @@ _inline = njit(inline="always")
 row_votes_skip = _inline(rule.row_votes_skip)
 #: :func:`blasst_ref.rule.max_nan`, compiled for the CPU kernels
 max_nan = _inline(rule.max_nan)
+#: :func:`blasst_ref.rule.key_visible`, compiled for the CPU kernels
+key_visible = _inline(rule.key_visible)
 #: :func:`blasst_ref.rule.last_visible_key`, compiled for the CPU kernels
 last_visible_key = _inline(rule.last_visible_key)
+#: :func:`blasst_ref.rule.row_sees_keys`, compiled for the CPU kernels
+row_sees_keys = _inline(rule.row_sees_keys)
 #: :func:`blasst_ref.rule.visited_k_tiles`, compiled for the CPU kernels
 visited_k_tiles = _inline(rule.visited_k_tiles)
 

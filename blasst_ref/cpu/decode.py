@@ -26,7 +26,8 @@ from numba import njit, prange
 
 from ..rule import COMPUTED, SKIPPED
 from ._math import FASTMATH, exp
-from ._online import fold_row, last_visible_key, max_nan, rows_agree_to_skip, visited_k_tiles
+from ._online import (fold_row, last_visible_key, max_nan, row_sees_keys, rows_agree_to_skip,
+                      visited_k_tiles)
 
 
 @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
@@ -157,7 +158,7 @@ def decode_merge_kernel(part_m, part_l, part_acc, causal, lk, out):
         for r in range(n_rows):
             h = g * group + r // lq
             i = r % lq
-            if last_visible_key(i, lq, lk, causal) < 0:  # the row sees no key: zeros
+            if not row_sees_keys(i, lq, lk, causal):  # zeros (FlashAttention's rule)
                 for d in range(dv):
                     out[b, h, i, d] = dt(0.0)
                 continue

@@ -26,7 +26,8 @@ from numba import njit, prange
 
 from ..rule import COMPUTED, SKIPPED
 from ._math import FASTMATH
-from ._online import fold_row, last_visible_key, max_nan, rows_agree_to_skip, visited_k_tiles
+from ._online import (fold_row, last_visible_key, max_nan, row_sees_keys, rows_agree_to_skip,
+                      visited_k_tiles)
 
 
 @njit(inline="always", fastmath=FASTMATH)
@@ -195,7 +196,7 @@ def prefill_kernel(q, k_tiles_t, v, log_thresh, causal, scale, block_q, block_k,
                     acc[r, d] += pv[r, d]
 
         for r in range(nr):
-            if last_visible_key(i0 + r, lq, lk, causal) < 0:  # the row sees no key: zeros
+            if not row_sees_keys(i0 + r, lq, lk, causal):  # zeros (FlashAttention's rule)
                 for d in range(dv):
                     out[b, h, i0 + r, d] = dt(0.0)
             else:

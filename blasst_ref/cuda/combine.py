@@ -28,9 +28,10 @@ from numba import cuda, float32
 
 from .intrinsics import narrow
 from .problem import pow2_ceil
-from .rule import last_visible_key, max_nan
+from .rule import max_nan, row_sees_keys
 
-__all__ = ["MERGE_THREADS", "launch_merge", "merge_block", "merge_kernel", "partials"]
+__all__ = ["MERGE_THREADS", "launch_merge", "merge_args", "merge_block", "merge_kernel",
+           "partials"]
 
 MERGE_THREADS = 128  #: threads per block of the merge kernel (at most; fewer for a small Dv)
 
@@ -53,7 +54,7 @@ def merge_kernel(part_m, part_l, part_acc, causal, lk, n_splits, out):
     h = g * group + r // lq
     i = r % lq
     w0 = bg * n_splits
-    if last_visible_key(i, lq, lk, causal) < 0:  # the row sees no key: zeros
+    if not row_sees_keys(i, lq, lk, causal):  # zeros (FlashAttention's rule)
         for d in range(t, dv, cuda.blockDim.x):
             out[b, h, i, d] = narrow(out, float32(0.0))
         return
@@ -102,3 +103,17 @@ def launch_merge(problem, part_m, part_l, part_acc, out):
     dtype), through Numba's dispatcher."""
     merge_kernel[problem.batch * problem.kv_heads * problem.rows, merge_block(problem.dv)](
         part_m, part_l, part_acc, problem.causal, problem.kv_len, problem.n_splits, out)
+
+
+def merge_args(problem) -> tuple:
+    """The merge kernel's arguments for ``problem``, as :class:`.numba_internals.Array` /
+    Numba scalar types (raw launches, register reports)."""
+    from numba.cuda import types
+
+    from .numba_internals import Array
+
+    n_work = problem.batch * problem.kv_heads * problem.n_splits
+    ml = Array(np.float32, (n_work, problem.rows))
+    acc = Array(np.float32, (n_work, problem.rows, problem.dv))
+    out = Array(problem.dtype, (problem.batch, problem.q_heads, problem.q_len, problem.dv))
+    return (ml, ml, acc, types.boolean, types.int64, types.int64, out)

@@ -101,7 +101,7 @@ from .intrinsics import widen
 from .problem import KernelVersion, pow2_ceil, pow2_floor
 from .rule import COMPUTED, SKIPPED, last_visible_key, max_nan, row_votes_skip
 
-__all__ = ["THREADS", "VERSION", "accepts", "kernel", "launch", "plan"]
+__all__ = ["THREADS", "VERSION", "accepts", "kernel", "kernels", "launch", "plan"]
 
 THREADS = 256  #: threads per block of the split kernel (256 beat 128 on an H100)
 SHARED_BYTES = 48 * 1024  #: static shared memory available to one block without opt-in
@@ -291,10 +291,11 @@ def kernel(R, BK, DQK, DV, DC, QW, NT):
                     m_old = ms[r]
                     m_new = max_nan(m_old, tms[r])
                     shift = float32(0.0) if m_new == neg_inf else m_new
+                    last = last_visible_key(r % lq, lq, lk, causal)  # the row's last key
                     for j in range(lane, BK, TPR):
                         jg = j0 + j
                         p = float32(0.0)
-                        if jg <= last_visible_key(r % lq, lq, lk, causal):
+                        if jg <= last:
                             p = math.exp(ss[r, j] - shift)
                         ss[r, j] = p
                         part += p
@@ -379,5 +380,21 @@ def launch(p, problem, q, k, v, out, tile_map, log_thresh, scale):
     combine.launch_merge(problem, part_m, part_l, part_acc, out)
 
 
+def kernels(p, problem):
+    """``[(label, dispatcher, argtypes)]`` of a call (for register reports)."""
+    from numba.cuda import types
+
+    from .numba_internals import argtypes, array_type
+
+    nt, dc, qw = p
+    arr, i64 = array_type(problem.dtype, 4), types.int64
+    ml, acc = array_type(np.float32, 2), array_type(np.float32, 3)
+    split = kernel(problem.rows, problem.block_k, problem.dqk, problem.dv, dc, qw, nt)
+    return [("decode_v1 split", split, (arr, arr, arr, types.float64, types.boolean,
+                                        types.float32, i64, i64, i64, i64, ml, ml, acc,
+                                        array_type(np.int8, 4))),
+            ("merge", combine.merge_kernel, argtypes(combine.merge_args(problem)))]
+
+
 #: this version's entry in the version table (:mod:`.launch`)
-VERSION = KernelVersion("decode_v1", "decode", 1, accepts, launch)
+VERSION = KernelVersion("decode_v1", "decode", 1, accepts, launch, kernels)

@@ -75,13 +75,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from numba import config, cuda, float32
 
 from .intrinsics import narrow, widen
 from .problem import KernelVersion, pow2_ceil, pow2_floor
-from .rule import COMPUTED, SKIPPED, last_visible_key, max_nan, row_votes_skip, visited_k_tiles
+from .rule import (COMPUTED, SKIPPED, key_visible, max_nan, row_sees_keys, row_votes_skip,
+                   visited_k_tiles)
 
-__all__ = ["VERSION", "accepts", "kernel", "launch", "plan"]
+__all__ = ["VERSION", "accepts", "kernel", "kernels", "launch", "make_kernel", "plan"]
 
 #: Static shared memory per block (bytes) that a kernel may use: CUDA's 48 KB static limit.
 SHARED_BYTES = 48 * 1024
@@ -163,11 +165,11 @@ def kernel(block_q, block_k, dqk, dv, tpr, dc):
     """The compiled kernel for these constants (built once, then cached)."""
     key = (block_q, block_k, dqk, dv, tpr, dc)
     if key not in _KERNELS:
-        _KERNELS[key] = _make_kernel(block_q, block_k, dqk, dv, tpr, dc)
+        _KERNELS[key] = make_kernel(block_q, block_k, dqk, dv, tpr, dc)
     return _KERNELS[key]
 
 
-def _make_kernel(block_q, block_k, dqk, dv, tpr, dc):
+def make_kernel(block_q, block_k, dqk, dv, tpr, dc):
     """Build the kernel for one set of compile-time constants (see the module docstring)."""
     threads = -(-(block_q * tpr) // 32) * 32
     rows = threads // tpr  # >= block_q; rows past block_q are padding
@@ -210,7 +212,6 @@ def _make_kernel(block_q, block_k, dqk, dv, tpr, dc):
         i1 = min(lq, i0 + block_q)
         gi = i0 + r  # this thread's query row
         row_ok = gi < i1  # padding rows (past Lq or past block_q) never vote, never write
-        last = last_visible_key(gi, lq, lk, causal)  # keys past it are masked for this row
         f_scale = float32(scale)
         neg_inf = float32(-math.inf)
 
@@ -258,7 +259,7 @@ def _make_kernel(block_q, block_k, dqk, dv, tpr, dc):
             part = neg_inf
             for u in range(kpt):
                 gj = j0 + t + u * tpr
-                if t + u * tpr < block_k and gj <= last:
+                if t + u * tpr < block_k and key_visible(gi, gj, lq, lk, causal):
                     part = max_nan(part, sc[u])
                 else:
                     sc[u] = neg_inf  # masked (or past Lk): contributes nothing
@@ -292,7 +293,7 @@ def _make_kernel(block_q, block_k, dqk, dv, tpr, dc):
                 if j < block_k:
                     gj = j0 + j
                     p = float32(0.0)
-                    if gj <= last:
+                    if key_visible(gi, gj, lq, lk, causal):
                         p = float32(math.exp(sc[u] - shift))
                     ps[r, j] = p
                     part += p
@@ -329,7 +330,7 @@ def _make_kernel(block_q, block_k, dqk, dv, tpr, dc):
 
         # ---- finish: O / l, in the output dtype ------------------------------------------
         if row_ok:
-            sees_keys = last >= 0
+            sees_keys = row_sees_keys(gi, lq, lk, causal)
             for c in range(n_v_chunks):
                 for w in range(cpc):
                     col = c * dc + t + w * tpr
@@ -362,5 +363,17 @@ def launch(p, problem, q, k, v, out, tile_map, log_thresh, scale):
                              float(scale))
 
 
+def kernels(p, problem):
+    """``[(label, dispatcher, argtypes)]`` of a call (for register reports)."""
+    from numba.cuda import types
+
+    from .numba_internals import array_type
+
+    arr = array_type(problem.dtype, 4)
+    kern = kernel(problem.block_q, problem.block_k, problem.dqk, problem.dv, p["tpr"], p["dc"])
+    return [("prefill_v1", kern, (arr, arr, arr, arr, array_type(np.int8, 4), types.float64,
+                                  types.boolean, types.float64))]
+
+
 #: this version's entry in the version table (:mod:`.launch`)
-VERSION = KernelVersion("prefill_v1", "prefill", 1, accepts, launch)
+VERSION = KernelVersion("prefill_v1", "prefill", 1, accepts, launch, kernels)
