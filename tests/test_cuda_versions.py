@@ -24,11 +24,18 @@ from blasst_ref.cuda.problem import Problem  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 
+def _shapes(lq, d=64, dv=None, lk=256):
+    dv = d if dv is None else dv
+    return (1, 4, lq, d), (1, 2, lk, d), (1, 2, lk, dv)
+
+
 def _problem(lq, d=64, dv=None, dtype=np.float16, aligned=True, lk=256):
     """A GQA problem (4 query heads on 2 kv heads) with the default tiles."""
-    dv = d if dv is None else dv
-    return Problem.of((1, 4, lq, d), (1, 2, lk, d), (1, 2, lk, dv), dtype, True, 128, 64,
-                      aligned=aligned)
+    return Problem.of(*_shapes(lq, d, dv, lk), dtype, True, 128, 64, aligned=aligned)
+
+
+def _fast_plan(lq):
+    return launch.fast_plan(*_shapes(lq), np.dtype(np.float16), True, 128, 64)
 
 
 #: prefill v2's thread layout on a GPU, also under the simulator (whose default is small)
@@ -148,7 +155,7 @@ def test_a_missing_internal_is_reported(fresh_internals, monkeypatch):
     monkeypatch.setattr(numba_internals, "INTERNALS", gone)
     assert numba_internals.missing() == ("math.no_such_internal",)
     assert not numba_internals.available()
-    assert launch.fast_plan(_problem(1)) is None  # the fast path is not even tried
+    assert _fast_plan(1) is None  # the fast path is not even tried
 
 
 def test_a_failing_internal_falls_back_to_the_dispatcher(fresh_internals, monkeypatch):
@@ -161,10 +168,10 @@ def test_a_failing_internal_falls_back_to_the_dispatcher(fresh_internals, monkey
                         ("numba.cuda", "no_such_internal"))
     assert numba_internals.available()
     with pytest.warns(RuntimeWarning, match="public dispatcher"):
-        assert launch.fast_plan(_problem(1)) is None
+        assert _fast_plan(1) is None
     assert not numba_internals.available()
     assert numba_internals.disabled_reason()
-    assert launch.fast_plan(_problem(200)) is None
+    assert _fast_plan(200) is None
 
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal(s).astype(np.float32)
@@ -179,3 +186,45 @@ def test_raw_kernel_refuses_without_internals(fresh_internals, monkeypatch):
     monkeypatch.setitem(numba_internals._state, "disabled", "a test")
     with pytest.raises(numba_internals.InternalsMissing, match="a test"):
         numba_internals.RawKernel(None, ())
+
+
+# ---------------------------------------------------------------------------------------
+# the register report (python -m blasst_ref.bench cuda_versions registers)
+# ---------------------------------------------------------------------------------------
+
+_PTX = """
+.version 7.8
+.target sm_90
+.address_size 64
+.visible .entry tiny(.param .u64 out)
+{
+    .reg .b64 %rd<3>;
+    .reg .b32 %r<2>;
+    ld.param.u64 %rd1, [out];
+    cvta.to.global.u64 %rd2, %rd1;
+    mov.u32 %r1, 7;
+    st.global.u32 [%rd2], %r1;
+    ret;
+}
+"""
+
+
+def test_ptxas_counts_reads_registers_and_spills():
+    import shutil
+
+    from blasst_ref.bench.cuda_versions import ptxas_counts
+
+    if shutil.which("ptxas") is None:
+        pytest.skip("needs the CUDA toolkit's ptxas on PATH")
+    counts = ptxas_counts(_PTX, "sm_90")
+    assert 1 <= counts["registers"] <= 16
+    assert counts["spill_stores"] == counts["spill_loads"] == counts["stack"] == 0
+
+
+def test_register_report_refuses_the_simulator(capsys):
+    from blasst_ref.bench.__main__ import main
+
+    if not config.ENABLE_CUDASIM:
+        pytest.skip("checks the simulator's refusal; on a GPU the report compiles every kernel")
+    assert main(["cuda_versions", "registers"]) == 2
+    assert "NUMBA_ENABLE_CUDASIM" in capsys.readouterr().err

@@ -8,6 +8,8 @@ Subcommands, one module each, listed in :data:`SUBCOMMANDS`:
   ONNX Runtime; ``--preset issue5`` reproduces the measurements of issue #5.
 * ``int8`` (:mod:`.int8`): the u8 x s8 ``QMatMul`` kernel and int8 MLP graphs against
   float32, with the fraction of the VNNI peak; ``--preset issue6``.
+* ``cuda_versions`` (:mod:`.cuda_versions`): registers and spills of every CUDA kernel
+  version (``ptxas``, no GPU needed), and two source trees timed side by side on a GPU.
 
 To add one (e.g. ``graph``, ``int8``): write ``blasst_ref/bench/<name>.py`` with
 ``register(subparsers)`` — it adds its parser and ``set_defaults(func=run, parser=p)`` — and
@@ -17,4 +19,4 @@ interleaved repeats, median), :mod:`.oracle` (a memory-bounded float64 dense res
 """
 
 #: Subcommand modules of ``python -m blasst_ref.bench``, in help order. Imported lazily.
-SUBCOMMANDS = ("attention", "graph", "int8")
+SUBCOMMANDS = ("attention", "graph", "int8", "cuda_versions")

@@ -36,7 +36,6 @@ from numba import config, cuda
 from .. import tiling
 from ..rule import log_threshold  # (not `rule`: that name is this package's .rule module)
 from . import launch, numba_internals
-from .problem import Problem
 
 __all__ = ["attention", "array_library"]
 
@@ -177,7 +176,7 @@ def attention(q, k, v, thresh, causal, scale, block_q, block_k):
     * **fast** (torch tensors or objects with ``__cuda_array_interface__``, on a real GPU
       whose Numba has the internals it needs, shapes the v2 kernels take, 16-byte aligned
       data): the kernels of a shape are compiled and their fixed launch parameters, partials
-      and tile map built once (:func:`.launch.fast_plan`, cached per problem); a call reads
+      and tile map built once (:func:`.launch.fast_plan`, cached per shape); a call reads
       the data pointers, allocates the output through the caller's library, zeroes the tile
       map and launches from raw pointers (:mod:`.numba_internals`). No synchronisation.
     * **general** (Numba arrays, the simulator, v1 shapes, or a Numba without those
@@ -252,10 +251,9 @@ def _attention_fast(q, k, v, thresh, causal, scale, block_q, block_k):
     q4, k4, v4 = ((1,) + r[1] if len(r[1]) == 3 else r[1] for r in (rq, rk, rv))
     if any(r[0] % 16 for r in (rq, rk, rv)):
         return None  # the fast versions read 16-byte vectors
-    problem = Problem.of(q4, k4, v4, dtype, causal, block_q, block_k)
-    if problem.batch * problem.q_heads * problem.q_len == 0:
+    if q4[0] * q4[1] * q4[2] == 0:
         return None
-    runner = launch.fast_plan(problem)
+    runner = launch.fast_plan(q4, k4, v4, dtype, bool(causal), block_q, block_k)
     if runner is None:
         return None
     out_shape = q_shape[:-1] + (v4[3],)

@@ -472,7 +472,7 @@ def accepts(problem, threads=None, chunk=None, **_):
     return None if wt is None else (nt, wt)
 
 
-def plan_for_dump(problem):
+def gpu_plan(problem):
     """The plan a GPU would use for ``problem`` (the GPU's threads, on any machine)."""
     wt = plan(problem.rows, problem.block_k, problem.dqk, problem.dv, problem.itemsize,
               THREADS, problem.split_tiles)
@@ -514,36 +514,54 @@ def launch(p, problem, q, k, v, out, tile_map, log_thresh, scale):
     combine.launch_merge(problem, part_m, part_l, part_acc, out)
 
 
+def _split_args(problem) -> tuple:
+    """The split kernel's arguments for ``problem`` (flat 1-D q, k, v, as :func:`launch`
+    passes them), as :class:`.numba_internals.Array` / Numba scalar types."""
+    from numba.cuda import types
+
+    from .numba_internals import Array
+
+    dt, rows, dv = problem.dtype, problem.rows, problem.dv
+    n_work = problem.batch * problem.kv_heads * problem.n_splits
+    n_q = problem.batch * problem.q_heads * problem.q_len
+    n_kv = problem.batch * problem.kv_heads * problem.kv_len
+    ml, acc = Array(np.float32, (n_work, rows)), Array(np.float32, (n_work, rows, dv))
+    i64 = types.int64
+    return (Array(dt, (n_q * problem.dqk,)), Array(dt, (n_kv * problem.dqk,)),
+            Array(dt, (n_kv * dv,)), i64, i64, i64, i64, types.float64, types.boolean,
+            types.float32, i64, i64, i64, ml, ml, acc, Array(np.int8, problem.tile_map_shape))
+
+
+def kernels(p, problem):
+    """``[(label, dispatcher, argtypes)]`` of a call (for register reports)."""
+    from .numba_internals import argtypes
+
+    return [("decode_v2 split", _split(p, problem), argtypes(_split_args(problem))),
+            ("merge", combine.merge_kernel, argtypes(combine.merge_args(problem)))]
+
+
 class _Fast:
     """One decode shape, ready for raw launches (:class:`.numba_internals.RawKernel`): the
     compiled split and merge kernels, and the partials and tile map of this shape, allocated
     once. :meth:`run` launches a memset of the tile map and the two kernels; it synchronises
     nothing. The tile map it returns is reused by the next call of the same shape (the API
-    copies it to the host, when asked for statistics, before it returns)."""
+    copies it to the host, when asked for statistics, before it returns).
+
+    The runner of the raw-pointer host path (``fast`` of :data:`VERSION`); building it
+    raises :class:`.numba_internals.InternalsMissing` where an internal is missing."""
 
     def __init__(self, p, problem):
-        from numba.cuda import types
-
-        from .numba_internals import Array, RawKernel, device_ptr
+        from .numba_internals import RawKernel, device_ptr
 
         nt = p[0]
-        dt, rows, dv = problem.dtype, problem.rows, problem.dv
+        rows, dv = problem.rows, problem.dv
         n_work = problem.batch * problem.kv_heads * problem.n_splits
-        n_q = problem.batch * problem.q_heads * problem.q_len
-        n_kv = problem.batch * problem.kv_heads * problem.kv_len
         self.partials = (cuda.device_array((n_work, rows), np.float32),
                          cuda.device_array((n_work, rows), np.float32),
                          cuda.device_array((n_work, rows, dv), np.float32))
         self.tile_map = cuda.device_array(problem.tile_map_shape, np.int8)
-        ml, acc = Array(np.float32, (n_work, rows)), Array(np.float32, (n_work, rows, dv))
-        i64 = types.int64
-        self.split = RawKernel(_split(p, problem), (
-            Array(dt, (n_q * problem.dqk,)), Array(dt, (n_kv * problem.dqk,)),
-            Array(dt, (n_kv * dv,)), i64, i64, i64, i64, types.float64, types.boolean,
-            types.float32, i64, i64, i64, ml, ml, acc, Array(np.int8, problem.tile_map_shape)))
-        self.merge = RawKernel(combine.merge_kernel, (
-            ml, ml, acc, types.boolean, i64, i64,
-            Array(dt, (problem.batch, problem.q_heads, problem.q_len, dv))))
+        self.split = RawKernel(_split(p, problem), _split_args(problem))
+        self.merge = RawKernel(combine.merge_kernel, combine.merge_args(problem))
         self.parts = tuple(device_ptr(a) for a in self.partials)
         self.map_ptr, self.map_bytes = device_ptr(self.tile_map), int(self.tile_map.size)
         self.shape = (problem.q_heads, problem.kv_heads, problem.q_len, problem.kv_len)
@@ -565,12 +583,6 @@ class _Fast:
         return self.tile_map
 
 
-def fast(p, problem):
-    """A runner of plan ``p`` for the raw-pointer host path (raises
-    :class:`.numba_internals.InternalsMissing` where an internal is missing)."""
-    return _Fast(p, problem)
-
-
 #: this version's entry in the version table (:mod:`.launch`)
-VERSION = KernelVersion("decode_v2", "decode", 2, accepts, launch, fast=fast, sources=sources,
-                        plan_for_dump=plan_for_dump)
+VERSION = KernelVersion("decode_v2", "decode", 2, accepts, launch, kernels, fast=_Fast,
+                        sources=sources, gpu_plan=gpu_plan)

@@ -44,7 +44,7 @@ Host paths
 ----------
 * **general** (:func:`launch_prefill`, :func:`launch_decode`): Numba device arrays and
   Numba's public dispatcher; every version, the simulator, any array library.
-* **fast** (:func:`fast_plan`): plans cached per :class:`~.problem.Problem`, raw launches
+* **fast** (:func:`fast_plan`): runners cached per shape, dtype, mask and tiles, raw launches
   from data pointers (:mod:`.numba_internals`, ~0.1 ms of host time per call instead of
   ~0.5-0.8 ms); only versions with a ``fast`` runner, only where the internals are there.
   Where one is missing, the general path runs instead (:mod:`.numba_internals` explains).
@@ -203,30 +203,39 @@ _FAST: dict = {}
 _MAX_FAST = 64
 
 
-def fast_plan(problem: Problem):
+def fast_plan(q_shape, k_shape, v_shape, dtype, causal, block_q, block_k):
     """A runner for the raw-pointer host path (``runner.run(qp, kp, vp, outp, log_thresh,
-    scale) -> tile_map``), cached per problem; ``None`` where the version that serves the
-    problem has none, no version takes it, or the internals are missing (the general path
-    then runs; :mod:`.numba_internals`)."""
+    scale) -> tile_map``) of 4-D shapes on 16-byte aligned arrays, cached per shape, dtype,
+    mask and tiles (a call with a cached shape costs one dict lookup); ``None`` where the
+    version that serves the problem has none, no version takes it, or the internals are
+    missing (the general path then runs; :mod:`.numba_internals`)."""
     if not numba_internals.available():
         return None
-    runner = _FAST.get(problem, False)
+    key = (q_shape, k_shape, v_shape, dtype, causal, block_q, block_k)
+    runner = _FAST.get(key, False)
     if runner is False:
-        runner = None
-        try:
-            entry, p = choose(problem)
-        except ValueError:  # the general path raises it with the caller's arrays
-            entry = None
-        if entry is not None and entry.fast is not None:
-            try:
-                runner = entry.fast(p, problem)
-            except numba_internals.InternalsMissing as exc:
-                numba_internals.disable(str(exc))
-                return None
+        runner = _build_fast(Problem.of(q_shape, k_shape, v_shape, dtype, causal, block_q,
+                                        block_k))
+        if runner is False:  # an internal failed: not cached, the general path from now on
+            return None
         if len(_FAST) >= _MAX_FAST:
             _FAST.clear()
-        _FAST[problem] = runner
+        _FAST[key] = runner
     return runner
+
+
+def _build_fast(problem: Problem):
+    try:
+        entry, p = choose(problem)
+    except ValueError:  # the general path raises it with the caller's arrays
+        return None
+    if entry.fast is None:
+        return None
+    try:
+        return entry.fast(p, problem)
+    except numba_internals.InternalsMissing as exc:
+        numba_internals.disable(str(exc))
+        return False
 
 
 def dump_source(name: str, directory=None, *, batch=1, q_heads=32, kv_heads=8, q_len=None,
@@ -259,7 +268,7 @@ def dump_source(name: str, directory=None, *, batch=1, q_heads=32, kv_heads=8, q
     if problem.decode != (entry.phase == "decode"):
         raise ValueError(f"{name} serves {entry.phase}, and q_len={q_len} is "
                          f"{'decode' if problem.decode else 'prefill'}")
-    p = entry.plan_for_dump(problem)
+    p = entry.plan_on_gpu(problem)
     if p is None:
         raise ValueError(f"{name} does not take this shape: {problem}")
     texts = entry.sources(p, problem, sim=simulator)

@@ -22,7 +22,9 @@ does not offer publicly (numba-cuda 0.30):
   kernel in to more than 48 KB of dynamic shared memory (prefill v2 uses 128-205 KB; Numba's
   dispatcher has no option for it, so the general host path needs it too).
 
-Nothing outside this module touches any of them.
+And, for register reports only (:func:`ptx`, no kernel is launched): a stand-in for
+``numba.cuda.dispatcher.get_current_device`` on a machine without a GPU, and a kernel's
+``targetoptions``. Nothing outside this module touches any of them.
 
 The fallback
 ------------
@@ -46,8 +48,9 @@ import warnings
 import numpy as np
 from numba import config
 
-__all__ = ["INTERNALS", "InternalsMissing", "RawKernel", "array_type", "available",
-           "can_raise_shared_limit", "disable", "memset0", "missing", "raise_shared_limit"]
+__all__ = ["INTERNALS", "Array", "InternalsMissing", "RawKernel", "argtypes", "array_type",
+           "available", "can_raise_shared_limit", "disable", "max_registers", "memset0",
+           "missing", "ptx", "raise_shared_limit"]
 
 #: The internals, by role: ``(module, dotted attribute path)``, resolved lazily by name.
 #: ``_codelibrary`` is an attribute of each compiled kernel, so what is looked up for it is
@@ -88,6 +91,9 @@ def missing() -> tuple[str, ...]:
     """The internals of :data:`INTERNALS` this Numba lacks, as ``module.attribute`` strings
     (looked up once; empty on a Numba that has them all). On the CUDA simulator the driver
     internals are always missing."""
+    found = _state["missing"]
+    if found is not None:  # every call of the API asks: no lock once looked up
+        return found
     with _lock:
         if _state["missing"] is None:
             gone = []
@@ -138,12 +144,19 @@ def can_raise_shared_limit() -> bool:
     return bool(config.ENABLE_CUDASIM) or available()
 
 
+_resolved: dict = {}
+
+
 def _internal(role: str):
-    module, path = INTERNALS[role]
-    try:
-        return _resolve(module, path)
-    except (ImportError, AttributeError) as exc:
-        raise InternalsMissing(f"this Numba lacks {module}.{path} ({exc})") from exc
+    """The internal of ``role`` (looked up once per name; :class:`InternalsMissing` if gone)."""
+    where = INTERNALS[role]
+    obj = _resolved.get(where)
+    if obj is None:
+        try:
+            obj = _resolved[where] = _resolve(*where)
+        except (ImportError, AttributeError) as exc:
+            raise InternalsMissing(f"this Numba lacks {'.'.join(where)} ({exc})") from exc
+    return obj
 
 
 def array_type(dtype, ndim: int):
@@ -210,7 +223,6 @@ def _array_params(ptr: int, shape: tuple, itemsize: int) -> list:
 _SCALARS = {"int64": ctypes.c_int64, "float64": ctypes.c_double, "float32": ctypes.c_float,
             "bool": bool}
 
-_stream = []
 _configs: dict = {}
 
 
@@ -222,6 +234,13 @@ class Array:
     def __init__(self, dtype, shape):
         self.dtype = np.dtype(dtype)
         self.shape = tuple(int(n) for n in shape)
+
+
+def argtypes(args) -> tuple:
+    """Numba argument types of kernel arguments given as :class:`Array` or Numba scalar
+    types (what :class:`RawKernel` takes)."""
+    return tuple(array_type(a.dtype, len(a.shape)) if isinstance(a, Array) else a
+                 for a in args)
 
 
 class RawKernel:
@@ -241,21 +260,14 @@ class RawKernel:
     def __init__(self, dispatcher, args, shared: int = 0):
         if not available():
             raise InternalsMissing(disabled_reason() or f"missing: {', '.join(missing())}")
-        argtypes, self._conv = [], []
-        for a in args:
-            if isinstance(a, Array):
-                argtypes.append(array_type(a.dtype, len(a.shape)))
-                self._conv.append((a.shape, a.dtype.itemsize))
-            else:
-                argtypes.append(a)
-                self._conv.append(_SCALARS[str(a)])
+        self._conv = [(a.shape, a.dtype.itemsize) if isinstance(a, Array) else _SCALARS[str(a)]
+                      for a in args]
         self._last = [None] * len(self._conv)
-        self._func = _cufunc(dispatcher, argtypes)
+        self._func = _cufunc(dispatcher, argtypes(args))
         self.shared = int(shared)
         if self.shared > STATIC_SHARED_BYTES:
             _set_max_dynamic_shared(self._func, self.shared)
-        if not _stream:
-            _stream.append(_internal("default stream as cuda.core")(0))
+        self._stream = _internal("default stream as cuda.core")(0)
         self._launch = _internal("cuda.core launch")
         self._config = _internal("cuda.core launch config")
 
@@ -282,4 +294,35 @@ class RawKernel:
             if len(_configs) > 256:
                 _configs.clear()
             cfg = _configs[key] = self._config(grid=grid, block=block, shmem_size=self.shared)
-        self._launch(_stream[0], cfg, self._func.kernel, *self.params(values))
+        self._launch(self._stream, cfg, self._func.kernel, *self.params(values))
+
+
+def ptx(dispatcher, argtypes, cc=(9, 0)) -> str:
+    """The PTX of ``dispatcher``'s kernel for ``argtypes`` and compute capability ``cc``,
+    on any machine: with no GPU, Numba's question for the current device's compute
+    capability (asked when it compiles the device functions a kernel calls) is answered
+    with ``cc`` while this runs. Call it in a process of its own (the register report
+    does): device functions compiled here stay cached for ``cc``."""
+    from numba import cuda
+
+    import numba.cuda.dispatcher as dispatcher_module
+
+    if config.ENABLE_CUDASIM:
+        raise RuntimeError("PTX needs Numba's CUDA target: unset NUMBA_ENABLE_CUDASIM")
+
+    class _Device:
+        compute_capability = tuple(cc)
+
+    saved = dispatcher_module.get_current_device
+    if not cuda.is_available():
+        dispatcher_module.get_current_device = _Device
+    try:
+        text, _ = cuda.compile_ptx(dispatcher.py_func, tuple(argtypes), cc=tuple(cc))
+    finally:
+        dispatcher_module.get_current_device = saved
+    return text
+
+
+def max_registers(dispatcher) -> int | None:
+    """The ``max_registers`` a kernel was declared with (``None``: no cap)."""
+    return dispatcher.targetoptions.get("max_registers")

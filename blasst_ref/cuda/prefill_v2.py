@@ -9,7 +9,7 @@ tiles on 16-byte aligned, C-contiguous arrays (:func:`plan`); version 1 serves t
 Measured (H100, fp16, B=1 H=32 L=4096 D=128, docs/BENCHMARKS.md): dense 28.2 TFLOP/s causal,
 32.6 TFLOP/s without mask (12x version 1; ~47-54% of the fp32 FMA peak); at ~75% sparsity
 1.50x (causal) / 1.45x (no mask) over its own dense. ptxas (sm_90, 255-register cap): fp16
-242 / 255 registers at D = 64 / 128 and no spills; fp32 D = 128 spills (table in
+238 / 255 registers at D = 64 / 128 and no spills; fp32 D = 128 spills (table in
 docs/BENCHMARKS.md). A skipped tile still costs ~60% of a kept one (ideal 50%): ``Q K^T`` has
 the worse load / FMA ratio and carries the per-tile fixed costs, and one block of 8 warps per
 SM has little to overlap a barrier with.
@@ -417,6 +417,8 @@ def source(BQ, BK, D, TR, TC, VEC, QS, PS, sim):
     emit(1, f"obase = (b * n_hq + h) * lq * {D} + cg * 4")
     for i in R(RPT):
         emit(1, f"if ok{i}:")
+        # lim >= 0: the row sees a key (equal to rule.row_sees_keys for a row below i1;
+        # this form measured 4 registers fewer at D = 64, ptxas, docs/BENCHMARKS.md)
         emit(2, f"sees = lim{i} >= 0")
         emit(2, f"rb = obase + gi{i} * {D}")
         for c in R(NCH):
@@ -492,7 +494,7 @@ def accepts(problem, layout=None, threads_per_row=None, d_chunk=None, **_):
     return p
 
 
-def plan_for_dump(problem):
+def gpu_plan(problem):
     """The plan a GPU would use for ``problem`` (the GPU thread layout, on any machine)."""
     return plan(problem.block_q, problem.block_k, problem.dqk, problem.dv, problem.itemsize,
                 (TR, TC))
@@ -516,27 +518,45 @@ def launch(p, problem, q, k, v, out, tile_map, log_thresh, scale):
     disp[grid, p["threads"], 0, p["shared_bytes"]](*args)
 
 
+def _args(problem) -> tuple:
+    """The kernel's arguments for ``problem`` (flat 1-D arrays, as :func:`launch` passes
+    them), as :class:`.numba_internals.Array` / Numba scalar types."""
+    from numba.cuda import types
+
+    from .numba_internals import Array
+
+    dt = problem.dtype
+    n_q = problem.batch * problem.q_heads * problem.q_len
+    n_kv = problem.batch * problem.kv_heads * problem.kv_len
+    i64 = types.int64
+    return (Array(dt, (n_q * problem.dqk,)), Array(dt, (n_kv * problem.dqk,)),
+            Array(dt, (n_kv * problem.dv,)), Array(dt, (n_q * problem.dv,)),
+            Array(np.int8, problem.tile_map_shape), types.float64, types.boolean,
+            types.float64, i64, i64, i64, i64)
+
+
+def kernels(p, problem):
+    """``[(label, dispatcher, argtypes)]`` of a call (for register reports)."""
+    from .numba_internals import argtypes
+
+    disp = kernel(problem.block_q, problem.block_k, problem.dqk, p)[0]
+    return [("prefill_v2", disp, argtypes(_args(problem)))]
+
+
 class _Fast:
     """One prefill shape, ready for raw launches (:class:`.numba_internals.RawKernel`): the
     compiled kernel and a tile map of this shape, allocated once and zeroed by every
-    :meth:`run`."""
+    :meth:`run`.
+
+    The runner of the raw-pointer host path (``fast`` of :data:`VERSION`); building it
+    raises :class:`.numba_internals.InternalsMissing` where an internal is missing."""
 
     def __init__(self, p, problem):
-        from numba.cuda import types
+        from .numba_internals import RawKernel, device_ptr
 
-        from .numba_internals import Array, RawKernel, device_ptr
-
-        dt = problem.dtype
-        n_q = problem.batch * problem.q_heads * problem.q_len
         self.tile_map = cuda.device_array(problem.tile_map_shape, np.int8)
         entry = kernel(problem.block_q, problem.block_k, problem.dqk, p)
-        self.kernel = RawKernel(entry[0], (
-            Array(dt, (n_q * problem.dqk,)),
-            Array(dt, (problem.batch * problem.kv_heads * problem.kv_len * problem.dqk,)),
-            Array(dt, (problem.batch * problem.kv_heads * problem.kv_len * problem.dv,)),
-            Array(dt, (n_q * problem.dv,)), Array(np.int8, problem.tile_map_shape),
-            types.float64, types.boolean, types.float64, types.int64, types.int64,
-            types.int64, types.int64), shared=p["shared_bytes"])
+        self.kernel = RawKernel(entry[0], _args(problem), shared=p["shared_bytes"])
         self.map_ptr, self.map_bytes = device_ptr(self.tile_map), int(self.tile_map.size)
         self.fixed = (problem.causal,)
         self.tail = (problem.q_heads, problem.kv_heads, problem.q_len, problem.kv_len)
@@ -551,12 +571,6 @@ class _Fast:
         return self.tile_map
 
 
-def fast(p, problem):
-    """A runner of plan ``p`` for the raw-pointer host path (raises
-    :class:`.numba_internals.InternalsMissing` where an internal is missing)."""
-    return _Fast(p, problem)
-
-
 #: this version's entry in the version table (:mod:`.launch`)
-VERSION = KernelVersion("prefill_v2", "prefill", 2, accepts, launch, fast=fast,
-                        sources=sources, plan_for_dump=plan_for_dump)
+VERSION = KernelVersion("prefill_v2", "prefill", 2, accepts, launch, kernels, fast=_Fast,
+                        sources=sources, gpu_plan=gpu_plan)

@@ -104,13 +104,16 @@ class KernelVersion:
             it ignores the others.
         launch: ``launch(plan, problem, q, k, v, out, tile_map, log_thresh, scale)``:
             launch through Numba's public dispatcher (Numba device arrays, 4-D).
+        kernels: ``kernels(plan, problem) -> [(label, dispatcher, argtypes)]``: the kernels
+            a call launches, with their argument types (for register reports,
+            ``python -m blasst_ref.bench cuda registers``).
         fast: ``fast(plan, problem) -> runner`` or ``None``: a runner for the raw-pointer
             host path (:mod:`.numba_internals`), whose ``run(qp, kp, vp, outp, log_thresh,
             scale)`` launches one call and returns the tile map.
         sources: ``sources(plan, problem, sim=False) -> {file name: text}`` or ``None``:
             the generated kernel source of a plan, for :func:`.launch.dump_source`.
-        plan_for_dump: ``plan_for_dump(problem) -> plan``: the plan on a GPU (whatever
-            machine this is), for :func:`.launch.dump_source`.
+        gpu_plan: ``gpu_plan(problem) -> plan or None``: the plan a GPU would use, on any
+            machine (the simulator's defaults differ); ``None``: ``accepts`` is that.
     """
 
     name: str
@@ -118,9 +121,15 @@ class KernelVersion:
     number: int
     accepts: Callable[..., Any]
     launch: Callable[..., None]
+    kernels: Callable[..., list]
     fast: Callable[..., Any] | None = None
     sources: Callable[..., dict] | None = None
-    plan_for_dump: Callable[..., Any] | None = None
+    gpu_plan: Callable[..., Any] | None = None
+
+    def plan_on_gpu(self, problem):
+        """The plan a GPU would use for ``problem`` (``None``: this version does not take
+        it)."""
+        return (self.gpu_plan or self.accepts)(problem)
 
 
 def pow2_floor(n: int) -> int:
