@@ -260,6 +260,28 @@ def _run_host(backend, q, k, v, thresh, causal, scale, block_q, block_k):
     return out.astype(out_dtype, copy=False), tile_map
 
 
+def _is_torch_host_tensor(x) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "is_cuda") and not x.is_cuda
+
+
+def _attention_torch_host(q, k, v, **kwargs):
+    """:func:`attention` on torch CPU tensors: numpy views in (no copy), a torch tensor out.
+
+    numpy has no bfloat16: bfloat16 tensors are computed in float32 (a converted copy) and the
+    output is converted back. Tensors that require grad are read through ``detach()``; the
+    caller (``blasst_ref.torch``) decides whether that is allowed."""
+    import torch
+
+    if not all(_is_torch_host_tensor(x) for x in (q, k, v)):
+        kinds = ", ".join(f"{n} {type(x).__module__}.{type(x).__name__}" for n, x in zip("qkv", (q, k, v)))
+        raise TypeError(f"q, k and v must all be torch CPU tensors or all numpy arrays; got {kinds}")
+    dtype = q.dtype
+    views = [(x.detach().float() if x.dtype == torch.bfloat16 else x.detach()).numpy() for x in (q, k, v)]
+    res = attention(*views, **kwargs)
+    out = torch.from_numpy(res[0] if kwargs.get("return_stats") else res).to(dtype)
+    return (out, res[1]) if kwargs.get("return_stats") else out
+
+
 def attention(
     q, k, v, thresh: float = 0.0, *, causal: bool = False, scale: float | None = None,
     backend: str = "auto", block_q: int | None = None, block_k: int | None = None,
@@ -286,6 +308,8 @@ def attention(
     Returns:
         ``out`` of shape ``(B, Hq, Lq, Dv)`` (3-D for 3-D inputs), same dtype and kind of
         array as ``q``; or ``(out, stats)``. Accumulation is float32 (float64 for float64).
+        torch CPU tensors are read as numpy views (no copy) and give a torch tensor;
+        bfloat16 ones are computed in float32 (:mod:`blasst_ref.torch` has SDPA's names).
 
     Raises:
         TypeError / ValueError: naming the argument and what was expected.
@@ -296,6 +320,11 @@ def attention(
     the rows of a computed tile that holds it under the causal mask (``0 * NaN``); rows whose
     tile over it was skipped or never visited stay clean.
     """
+    if any(_is_torch_host_tensor(x) for x in (q, k, v)):
+        return _attention_torch_host(
+            q, k, v, thresh=thresh, causal=causal, scale=scale, backend=backend,
+            block_q=block_q, block_k=block_k, return_stats=return_stats,
+        )
     on_device, (b, hq, lq, dqk), hkv, lk = _validate(
         q, k, v, thresh, causal, scale, backend, block_q, block_k
     )
