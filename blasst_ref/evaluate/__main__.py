@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     progress = not args.no_progress
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, args.gguf)
+    model, tok = load_model(args.model, args.gguf, progress=progress)
     model.to(args.device)
     load_s = time.perf_counter() - t0
     name = args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF, float32)"
@@ -78,9 +78,11 @@ def main(argv=None) -> int:
     out = sys.stderr if args.json == "-" else sys.stdout
     print(sw.format_table(), file=out)
     print("\nsparsity per layer", file=out)
-    print("layer " + " ".join(f"{r.label[-12:]:>12}" for r in sw.runs), file=out)
+    short = [f"sf {r.scale_factors[0]:g}" if r.label.startswith("scale factor") else r.label
+             for r in sw.runs]
+    print("layer " + " ".join(f"{s[:16]:>16}" for s in short), file=out)
     for layer in range(len(sw.runs[0].per_layer) if sw.runs else 0):
-        print(f"{layer:>5} " + " ".join(f"{r.per_layer[layer]:>12.1%}" for r in sw.runs), file=out)
+        print(f"{layer:>5} " + " ".join(f"{r.per_layer[layer]:>16.1%}" for r in sw.runs), file=out)
     if cal is not None:
         print(f"\ncalibrated on {len(calib)} window(s): perplexity {cal.delta:+.2%} at "
               f"{cal.sparsity:.1%} sparsity (budget {cal.budget:.1%}); scale factors per layer:\n"

@@ -39,9 +39,10 @@ CAPTURE_IMPLEMENTATION = "blasst_capture"
 
 
 def default_grid(length: int) -> np.ndarray:
-    """Scale factors tried per layer: 0, then powers of 2 from 1/2 up to ``length / 4``."""
-    top = max(0, int(math.log2(max(length, 4) / 4)))
-    return np.concatenate([[0.0], 2.0 ** np.arange(-1, top + 1)])
+    """Scale factors tried per layer: 0, then powers of ``sqrt(2)`` from 1/2 up to
+    ``length / 2`` (where ``thresh = scale_factor / length`` reaches ``MAX_THRESH``)."""
+    top = max(-1.0, math.floor(2 * math.log2(max(length, 2) / 2)) / 2)
+    return np.concatenate([[0.0], 2.0 ** np.arange(-1.0, top + 0.25, 0.5)])
 
 
 @dataclass
@@ -147,6 +148,7 @@ def _capture(model, windows):
 
 def _layer_tables(store, n_layers, grid, block_q, block_k, backend, progress):
     """``(sparsity, error)``, each ``(n_layers, n_grid)``, on the captured inputs."""
+    from .. import torch as bt
     from ..api import attention
 
     skipped = np.zeros((n_layers, len(grid)))
@@ -164,7 +166,7 @@ def _layer_tables(store, n_layers, grid, block_q, block_k, backend, progress):
         dense = attention(q, k, v, 0.0, **kw).double()
         ref[layer] += float((dense ** 2).sum())
         for j, g in enumerate(grid):
-            thresh = min(g / k.shape[-2], 0.5)
+            thresh = min(g / k.shape[-2], bt.MAX_THRESH)
             out, st = attention(q, k, v, thresh, return_stats=True, **kw)
             err[layer, j] += float(((out.double() - dense) ** 2).sum())
             skipped[layer, j] += st.skipped_tiles

@@ -35,7 +35,8 @@ def smollm2_gguf() -> str:
     return path
 
 
-def load_model(model: str | None = None, gguf_file: str | None = None, *, dtype=None):
+def load_model(model: str | None = None, gguf_file: str | None = None, *, dtype=None,
+               progress: bool = True):
     """``(model, tokenizer)`` in eval mode, on the CPU, attention ``"sdpa"``.
 
     Args:
@@ -43,6 +44,7 @@ def load_model(model: str | None = None, gguf_file: str | None = None, *, dtype=
             file of :func:`smollm2_gguf`.
         gguf_file: a GGUF file inside the ``model`` directory (transformers' ``gguf_file``).
         dtype: the weights' torch dtype (default float32; GGUF weights are de-quantized).
+        progress: transformers' progress bars while loading (de-quantizing takes a while).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -57,7 +59,10 @@ def load_model(model: str | None = None, gguf_file: str | None = None, *, dtype=
                                 f"(nothing is downloaded)")
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # GGUF loading logs every de-quantized tensor type
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
         tok = AutoTokenizer.from_pretrained(model, local_files_only=True, **kw)
         lm = AutoModelForCausalLM.from_pretrained(
@@ -65,4 +70,6 @@ def load_model(model: str | None = None, gguf_file: str | None = None, *, dtype=
             **kw)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     return lm.eval(), tok
