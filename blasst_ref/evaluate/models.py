@@ -10,6 +10,8 @@ through the package's metadata and never import the package.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.metadata
 import os
 
@@ -33,6 +35,25 @@ def smollm2_gguf() -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing from the installed {SMOLLM2_DIST}; {hint}")
     return path
+
+
+@contextlib.contextmanager
+def _no_gguf_bar():
+    # transformers' GGUF reader draws a plain tqdm bar that its own switch does not reach
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - another transformers layout
+        yield
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:  # pragma: no cover
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def load_model(model: str | None = None, gguf_file: str | None = None, *, dtype=None,
@@ -61,15 +82,17 @@ def load_model(model: str | None = None, gguf_file: str | None = None, *, dtype=
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # GGUF loading logs every de-quantized tensor type
+    quiet = contextlib.nullcontext() if progress else _no_gguf_bar()
     if not progress:
         hf_logging.disable_progress_bar()
-    try:
-        tok = AutoTokenizer.from_pretrained(model, local_files_only=True, **kw)
-        lm = AutoModelForCausalLM.from_pretrained(
-            model, local_files_only=True, dtype=dtype or torch.float32, attn_implementation="sdpa",
-            **kw)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
+    with quiet:
+        try:
+            tok = AutoTokenizer.from_pretrained(model, local_files_only=True, **kw)
+            lm = AutoModelForCausalLM.from_pretrained(
+                model, local_files_only=True, dtype=dtype or torch.float32,
+                attn_implementation="sdpa", **kw)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
     return lm.eval(), tok
