@@ -208,7 +208,9 @@ class Thresholds:
     Attributes:
         prefill, decode: one scale factor per layer (in keys), for calls with more than 16
             query rows (prefill) and for the split-KV decode path.
-        block_q, block_k: tile sizes (``None``: the defaults of :mod:`blasst_ref.tiling`).
+        block_q, block_k: prefill tile sizes (``None``: the defaults of
+            :mod:`blasst_ref.tiling`). decode_block_k: keys per decode tile (``None``:
+            ``block_k``, else the decode default); a decode tile's rows are the kv group's.
         backend: ``"auto"``, ``"cpu"``, ``"reference"`` or ``"cuda"``.
         on_unsupported_mask: ``"raise"`` or ``"sdpa"`` (module docstring).
     """
@@ -219,6 +221,7 @@ class Thresholds:
     block_k: int | None = None
     backend: str = "auto"
     on_unsupported_mask: str = "raise"
+    decode_block_k: int | None = None
 
     def scale_factor(self, layer: int, phase: str) -> float:
         """The scale factor of ``layer`` in ``phase`` (one value stands for every layer)."""
@@ -228,6 +231,12 @@ class Thresholds:
     def threshold(self, layer: int, context_len: int, phase: str) -> float:
         """``min(scale_factor / context_len, MAX_THRESH)`` for a call of ``layer``."""
         return min(self.scale_factor(layer, phase) / max(int(context_len), 1), MAX_THRESH)
+
+    def blocks(self, phase: str) -> tuple:
+        """``(block_q, block_k)`` of a call in ``phase``."""
+        if phase == "decode" and self.decode_block_k is not None:
+            return self.block_q, self.decode_block_k
+        return self.block_q, self.block_k
 
 
 def _num_layers(model) -> int:
@@ -248,7 +257,8 @@ def _attention_modules(model):
 
 def configure(model, scale_factor=0.0, *, calibration=None, target_sparsity=None,
               decode_scale_factor=None, decode_calibration=None, block_q=None, block_k=None,
-              backend: str = "auto", on_unsupported_mask: str = "raise") -> Thresholds:
+              decode_block_k=None, backend: str = "auto",
+              on_unsupported_mask: str = "raise") -> Thresholds:
     """Run ``model`` with BLASST attention, at the given thresholds, in every layer.
 
     Registers ``"blasst"`` (:func:`register`) and switches the model to it
@@ -268,6 +278,8 @@ def configure(model, scale_factor=0.0, *, calibration=None, target_sparsity=None
         block_q, block_k: tile sizes; default the calibration's, else
             :mod:`blasst_ref.tiling`'s. Smaller tiles skip more precisely (less error at the
             same sparsity) and run slower.
+        decode_block_k: keys per tile in decode (default: ``block_k``; tile size is an
+            accuracy knob per phase).
         backend: as :func:`blasst_ref.attention`.
         on_unsupported_mask: ``"raise"`` (default) or ``"sdpa"`` (run SDPA, dense, for calls
             with a mask BLASST cannot apply, e.g. padding).
@@ -295,8 +307,12 @@ def configure(model, scale_factor=0.0, *, calibration=None, target_sparsity=None
         decode = _as_tuple("decode_scale_factor", decode_scale_factor, n_layers)
     else:
         decode = prefill
+    if decode_calibration is not None and decode_block_k is None:
+        first = decode_calibration[0] if isinstance(decode_calibration, Sequence) else decode_calibration
+        decode_block_k = first.block_k
     settings = Thresholds(prefill=prefill, decode=decode, block_q=block_q, block_k=block_k,
-                          backend=backend, on_unsupported_mask=on_unsupported_mask)
+                          backend=backend, on_unsupported_mask=on_unsupported_mask,
+                          decode_block_k=decode_block_k)
     register()
     for m in _attention_modules(model):
         m.blasst_thresholds = settings
@@ -505,8 +521,9 @@ def _hf_attention(module, query, key, value, attention_mask, dropout=0.0, scalin
                 "or torch.inference_mode()")
         phase = "decode" if tiling.is_decode(lq) else "prefill"
         thresh = settings.threshold(layer, lk, phase)
+        block_q, block_k = settings.blocks(phase)
         out, stats = _forward(query, key, value, thresh, bool(causal), scaling, settings.backend,
-                              settings.block_q, settings.block_k, bool(collectors))
+                              block_q, block_k, bool(collectors))
         out, fallback = out.transpose(1, 2).contiguous(), False
     if collectors:
         if out.is_cuda:

@@ -149,7 +149,8 @@ def test_decode_with_threshold_runs_split_kv(model):
     from transformers import DynamicCache
 
     ids = torch.randint(0, 256, (1, 600), generator=torch.Generator().manual_seed(3))
-    bt.configure(model, 0.0, decode_scale_factor=30.0, block_k=16, backend="cpu")
+    bt.configure(model, 0.0, decode_scale_factor=30.0, block_q=32, block_k=32, decode_block_k=16,
+                 backend="cpu")
     try:
         cache = DynamicCache(config=model.config)
         with bt.collect_stats() as st, torch.no_grad():
@@ -159,6 +160,11 @@ def test_decode_with_threshold_runs_split_kv(model):
         model.set_attn_implementation("sdpa")
     assert st.sparsity("prefill") == 0.0
     assert st.sparsity("decode") > 0.0, st.format_table("decode")
+    decode = [c for c in st.calls if c.phase == "decode"]
+    assert len(decode) == N_LAYERS and decode[0].thresh == pytest.approx(30.0 / 600)
+    assert all(c.visited == HKV * -(-600 // 16) for c in decode)  # decode tiles of 16 keys
+    prefill = [c for c in st.calls if c.phase == "prefill"]
+    assert all(c.head_visited.sum() == c.visited for c in prefill)
 
 
 def test_padding_mask_raises_or_falls_back(model):

@@ -125,3 +125,17 @@ def test_module_named_torch_shadows_nothing():
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode != 0
     assert "imported as the top-level module 'torch'" in res.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch CUDA tensors)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_tensors_take_the_cuda_backend(dtype):
+    q, k, v = (x.cuda() for x in _qkv(lq=256, lk=256, d=64, dtype=dtype))
+    out, st = bt.attention(q, k, v, is_causal=True, return_stats=True)
+    assert out.is_cuda and out.dtype == dtype and st.backend == "cuda"
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert _rel(out.float().cpu(), sdpa.float().cpu()) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+    # thresh > 0 on a non-contiguous view (HF hands over transposed layouts)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    out2, st2 = bt.attention(qt, k, v, 0.05, is_causal=True, return_stats=True)
+    assert st2.skipped_tiles > 0 and out2.shape == out.shape

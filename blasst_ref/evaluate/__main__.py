@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -35,6 +36,9 @@ def _parser():
                    "topics CPython ships for help())")
     p.add_argument("--length", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--windows", type=int, default=2, help="evaluation windows (default 2)")
+    p.add_argument("--offset", type=int, default=0,
+                   help="tokens of the text to skip before the first window (e.g. the text an "
+                        "earlier calibration used; default 0)")
     p.add_argument("--scale-factors", type=float, nargs="*", default=[5, 10, 20, 40, 80],
                    help="one-for-all-layers scale factors to run (default 5 10 20 40 80)")
     p.add_argument("--calibrate", type=float, metavar="BUDGET",
@@ -42,6 +46,9 @@ def _parser():
                         "budget (0.01 = 1%%) on the windows before the evaluation windows")
     p.add_argument("--calibration-windows", type=int, default=1,
                    help="windows used by --calibrate (default 1)")
+    p.add_argument("--per-layer", metavar="JSON", action="append", default=[],
+                   help="also run per-layer scale factors from a JSON file: a list with one per "
+                        "layer, or the --json output of an earlier --calibrate run (repeatable)")
     p.add_argument("--block-q", type=int, help="BLASST query tile (default: the library's)")
     p.add_argument("--block-k", type=int, help="BLASST key tile (default: the library's)")
     p.add_argument("--backend", default="auto", choices=["auto", "cpu", "reference", "cuda"])
@@ -53,6 +60,17 @@ def _parser():
     return p
 
 
+def _read_per_layer(path):
+    with open(path) as f:
+        doc = json.load(f)
+    if isinstance(doc, dict):
+        doc = (doc.get("calibration") or {}).get("scale_factors", doc.get("scale_factors"))
+    if not isinstance(doc, list) or not doc:
+        raise SystemExit(f"--per-layer {path}: expected a list of scale factors or an "
+                         f"evaluation JSON with a calibration")
+    return tuple(float(x) for x in doc)
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     progress = not args.no_progress
@@ -62,16 +80,17 @@ def main(argv=None) -> int:
     load_s = time.perf_counter() - t0
     name = args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF, float32)"
     text_name = args.text or default_text_name()
-    ids = token_ids(tok, read_text(args.text))
+    ids = token_ids(tok, read_text(args.text))[args.offset:]
     n_calib = args.calibration_windows if args.calibrate is not None else 0
     calib, test = split_windows(ids, args.length, args.windows, n_calib)
     blocks = dict(block_q=args.block_q, block_k=args.block_k, backend=args.backend)
 
     cal = None
-    per_layer = []
+    per_layer = [(f"per-layer ({os.path.basename(path)})", _read_per_layer(path))
+                 for path in args.per_layer]
     if args.calibrate is not None:
         cal = calibrate_model(model, calib, args.calibrate, progress=progress, **blocks)
-        per_layer = [(f"per-layer ({args.calibrate:.1%})", cal.scale_factors)]
+        per_layer.append((f"per-layer ({args.calibrate:.1%})", cal.scale_factors))
     sw = sweep(model, test, args.scale_factors, per_layer=per_layer, progress=progress,
                text=text_name, model_name=name, **blocks)
 

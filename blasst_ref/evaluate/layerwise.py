@@ -149,7 +149,6 @@ def _capture(model, windows):
 def _layer_tables(store, n_layers, grid, block_q, block_k, backend, progress):
     """``(sparsity, error)``, each ``(n_layers, n_grid)``, on the captured inputs."""
     from .. import torch as bt
-    from ..api import attention
 
     skipped = np.zeros((n_layers, len(grid)))
     visited = np.zeros((n_layers, len(grid)))
@@ -161,13 +160,13 @@ def _layer_tables(store, n_layers, grid, block_q, block_k, backend, progress):
 
         bar = tqdm(total=len(store) * len(grid), desc="per-layer trade-off")
     for layer, q, k, v, scale, causal in store:
-        q, k, v = (x.float().cpu() for x in (q, k, v))
-        kw = dict(causal=causal, scale=scale, block_q=block_q, block_k=block_k, backend=backend)
-        dense = attention(q, k, v, 0.0, **kw).double()
+        q, k, v = (x.float() for x in (q, k, v))  # on the model's device
+        kw = dict(is_causal=causal, scale=scale, block_q=block_q, block_k=block_k, backend=backend)
+        dense = bt.attention(q, k, v, 0.0, **kw).double()
         ref[layer] += float((dense ** 2).sum())
         for j, g in enumerate(grid):
             thresh = min(g / k.shape[-2], bt.MAX_THRESH)
-            out, st = attention(q, k, v, thresh, return_stats=True, **kw)
+            out, st = bt.attention(q, k, v, thresh, return_stats=True, **kw)
             err[layer, j] += float(((out.double() - dense) ** 2).sum())
             skipped[layer, j] += st.skipped_tiles
             visited[layer, j] += st.visited_tiles
