@@ -83,8 +83,9 @@ __all__ = [
 ATTN_IMPLEMENTATION = "blasst"
 #: Thresholds are capped at this: ``scale_factor / L`` reaches 1 on contexts shorter than
 #: the scale factor, where the law no longer says anything (such short contexts are a few
-#: tiles, and the first tile of a row is never skipped).
-MAX_THRESH = 0.5
+#: tiles, and the first tile of a row is never skipped). Peaked layers of real models take
+#: thresholds up to here at an acceptable cost (``docs/REAL_MODELS.md``).
+MAX_THRESH = 0.9
 
 
 # ---------------------------------------------------------------------------------------

@@ -39,10 +39,15 @@ CAPTURE_IMPLEMENTATION = "blasst_capture"
 
 
 def default_grid(length: int) -> np.ndarray:
-    """Scale factors tried per layer: 0, then powers of ``sqrt(2)`` from 1/2 up to
-    ``length / 2`` (where ``thresh = scale_factor / length`` reaches ``MAX_THRESH``)."""
-    top = max(-1.0, math.floor(2 * math.log2(max(length, 2) / 2)) / 2)
-    return np.concatenate([[0.0], 2.0 ** np.arange(-1.0, top + 0.25, 0.5)])
+    """Scale factors tried per layer: 0, powers of ``sqrt(2)`` from ``length / 512``
+    (``thresh`` ~0.002: below it real layers skip next to nothing) up, and
+    ``MAX_THRESH * length`` (where ``thresh = scale_factor / length`` reaches the cap)."""
+    from ..torch import MAX_THRESH
+
+    top = MAX_THRESH * max(int(length), 1)
+    start = math.floor(2 * math.log2(max(length / 512, 0.5))) / 2
+    steps = 2.0 ** np.arange(start, math.log2(max(top, 0.5)) + 0.25, 0.5)
+    return np.unique(np.concatenate([[0.0], steps[steps < top], [top]]))
 
 
 @dataclass
