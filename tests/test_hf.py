@@ -262,6 +262,13 @@ def test_cli_on_a_local_model(model, tmp_path, capsys):
     assert doc["length"] == 128 and len(doc["runs"]) == 3
     assert len(doc["calibration"]["scale_factors"]) == N_LAYERS
     assert png.stat().st_size > 1000
+    # --compare re-reads the JSON (a round trip of Sweep) and plots without running anything
+    again = ev.Sweep.from_dict(doc)
+    assert again.delta(again.runs[0]) == pytest.approx(doc["runs"][0]["delta_ppl"])
+    both = tmp_path / "both.png"
+    assert main(["--compare", str(out_json), str(out_json), "--labels", "a", "b",
+                 "--plot", str(both)]) == 0
+    assert both.stat().st_size > 1000
 
 
 def test_default_text_and_windows():

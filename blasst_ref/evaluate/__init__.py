@@ -21,7 +21,7 @@ Modules: :mod:`.models` (loading), :mod:`.text` (the default text, token windows
 
 from .layerwise import ModelCalibration, calibrate_model, default_grid
 from .models import load_model, smollm2_gguf
-from .perplexity import PerplexityResult, Sweep, perplexity, sweep
+from .perplexity import PerplexityResult, Sweep, perplexity, plot_frontiers, sweep
 from .text import default_text, default_text_name, read_text, split_windows, token_ids
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "default_text_name",
     "load_model",
     "perplexity",
+    "plot_frontiers",
     "read_text",
     "smollm2_gguf",
     "split_windows",

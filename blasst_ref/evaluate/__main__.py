@@ -18,7 +18,7 @@ import time
 
 from .layerwise import calibrate_model
 from .models import load_model
-from .perplexity import sweep
+from .perplexity import Sweep, plot_frontiers, sweep
 from .text import default_text_name, read_text, split_windows, token_ids
 
 
@@ -57,6 +57,10 @@ def _parser():
                    help="where to save the plot (default blasst_evaluate.png; '' for none)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON ('-': stdout)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--compare", metavar="JSON", nargs="+",
+                   help="run nothing: plot the frontiers of earlier --json outputs on one axis "
+                        "(into --plot), labelled by --labels")
+    p.add_argument("--labels", nargs="+", help="labels of the --compare files")
     return p
 
 
@@ -71,8 +75,28 @@ def _read_per_layer(path):
     return tuple(float(x) for x in doc)
 
 
+def _compare(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    labels = args.labels or [os.path.basename(p) for p in args.compare]
+    if len(labels) != len(args.compare):
+        raise SystemExit(f"--labels: {len(labels)} labels for {len(args.compare)} files")
+    sweeps = []
+    for path in args.compare:
+        with open(path) as f:
+            sweeps.append(Sweep.from_dict(json.load(f)))
+        print(sweeps[-1].format_table(), end="\n\n")
+    if args.plot:
+        plot_frontiers(sweeps, labels).savefig(args.plot, dpi=120)
+        print(f"plot: {args.plot}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.compare:
+        return _compare(args)
     progress = not args.no_progress
     t0 = time.perf_counter()
     model, tok = load_model(args.model, args.gguf, progress=progress)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["PerplexityResult", "Sweep", "perplexity", "sweep"]
+__all__ = ["PerplexityResult", "Sweep", "perplexity", "plot_frontiers", "sweep"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,15 @@ class PerplexityResult:
     attention_seconds: float
     block_q: int | None = None
     block_k: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PerplexityResult":
+        sfs = d.get("scale_factors")
+        return cls(label=d["label"], scale_factors=None if sfs is None else tuple(sfs),
+                   loss=d["loss"], perplexity=d["perplexity"], n_tokens=d["n_tokens"],
+                   sparsity=d["sparsity"], per_layer=np.asarray(d.get("per_layer", [])),
+                   seconds=d["seconds"], attention_seconds=d["attention_seconds"],
+                   block_q=d.get("block_q"), block_k=d.get("block_k"))
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("label", "loss", "perplexity", "n_tokens", "sparsity",
@@ -160,6 +169,13 @@ class Sweep:
                 "n_windows": self.n_windows, "dense": self.dense.to_dict(),
                 "runs": [dict(r.to_dict(), delta_ppl=self.delta(r)) for r in self.runs]}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Sweep":
+        """The inverse of :meth:`to_dict` (e.g. of ``python -m blasst_ref.evaluate --json``)."""
+        return cls(dense=PerplexityResult.from_dict(d["dense"]),
+                   runs=[PerplexityResult.from_dict(r) for r in d["runs"]], length=d["length"],
+                   n_windows=d["n_windows"], text=d.get("text", ""), model=d.get("model", ""))
+
     def plot(self, axes=None):
         """Two panels: perplexity increase against total sparsity (a line through the
         one-scale-factor runs, a star per per-layer run), and each run's sparsity per layer.
@@ -221,3 +237,27 @@ def sweep(model, windows, scale_factors, *, per_layer=(), block_q=None, block_k=
             bar.close()
     return Sweep(dense=results[0], runs=results[1:], length=int(windows[0].numel()),
                  n_windows=len(windows), text=text, model=model_name)
+
+
+def plot_frontiers(sweeps, labels, ax=None):
+    """Several sweeps' perplexity-against-sparsity frontiers on one axis (e.g. tile sizes or
+    lengths): a line through each sweep's one-scale-factor runs, a star per per-layer run.
+    Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (sw, label) in enumerate(zip(sweeps, labels)):
+        color = f"C{i}"
+        single = [r for r in sw.runs if len(set(r.scale_factors)) == 1]
+        ax.plot([r.sparsity for r in single], [100 * sw.delta(r) for r in single], "o-",
+                color=color, label=f"{label}: one scale factor")
+        for r in (r for r in sw.runs if r not in single):
+            ax.plot(r.sparsity, 100 * sw.delta(r), "*", ms=13, color=color, mec="k", mew=0.5,
+                    label=f"{label}: {r.label}")
+    ax.axhline(0, color="gray", lw=0.5)
+    ax.set_xlabel("total tile sparsity")
+    ax.set_ylabel("perplexity increase over dense (%)")
+    ax.legend(fontsize=7)
+    ax.figure.tight_layout()
+    return ax.figure
