@@ -250,8 +250,9 @@ def plot_frontiers(sweeps, labels, ax=None):
     for i, (sw, label) in enumerate(zip(sweeps, labels)):
         color = f"C{i}"
         single = [r for r in sw.runs if len(set(r.scale_factors)) == 1]
-        ax.plot([r.sparsity for r in single], [100 * sw.delta(r) for r in single], "o-",
-                color=color, label=f"{label}: one scale factor")
+        if single:
+            ax.plot([r.sparsity for r in single], [100 * sw.delta(r) for r in single], "o-",
+                    color=color, label=f"{label}: one scale factor")
         for r in (r for r in sw.runs if r not in single):
             ax.plot(r.sparsity, 100 * sw.delta(r), "*", ms=13, color=color, mec="k", mew=0.5,
                     label=f"{label}: {r.label}")
