@@ -308,3 +308,103 @@ def _kept_lse(q, k, tile_map, causal, bq, bk):
     with np.errstate(invalid="ignore", divide="ignore"):
         lse = m[..., 0] + np.log(np.exp(s - np.where(np.isfinite(m), m, 0)).sum(-1))
     return np.where(np.isfinite(m[..., 0]), lse, -np.inf)
+
+
+# ---- 4. the v3 decode kernel (one warp per split-KV chunk) ---------------------------------
+
+from blasst_ref import tiling  # noqa: E402
+from blasst_ref.cuda import decode_v3 as DV3  # noqa: E402
+from blasst_ref.cuda.decode import _merge_kernel  # noqa: E402
+
+# (B, Hq, Hkv, Lq, Lk, D, causal, block_k, split_tiles, thresh, llm_like)
+if GPU_SCALE:
+    DECODE_CASES = {
+        "gqa4-d128": (4, 32, 8, 1, 4000, 128, False, 64, 8, 0.0, False),
+        "gqa16-lq1-d64": (2, 16, 1, 1, 3000, 64, False, 64, 5, 0.0, False),
+        "lq4-causal": (2, 8, 2, 4, 2500, 128, True, 32, 7, 0.0, False),
+        "blasst-gqa4": (2, 32, 8, 1, 8192, 128, False, 64, 32, 0.02, True),
+    }
+else:
+    DECODE_CASES = {
+        "gqa4": (1, 4, 1, 1, 200, 64, False, 32, 2, 0.0, False),
+        "lq2-causal": (1, 4, 2, 2, 150, 64, True, 32, 2, 0.0, False),
+        "blasst": (1, 4, 1, 1, 256, 64, False, 32, 2, 0.3, True),
+    }
+
+
+@pytest.fixture
+def split_tiles(monkeypatch):
+    """Force the split-KV chunk length (the reference and the kernel read it from tiling),
+    so that small inputs have several chunks and some chunks skip everything."""
+    def use(n):
+        monkeypatch.setattr(tiling, "decode_split_tiles", lambda lk, bk: n)
+        monkeypatch.setattr(tiling, "decode_num_splits",
+                            lambda lk, bk: -(-tiling.num_tiles(lk, bk) // n))
+    return use
+
+
+@pytest.mark.parametrize("name", list(DECODE_CASES))
+def test_v3_decode_matches_reference(name, split_tiles):
+    b, hq, hkv, lq, lk, d, causal, bk, st, thresh, llm = DECODE_CASES[name]
+    split_tiles(st)
+    bf16 = False
+    (qb, qf), (kb, kf), (vb, vf) = _inputs((b, hq, hkv, lq, lk, d, causal, 0, bk, thresh, llm),
+                                           seed=len(name), bf16=bf16)
+    n_kt = tiling.num_tiles(lk, bk)
+    ns = tiling.decode_num_splits(lk, bk)
+    k_tiles = tiling.causal_k_tiles(0, lq, lq, lk, bk) if causal else n_kt
+    rows = hq // hkv * lq
+    part = [cuda.to_device(np.full(s, np.nan, np.float32))
+            for s in ((b * hkv * ns, rows), (b * hkv * ns, rows), (b * hkv * ns, rows, d))]
+    d_map = cuda.to_device(np.zeros((b, hkv, 1, n_kt), np.int8))
+    d_out = cuda.to_device(np.full((b, hq, lq, d), np.nan, np.float16))
+    log_thresh = -math.inf if thresh == 0 else math.log(thresh)
+    DV3.prepare(*(cuda.to_device(x) for x in (qb, kb, vb)), *part, d_map, log_thresh, causal,
+                1 / math.sqrt(d), bk, k_tiles, st, ns, seeded=False)()
+    _merge_kernel[b * hkv * rows, 32](*part, causal, lk, ns, d_out)
+    ref = blasst_attention_reference(qf, kf, vf, thresh, causal=causal, block_k=bk)
+    got_map = d_map.copy_to_host()
+    differ = got_map != ref.tile_map
+    assert not np.any(differ & ~(np.abs(ref.margin) < 1e-2)), "skip decisions differ"
+    if thresh > 0:
+        assert np.any(ref.tile_map == 2), "the case is meant to skip tiles"
+    if np.any(differ):
+        pytest.skip("a decision within rounding of the threshold differs; outputs not comparable")
+    got = d_out.copy_to_host().astype(np.float32)
+    assert not np.isnan(got).any(), "an output element was not written"
+    assert _rel(got, ref.out) < TOL[bf16]
+
+
+def test_v3_decode_seeded_skips_more_within_the_bound(split_tiles):
+    """The seeded test skips at least every tile the unseeded test skips (its reference
+    ``max(m, s0)`` is never below ``m``), strictly more on LLM-like inputs, and the output
+    stays within the error bound of dense attention."""
+    b, hq, hkv, lq, lk, d, bk, st = (1, 4, 1, 1, 256, 64, 32, 2) if SIM else \
+        (4, 32, 8, 1, 8192, 128, 64, 16)
+    split_tiles(st)
+    (qb, qf), (kb, kf), (vb, vf) = _inputs((b, hq, hkv, lq, lk, d, False, 0, bk, 0.3, True),
+                                           seed=11, bf16=False)
+    n_kt = tiling.num_tiles(lk, bk)
+    ns = tiling.decode_num_splits(lk, bk)
+    rows = hq // hkv
+    maps, outs = {}, {}
+    for seeded in (False, True):
+        part = [cuda.to_device(np.full(s, np.nan, np.float32))
+                for s in ((b * hkv * ns, rows), (b * hkv * ns, rows), (b * hkv * ns, rows, d))]
+        d_map = cuda.to_device(np.zeros((b, hkv, 1, n_kt), np.int8))
+        d_out = cuda.to_device(np.full((b, hq, lq, d), np.nan, np.float16))
+        DV3.prepare(*(cuda.to_device(x) for x in (qb, kb, vb)), *part, d_map, math.log(0.3),
+                    False, 1 / math.sqrt(d), bk, n_kt, st, ns, seeded=seeded)()
+        _merge_kernel[b * hkv * rows, 32](*part, False, lk, ns, d_out)
+        maps[seeded], outs[seeded] = d_map.copy_to_host(), d_out.copy_to_host()
+    assert np.all((maps[False] == 2) <= (maps[True] == 2)), "seeding must not un-skip a tile"
+    assert (maps[True] == 2).sum() > (maps[False] == 2).sum()
+    from blasst_ref import dense_attention
+
+    dense = dense_attention(qf, kf, vf)
+    vmax = np.abs(vf).max()
+    # the error bound per row: 2 max|v| thresh n_skipped / l_kept, with l_kept >= 1
+    n_skipped = (maps[True] == 2).sum(axis=(2, 3)) * bk  # (B, Hkv): per kv group
+    bound = 2 * vmax * 0.3 * np.repeat(n_skipped, hq // hkv, axis=1)[..., None, None]
+    err = np.abs(outs[True].astype(np.float64) - dense)
+    assert np.all(err <= bound + 2e-3)

@@ -16,6 +16,8 @@ stay in registers and a kernel stays one Numba function:
 ``pack_f16x2`` / ``pack_bf16x2``   ``cvt.rn.{f16,bf16}x2.f32``: two float32 -> one register
 ``exp2_approx(x)``                 ``ex2.approx.ftz.f32``
 ``quad_max`` / ``quad_sum``        reductions over the 4 lanes of a quad (``shfl.xor`` 1, 2)
+``warp_all(p)`` / ``warp_sync()``  ``vote.all`` / ``bar.warp.sync`` (warp-level vote, barrier)
+``ld_b32(arr, i)``                 a 32-bit load of two 16-bit elements
 =================================  ===========================================================
 
 Registers are ``uint32``; shared and global operands are an array and a flat element index
@@ -51,6 +53,7 @@ FULL_MASK = 0xFFFFFFFF
 __all__ = ["HARDWARE", "MAX_WARPS", "cp_async16", "cp_async_commit", "cp_async_wait_all",
            "exp2_approx", "ldmatrix_x4", "ldmatrix_x4_trans", "mma_bf16", "mma_f16",
            "pack_bf16x2", "pack_f16x2", "quad_max", "quad_sum", "unpack_lo", "unpack_hi",
+           "ld_b32", "warp_all", "warp_sync",
            "a_tile_address", "b_pair_address", "bt_pair_address", "c_coords"]
 
 # The layouts of :mod:`.fragments`, compiled for the device: one source for the kernels, the
@@ -242,6 +245,32 @@ if HARDWARE:
         return x + cuda.shfl_xor_sync(FULL_MASK, x, 2)
 
     @cuda.jit(device=True, inline=True)
+    def warp_all(pred):
+        """True in every lane iff ``pred`` is true in every lane of the warp."""
+        return cuda.all_sync(FULL_MASK, pred)
+
+    @cuda.jit(device=True, inline=True)
+    def warp_sync():
+        """A barrier (and memory fence) for the lanes of this warp only."""
+        cuda.syncwarp(FULL_MASK)
+
+    @intrinsic
+    def ld_b32(typingctx, arr, idx):
+        """The 32-bit word at flat 16-bit element ``idx`` (even) of a 16-bit array: two
+        elements in one register, the earlier one in the lower half."""
+        if not isinstance(arr, types.Array) or arr.dtype.bitwidth != 16 \
+                or not isinstance(idx, types.Integer):
+            return None
+        sig = types.uint32(arr, idx)
+
+        def codegen(context, builder, signature, args):
+            ptr = _element_ptr(context, builder, signature.args[0], args[0],
+                               signature.args[1], args[1])
+            return builder.load(builder.bitcast(ptr, _I32.as_pointer()), align=4)
+
+        return sig, codegen
+
+    @cuda.jit(device=True, inline=True)
     def unpack_lo(w):
         """The lower 16 bits of a packed register (the earlier element)."""
         return w & 0xFFFF
@@ -402,6 +431,18 @@ else:
     @cuda.jit(device=True)
     def quad_sum(x):
         return _quad_reduce(x, lambda a, b: a + b)
+
+    @cuda.jit(device=True)
+    def warp_all(pred):
+        return bool(np.all(_exchange((1.0 if pred else 0.0,))[:, 0] != 0))
+
+    @cuda.jit(device=True)
+    def warp_sync():
+        _exchange(())
+
+    @cuda.jit(device=True)
+    def ld_b32(arr, idx):
+        return np.uint32((int(arr[idx]) & 0xFFFF) | ((int(arr[idx + 1]) & 0xFFFF) << 16))
 
     @cuda.jit(device=True)
     def unpack_lo(w):

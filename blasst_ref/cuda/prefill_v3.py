@@ -51,8 +51,14 @@ COMPUTED, SKIPPED = 1, 2  # tile map codes
 class KernelShape:
     """The compile-time constants of one v3 kernel, and its shared-memory layout.
 
+    ``block_q / 16`` warps, each owning 16 query rows. (Two 16-row slabs per warp would
+    halve the shared-memory reads per FLOP, as FlashAttention-2 does at D = 128; in Numba
+    the loops then exceed what NVVM unrolls, the fragment arrays go to local memory and the
+    kernel spills: measured with ptxas, not taken.)
+
     Shared memory holds 16-bit elements: the Q tile (``block_q`` rows), two K tiles and two
-    V tiles (``block_k`` rows each), every row padded by 8 elements (16 bytes)."""
+    V tiles (``block_k`` rows each), every row padded by 8 elements (16 bytes) so that the
+    eight row addresses of an ``ldmatrix`` fall in different banks."""
 
     def __init__(self, d: int, dv: int, block_q: int, block_k: int):
         self.d, self.dv, self.block_q, self.block_k = d, dv, block_q, block_k
@@ -71,8 +77,11 @@ class KernelShape:
 
 def accepts(d: int, dv: int, block_q: int, block_k: int) -> bool:
     """Whether v3 takes this head dim and tile shape."""
-    return (d == dv and d in HEAD_DIMS and block_q in (16, 32, 64, 128) and block_k in (32, 64, 128)
-            and (block_k * d // 8) % (2 * block_q) == 0)
+    if not (d == dv and d in HEAD_DIMS and block_q in (16, 32, 64, 128)
+            and block_k in (32, 64, 128)):
+        return False
+    threads = 2 * block_q
+    return all((rows * d // 8) % threads == 0 for rows in (block_q, block_k))
 
 
 def shared_bytes(d: int, dv: int, block_q: int, block_k: int) -> int:
@@ -98,8 +107,8 @@ def make_kernel(d: int, dv: int, block_q: int, block_k: int, causal: bool, bf16:
     ``(B * Hq * Lq,)`` (written when ``write_lse``; natural log of the row's softmax sum, in
     units of the scaled scores); ``lq, lk, n_hq, group`` (Hq / Hkv); ``scale_log2`` =
     ``scale * log2(e)``; ``log_thresh2`` = ``log(thresh) * log2(e)`` (``-inf`` for dense);
-    ``n_q_tiles``. Launch: grid ``(n_q_tiles, B * Hq)``, ``block_q * 2`` threads, dynamic
-    shared memory :func:`shared_bytes`.
+    ``n_q_tiles``. Launch: grid ``(n_q_tiles, B * Hq)``, :attr:`KernelShape.threads`
+    threads, dynamic shared memory :attr:`KernelShape.shared_bytes`.
     """
     if not accepts(d, dv, block_q, block_k):
         raise ValueError(f"prefill v3 does not take d={d}, dv={dv}, tiles {block_q}x{block_k}")
@@ -115,7 +124,8 @@ def make_kernel(d: int, dv: int, block_q: int, block_k: int, causal: bool, bf16:
     K_ITERS = block_k * Q_CHUNKS // NT
     V_ITERS = block_k * V_CHUNKS // NT
     CAUSAL = causal
-    Q_REGS, S_REGS, P_REGS, O_REGS = 4 * KS, 4 * NS, 4 * KP, 4 * NO  # local array sizes
+    # register arrays (their sizes must be literals for Numba)
+    Q_REGS, S_REGS, P_REGS, O_REGS = 4 * KS, 4 * NS, 4 * KP, 4 * NO
     mma = mma_bf16 if bf16 else mma_f16
     pack = pack_bf16x2 if bf16 else pack_f16x2
 
@@ -148,6 +158,7 @@ def make_kernel(d: int, dv: int, block_q: int, block_k: int, causal: bool, bf16:
         q0 = qt * block_q
         offset = lk - lq
         smem = cuda.shared.array(0, uint16)
+        voting = log_thresh2 > NEG_INF  # thresh == 0: nothing can be skipped
 
         # key tiles this block visits: causal ones beyond its last row's horizon never
         q_valid = min(block_q, lq - q0)
@@ -163,6 +174,9 @@ def make_kernel(d: int, dv: int, block_q: int, block_k: int, causal: bool, bf16:
         if n_kt > 0:
             load_rows(smem, K_OFF, QROW, k, k_base, d, min(block_k, lk), Q_CHUNKS, K_ITERS,
                       tid)
+            if not voting:  # dense: V is never skipped, so it may travel with K
+                load_rows(smem, V_OFF, VROW, v, v_base, dv, min(block_k, lk), V_CHUNKS,
+                          V_ITERS, tid)
         cp_async_commit()
         cp_async_wait_all()
         cuda.syncthreads()
@@ -177,9 +191,10 @@ def make_kernel(d: int, dv: int, block_q: int, block_k: int, causal: bool, bf16:
             qf[4 * ks + 2] = a2
             qf[4 * ks + 3] = a3
 
-        row0 = q0 + warp * 16 + g  # this lane's two query rows
+        # this lane's two query rows (g and g + 8 of the warp's 16) and their running state
+        row0 = q0 + warp * 16 + g
         row1 = row0 + 8
-        m0 = NEG_INF
+        m0 = NEG_INF  # running max, base-2 units
         m1 = NEG_INF
         l0 = float32(0.0)  # this lane's part of the row sums (quad-reduced at the end)
         l1 = float32(0.0)
@@ -190,14 +205,16 @@ def make_kernel(d: int, dv: int, block_q: int, block_k: int, causal: bool, bf16:
         pf = cuda.local.array(P_REGS, uint32)
         br, bc = b_pair_address(lane)
         vr, vc = bt_pair_address(lane)
-        voting = log_thresh2 > NEG_INF
+        synced = True  # this thread's copies have landed and the block has met since
 
         for kt in range(n_kt):
-            if kt > 0:
+            if not synced:
                 cp_async_wait_all()  # K of this tile has landed ...
                 cuda.syncthreads()  # ... for every thread; the buffers we refill are free
+            synced = False
+            j0 = kt * block_k
+            j1 = j0 + block_k
             if kt + 1 < n_kt:  # prefetch the next K while this one is scored
-                j1 = (kt + 1) * block_k
                 load_rows(smem, K_OFF + ((kt + 1) % 2) * block_k * QROW, QROW, k,
                           k_base + j1 * d, d, min(block_k, lk - j1), Q_CHUNKS, K_ITERS, tid)
                 cp_async_commit()
@@ -210,23 +227,23 @@ def make_kernel(d: int, dv: int, block_q: int, block_k: int, causal: bool, bf16:
                 for np2 in range(NS // 2):
                     b0, b1, b2, b3 = ldmatrix_x4(
                         smem, kb + (np2 * 16 + br) * QROW + ks * 16 + bc)
+                    i0 = 8 * np2
                     c0, c1, c2, c3 = mma(qf[4 * ks], qf[4 * ks + 1], qf[4 * ks + 2],
-                                         qf[4 * ks + 3], b0, b1, s[8 * np2],
-                                         s[8 * np2 + 1], s[8 * np2 + 2], s[8 * np2 + 3])
-                    s[8 * np2] = c0
-                    s[8 * np2 + 1] = c1
-                    s[8 * np2 + 2] = c2
-                    s[8 * np2 + 3] = c3
+                                         qf[4 * ks + 3], b0, b1,
+                                         s[i0], s[i0 + 1], s[i0 + 2], s[i0 + 3])
+                    s[i0] = c0
+                    s[i0 + 1] = c1
+                    s[i0 + 2] = c2
+                    s[i0 + 3] = c3
                     c0, c1, c2, c3 = mma(qf[4 * ks], qf[4 * ks + 1], qf[4 * ks + 2],
-                                         qf[4 * ks + 3], b2, b3, s[8 * np2 + 4],
-                                         s[8 * np2 + 5], s[8 * np2 + 6], s[8 * np2 + 7])
-                    s[8 * np2 + 4] = c0
-                    s[8 * np2 + 5] = c1
-                    s[8 * np2 + 6] = c2
-                    s[8 * np2 + 7] = c3
+                                         qf[4 * ks + 3], b2, b3,
+                                         s[i0 + 4], s[i0 + 5], s[i0 + 6], s[i0 + 7])
+                    s[i0 + 4] = c0
+                    s[i0 + 5] = c1
+                    s[i0 + 6] = c2
+                    s[i0 + 7] = c3
 
             # ---- scale (base 2), mask the diagonal / ragged tile, row maxima ----------
-            j0 = kt * block_k
             masked = j0 + block_k > lk
             if CAUSAL:
                 masked = masked or j0 + block_k - 1 > q0 + offset
@@ -249,7 +266,6 @@ def make_kernel(d: int, dv: int, block_q: int, block_k: int, causal: bool, bf16:
             tmax1 = quad_max(tmax1)
 
             # ---- the skip vote: every row of the block must agree ---------------------
-            skip = False
             if voting:
                 agree = True
                 if row0 < lq:
@@ -257,18 +273,18 @@ def make_kernel(d: int, dv: int, block_q: int, block_k: int, causal: bool, bf16:
                 if row1 < lq:
                     agree = agree and _votes_skip(tmax1, m1, log_thresh2)
                 skip = cuda.syncthreads_and(1 if agree else 0) != 0
-            if tid == 0:
-                tile_map[b, h, qt, kt] = SKIPPED if skip else COMPUTED
-            if skip:
-                continue  # no exp, no V load, no P V; m, l, O unchanged
+                if tid == 0:
+                    tile_map[b, h, qt, kt] = SKIPPED if skip else COMPUTED
+                if skip:
+                    continue  # no exp, no V load, no P V; m, l, O unchanged
+                # V of a kept tile: requested only now, and it travels during the softmax
+                load_rows(smem, V_OFF + (kt % 2) * block_k * VROW, VROW, v, v_base + j0 * dv,
+                          dv, min(block_k, lk - j0), V_CHUNKS, V_ITERS, tid)
+                cp_async_commit()
+            elif tid == 0:
+                tile_map[b, h, qt, kt] = COMPUTED
 
-            # ---- V of a kept tile: requested only now ---------------------------------
-            vb = V_OFF + (kt % 2) * block_k * VROW
-            load_rows(smem, vb, VROW, v, v_base + j0 * dv, dv, min(block_k, lk - j0),
-                      V_CHUNKS, V_ITERS, tid)
-            cp_async_commit()
-
-            # ---- online softmax on the fragments (while V is in flight) ---------------
+            # ---- online softmax on the fragments --------------------------------------
             mn0 = _max_nan(m0, tmax0)
             mn1 = _max_nan(m1, tmax1)
             sh0 = float32(0.0) if mn0 == NEG_INF else mn0  # a row that saw nothing yet
@@ -286,38 +302,45 @@ def make_kernel(d: int, dv: int, block_q: int, block_k: int, causal: bool, bf16:
                 o[4 * nt + 3] *= alpha1
             for kp in range(KP):  # P as the A operand of P V: C of n-tiles 2kp, 2kp + 1
                 for half in range(2):
-                    nt = 2 * kp + half
-                    p0 = exp2_approx(s[4 * nt] - sh0)
-                    p1 = exp2_approx(s[4 * nt + 1] - sh0)
-                    p2 = exp2_approx(s[4 * nt + 2] - sh1)
-                    p3 = exp2_approx(s[4 * nt + 3] - sh1)
+                    i0 = 4 * (2 * kp + half)
+                    p0 = exp2_approx(s[i0] - sh0)
+                    p1 = exp2_approx(s[i0 + 1] - sh0)
+                    p2 = exp2_approx(s[i0 + 2] - sh1)
+                    p3 = exp2_approx(s[i0 + 3] - sh1)
                     l0 += p0 + p1
                     l1 += p2 + p3
                     pf[4 * kp + 2 * half] = pack(p0, p1)
                     pf[4 * kp + 2 * half + 1] = pack(p2, p3)
 
             cp_async_wait_all()  # V (and the prefetched K) have landed ...
-            cuda.syncthreads()  # ... for every thread
+            cuda.syncthreads()  # ... for every thread, and every warp is done with P V - 1
+            synced = True
+            if not voting and kt + 1 < n_kt:  # dense: the next V travels during this P V
+                load_rows(smem, V_OFF + ((kt + 1) % 2) * block_k * VROW, VROW, v,
+                          v_base + j1 * dv, dv, min(block_k, lk - j1), V_CHUNKS, V_ITERS, tid)
+                cp_async_commit()
 
             # ---- O += P V on tensor cores ---------------------------------------------
+            vb = V_OFF + (kt % 2) * block_k * VROW
             for kp in range(KP):
                 for np2 in range(NO // 2):
                     b0, b1, b2, b3 = ldmatrix_x4_trans(
                         smem, vb + (kp * 16 + vr) * VROW + np2 * 16 + vc)
+                    i0 = 8 * np2
                     c0, c1, c2, c3 = mma(pf[4 * kp], pf[4 * kp + 1], pf[4 * kp + 2],
-                                         pf[4 * kp + 3], b0, b1, o[8 * np2],
-                                         o[8 * np2 + 1], o[8 * np2 + 2], o[8 * np2 + 3])
-                    o[8 * np2] = c0
-                    o[8 * np2 + 1] = c1
-                    o[8 * np2 + 2] = c2
-                    o[8 * np2 + 3] = c3
+                                         pf[4 * kp + 3], b0, b1,
+                                         o[i0], o[i0 + 1], o[i0 + 2], o[i0 + 3])
+                    o[i0] = c0
+                    o[i0 + 1] = c1
+                    o[i0 + 2] = c2
+                    o[i0 + 3] = c3
                     c0, c1, c2, c3 = mma(pf[4 * kp], pf[4 * kp + 1], pf[4 * kp + 2],
-                                         pf[4 * kp + 3], b2, b3, o[8 * np2 + 4],
-                                         o[8 * np2 + 5], o[8 * np2 + 6], o[8 * np2 + 7])
-                    o[8 * np2 + 4] = c0
-                    o[8 * np2 + 5] = c1
-                    o[8 * np2 + 6] = c2
-                    o[8 * np2 + 7] = c3
+                                         pf[4 * kp + 3], b2, b3,
+                                         o[i0 + 4], o[i0 + 5], o[i0 + 6], o[i0 + 7])
+                    o[i0 + 4] = c0
+                    o[i0 + 5] = c1
+                    o[i0 + 6] = c2
+                    o[i0 + 7] = c3
 
         # ---- normalise and store ------------------------------------------------------
         l0 = quad_sum(l0)
@@ -377,7 +400,7 @@ def prepare(q4, k4, v4, out4, tile_map, log_thresh, causal, scale, block_q, bloc
     args = (*bits, tile_map, lse, np.int64(lq), np.int64(lk), np.int64(n_hq),
             np.int64(n_hq // n_hkv), np.float32(scale * LOG2E), np.float32(log_thresh2),
             np.int64(n_qt), bool(write_lse))
-    _allow_shared(kernel, args, shape.shared_bytes)
+    allow_shared(kernel, args, shape.shared_bytes)
     configured = kernel[(n_qt, n_b * n_hq), shape.threads, 0, shape.shared_bytes]
 
     def run():
@@ -393,7 +416,9 @@ def launch(q4, k4, v4, out4, tile_map, log_thresh, causal, scale, block_q, block
             bf16=bf16, lse=lse)()
 
 
-def _allow_shared(kernel, args, nbytes):
+def allow_shared(kernel, args, nbytes):
+    """Opt the kernel compiled for ``args`` in to ``nbytes`` of dynamic shared memory (above
+    the default 48 KB); nothing to do on the simulator."""
     if nbytes <= 48 * 1024 or not mma_hardware():
         return
     from numba import typeof
