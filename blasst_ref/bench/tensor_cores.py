@@ -368,10 +368,77 @@ def decode_rows(lengths=(16384, 65536), log=print) -> list[dict]:
     return rows
 
 
+def _f(x, spec=".0f"):
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def format_markdown(res: dict) -> str:
+    """The results as the markdown tables of docs/BENCHMARKS.md."""
+    out = []
+    rate = res.get("mma_rate")
+    if rate:
+        out.append(f"mma.sync m16n8k16 from Numba, f32 accumulate ({rate['sms']} SMs, "
+                   f"{rate['blocks']} blocks x {rate['threads']} threads): "
+                   f"**{rate['fp16_tflops']:.0f} TFLOP/s fp16**, "
+                   f"**{rate['bf16_tflops']:.0f} TFLOP/s bf16**\n")
+    dense = [r for r in res.get("prefill", []) if "workload" not in r]
+    if dense:
+        bqs = sorted({int(k[5:-7]) for r in dense for k in r if k.startswith("v3_bq")
+                      and k.endswith("_tflops")})
+        head = ["D", "L", "causal", "dtype"] + [f"v3 bq={b}" for b in bqs] + \
+            ["flash", "cuDNN", "best v3 / flash", "best v3 / mma rate", "rel err vs flash"]
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in dense:
+            v3 = [r.get(f"v3_bq{b}_tflops") for b in bqs]
+            best = max(x for x in v3 if x is not None)
+            peak = rate[f"{'bf16' if r['dtype'] == 'bfloat16' else 'fp16'}_tflops"] if rate \
+                else None
+            cells = [r["d"], r["L"], "yes" if r["causal"] else "no", r["dtype"]] + \
+                [_f(x) for x in v3] + [_f(r.get("flash_tflops")), _f(r.get("cudnn_tflops")),
+                                       _f(best / r["flash_tflops"], ".2f") + "x"
+                                       if r.get("flash_tflops") else "-",
+                                       _f(best / peak, ".0%") if peak else "-",
+                                       _f(r.get("v3_err_vs_flash"), ".1e")]
+            out.append("| " + " | ".join(str(c) for c in cells) + " |")
+        out.append("")
+    sparse = [r for r in res.get("prefill", []) if "workload" in r]
+    for r in sparse:
+        for key in [k[:-len("_thresh")] for k in r if k.endswith("_thresh")]:
+            out.append(
+                f"- L={r['L']} D={r['d']} {'causal' if r['causal'] else 'full'} "
+                f"{r['dtype']}, {key.replace('bq', 'block_q=')}: thresh "
+                f"{r[key + '_thresh']:.2e}, sparsity {r[key + '_sparsity']:.1%}: dense "
+                f"{r[key + '_dense_tflops']:.0f}, BLASST {r[key + '_sparse_tflops']:.0f} "
+                f"TFLOP/s effective (**{r[key + '_sparse_tflops'] / r['flash_tflops']:.2f}x "
+                f"torch flash**, {r[key + '_sparse_tflops'] / r[key + '_dense_tflops']:.2f}x "
+                f"own dense); flash {r['flash_tflops']:.0f}, cuDNN {r['cudnn_tflops']:.0f}; "
+                f"output vs dense {r[key + '_sparse_err']:.1e}")
+    if sparse:
+        out.append("")
+    dec = res.get("decode", [])
+    if dec:
+        head = ["Lk", "dtype", "v3 dense", "TB/s", "flash", "cuDNN", "v2 (API)",
+                "v3 / flash", "thresh", "seeded: sparsity, time, vs flash",
+                "unseeded (same thresh): sparsity, time, vs flash"]
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in dec:
+            us = lambda x: _f(None if x is None else 1000 * x) + " us"  # noqa: E731
+            cells = [r["Lk"], r["dtype"], us(r["v3_dense_ms"]), _f(r["v3_dense_TBps"], ".2f"),
+                     us(r.get("flash_ms")), us(r.get("cudnn_ms")), us(r.get("v2_api_ms")),
+                     _f(r["v3_dense_vs_flash"], ".2f") + "x", _f(r["thresh"], ".2e"),
+                     f"{r['seeded_sparsity']:.1%}, {us(r['seeded_ms'])}, "
+                     f"**{r['seeded_vs_flash']:.2f}x**",
+                     f"{r['unseeded_sparsity']:.1%}, {us(r['unseeded_ms'])}, "
+                     f"{r['unseeded_vs_flash']:.2f}x"]
+            out.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m blasst_ref.bench.tensor_cores",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["rate", "prefill", "decode", "all"])
+    p.add_argument("what", choices=["rate", "prefill", "decode", "all", "table"],
+                   help="what to run ('table': only format the --json file given)")
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768],
                    help="sequence lengths of the dense rows")
     p.add_argument("--sparse-lengths", type=int, nargs="+", default=[16384, 32768],
@@ -384,6 +451,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the results to this file")
     args = p.parse_args(argv)
     res = {}
+    if args.what == "table":
+        with open(args.json) as f:
+            print(format_markdown(json.load(f)))
+        return 0
     if args.what in ("rate", "all"):
         res["mma_rate"] = mma_rate()
         print(json.dumps(res["mma_rate"]), flush=True)
@@ -395,6 +466,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
+    print(format_markdown(res))
     return 0
 
 

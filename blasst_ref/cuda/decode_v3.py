@@ -139,8 +139,8 @@ def make_kernel(rows: int, d: int, block_k: int, causal: bool, bf16: bool, seede
 
     @cuda.jit(device=True, inline=True)
     def mask_and_max(s, j0, t, qi0, qi1, lq, lk, scale_log2):
-        """Scale to base 2, mask keys past ``Lk`` or a row's causal horizon, row maxima of
-        this lane's two rows (quad-reduced)."""
+        """Mask keys past ``Lk`` or a row's causal horizon (``-inf``); the row maxima of
+        this lane's two rows in base-2 units (quad-reduced)."""
         offset = lk - lq
         masked = j0 + block_k > lk
         if CAUSAL:
@@ -149,18 +149,19 @@ def make_kernel(rows: int, d: int, block_k: int, causal: bool, bf16: bool, seede
         tmax1 = NEG_INF
         for nt in range(NS):
             for e in range(4):
-                x = s[4 * nt + e] * scale_log2
+                x = s[4 * nt + e]
                 if masked:
                     col = j0 + nt * 8 + 2 * t + (e % 2)
                     qi = qi0 if e < 2 else qi1
                     if col >= lk or (CAUSAL and col > qi + offset):
                         x = NEG_INF
-                s[4 * nt + e] = x
+                        s[4 * nt + e] = x
                 if e < 2:
                     tmax0 = _max_nan(tmax0, x)
                 else:
                     tmax1 = _max_nan(tmax1, x)
-        return quad_max(tmax0), quad_max(tmax1)
+        # the scores stay raw (scaled inside the exp); scale > 0, so this is the scaled max
+        return quad_max(tmax0) * scale_log2, quad_max(tmax1) * scale_log2
 
     @cuda.jit(fastmath=False)
     def kernel(q, k, v, n_hq, n_hkv, lq, lk, scale_log2, log_thresh2, k_tiles, split_tiles,
@@ -269,18 +270,19 @@ def make_kernel(rows: int, d: int, block_k: int, causal: bool, bf16: bool, seede
             m1 = mn1
             l0 *= alpha0
             l1 *= alpha1
-            for nt in range(NO):
-                o[4 * nt] *= alpha0
-                o[4 * nt + 1] *= alpha0
-                o[4 * nt + 2] *= alpha1
-                o[4 * nt + 3] *= alpha1
+            if not warp_all(alpha0 == float32(1.0) and alpha1 == float32(1.0)):
+                for nt in range(NO):  # (after the first tiles the max rarely moves)
+                    o[4 * nt] *= alpha0
+                    o[4 * nt + 1] *= alpha0
+                    o[4 * nt + 2] *= alpha1
+                    o[4 * nt + 3] *= alpha1
             for kp in range(KP):
                 for half in range(2):
                     i0 = 4 * (2 * kp + half)
-                    p0 = exp2_approx(s[i0] - sh0)
-                    p1 = exp2_approx(s[i0 + 1] - sh0)
-                    p2 = exp2_approx(s[i0 + 2] - sh1)
-                    p3 = exp2_approx(s[i0 + 3] - sh1)
+                    p0 = exp2_approx(s[i0] * scale_log2 - sh0)
+                    p1 = exp2_approx(s[i0 + 1] * scale_log2 - sh0)
+                    p2 = exp2_approx(s[i0 + 2] * scale_log2 - sh1)
+                    p3 = exp2_approx(s[i0 + 3] * scale_log2 - sh1)
                     l0 += p0 + p1
                     l1 += p2 + p3
                     pf[4 * kp + 2 * half] = pack(p0, p1)

@@ -37,7 +37,7 @@ from numba import cuda, float32, uint16, uint32
 
 from .mma import (a_tile_address, b_pair_address, bt_pair_address, cp_async16, cp_async_commit, cp_async_wait_all, exp2_approx, ldmatrix_x4,
                   ldmatrix_x4_trans, mma_bf16, mma_f16, pack_bf16x2, pack_f16x2, quad_max,
-                  quad_sum, unpack_hi, unpack_lo)
+                  quad_sum, unpack_hi, unpack_lo, warp_all)
 
 __all__ = ["HEAD_DIMS", "KernelShape", "accepts", "make_kernel", "shared_bytes"]
 
@@ -243,7 +243,7 @@ def make_kernel(d: int, dv: int, block_q: int, block_k: int, causal: bool, bf16:
                     s[i0 + 6] = c2
                     s[i0 + 7] = c3
 
-            # ---- scale (base 2), mask the diagonal / ragged tile, row maxima ----------
+            # ---- mask the diagonal / ragged tile, row maxima (base 2) -----------------
             masked = j0 + block_k > lk
             if CAUSAL:
                 masked = masked or j0 + block_k - 1 > q0 + offset
@@ -251,19 +251,20 @@ def make_kernel(d: int, dv: int, block_q: int, block_k: int, causal: bool, bf16:
             tmax1 = NEG_INF
             for nt in range(NS):
                 for e in range(4):
-                    x = s[4 * nt + e] * scale_log2
+                    x = s[4 * nt + e]
                     if masked:
                         col = j0 + nt * 8 + 2 * t + (e % 2)
                         row = row0 if e < 2 else row1
                         if col >= lk or (CAUSAL and col > row + offset):
                             x = NEG_INF
-                    s[4 * nt + e] = x
+                            s[4 * nt + e] = x
                     if e < 2:
                         tmax0 = _max_nan(tmax0, x)
                     else:
                         tmax1 = _max_nan(tmax1, x)
-            tmax0 = quad_max(tmax0)
-            tmax1 = quad_max(tmax1)
+            # raw scores until here; scale > 0, so scaling the max is the max of the scaled
+            tmax0 = quad_max(tmax0) * scale_log2
+            tmax1 = quad_max(tmax1) * scale_log2
 
             # ---- the skip vote: every row of the block must agree ---------------------
             if voting:
@@ -295,18 +296,19 @@ def make_kernel(d: int, dv: int, block_q: int, block_k: int, causal: bool, bf16:
             m1 = mn1
             l0 *= alpha0
             l1 *= alpha1
-            for nt in range(NO):
-                o[4 * nt] *= alpha0
-                o[4 * nt + 1] *= alpha0
-                o[4 * nt + 2] *= alpha1
-                o[4 * nt + 3] *= alpha1
+            if not warp_all(alpha0 == float32(1.0) and alpha1 == float32(1.0)):
+                for nt in range(NO):  # (after the first tiles the max rarely moves)
+                    o[4 * nt] *= alpha0
+                    o[4 * nt + 1] *= alpha0
+                    o[4 * nt + 2] *= alpha1
+                    o[4 * nt + 3] *= alpha1
             for kp in range(KP):  # P as the A operand of P V: C of n-tiles 2kp, 2kp + 1
                 for half in range(2):
                     i0 = 4 * (2 * kp + half)
-                    p0 = exp2_approx(s[i0] - sh0)
-                    p1 = exp2_approx(s[i0 + 1] - sh0)
-                    p2 = exp2_approx(s[i0 + 2] - sh1)
-                    p3 = exp2_approx(s[i0 + 3] - sh1)
+                    p0 = exp2_approx(s[i0] * scale_log2 - sh0)
+                    p1 = exp2_approx(s[i0 + 1] * scale_log2 - sh0)
+                    p2 = exp2_approx(s[i0 + 2] * scale_log2 - sh1)
+                    p3 = exp2_approx(s[i0 + 3] * scale_log2 - sh1)
                     l0 += p0 + p1
                     l1 += p2 + p3
                     pf[4 * kp + 2 * half] = pack(p0, p1)
