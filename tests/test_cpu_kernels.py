@@ -14,7 +14,7 @@ import pytest
 
 from blasst_ref import dense_attention, tiling
 from blasst_ref.cpu import blasst_attention, pack_k_tiles
-from blasst_ref.cpu._math import exp_array_f32
+from blasst_ref.numba_utils import exp_array_f32
 from blasst_ref.reference import blasst_attention_reference
 
 TOL = {np.float32: 2e-5, np.float64: 1e-12}

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..cpu import _blas_single_threaded
+from ..numba_utils import blas_single_threaded
 from . import kernels as K
 from . import ops as _ops
 from . import passes as P
@@ -166,7 +166,7 @@ class CompiledGraph:
         # With the packed matmul kernel every parallel loop is a Numba one: BLAS is kept to
         # one thread for the whole call, so that its idle pool threads never spin against
         # Numba's on the same cores (see docs/BENCHMARKS.md, "graph").
-        self._threads = _blas_single_threaded if "PackedMatMul" in graph.count_ops() \
+        self._threads = blas_single_threaded if "PackedMatMul" in graph.count_ops() \
             else contextlib.nullcontext
         #: ``{Attention node name: AttentionStats}`` of the last call (skip statistics).
         self.attention_stats: dict = {}
@@ -341,7 +341,7 @@ def _make_step(node: Node, g: Graph, attention_backend: str) -> Callable[[dict],
         scale, zp = np.float32(attrs["scale"]), int(attrs["zero_point"])
 
         def step(env):
-            Q8._quantize_run(np.ascontiguousarray(env[ins[0]]).reshape(-1),
+            Q8.quantize_unchecked(np.ascontiguousarray(env[ins[0]]).reshape(-1),
                              env[out].reshape(-1), scale, zp, lo, hi)
         return step
 

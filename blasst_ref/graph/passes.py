@@ -32,7 +32,7 @@ from . import ops as _ops
 from .ir import Graph, Node
 
 __all__ = ["fold_constants", "fuse_attention", "fuse_matmul", "lower_int8",
-           "merge_layout_ops", "pack_weights", "rewrite"]
+           "merge_layout_ops", "pack_weights", "rewrite", "single_consumer"]
 
 ACTIVATION_OPS = {"Relu": "relu", "Tanh": "tanh", "Exp": "exp"}
 
@@ -56,8 +56,9 @@ def rewrite(g: Graph, replace: dict[str, list[Node] | None],
     return out.prune()
 
 
-def _single_consumer(g: Graph, users, tensor: str) -> Node | None:
-    """The only node that reads ``tensor``, if exactly one does and it is not an output."""
+def single_consumer(g: Graph, users, tensor: str) -> Node | None:
+    """The only node that reads ``tensor``, if exactly one does and it is not a graph output
+    (``users`` is ``g.consumers()``): the condition for fusing that node into its producer."""
     if tensor in g.outputs.values() or len(users[tensor]) != 1:
         return None
     return users[tensor][0]
@@ -131,13 +132,13 @@ def fuse_attention(g: Graph, thresh: float = 0.0, block_q: int | None = None,
     for sm in g.nodes:
         if sm.op != "Softmax" or sm.attrs["axis"] != len(g.tensors[sm.inputs[0]].shape) - 1:
             continue
-        pv = _single_consumer(g, users, sm.outputs[0])
+        pv = single_consumer(g, users, sm.outputs[0])
         if pv is None or pv.op != "MatMul" or pv.inputs[0] != sm.outputs[0]:
             continue
         chain = [pv, sm]  # walked backwards from the output; chain[-1] reads t
         t, causal, scale = sm.inputs[0], False, 1.0
         node = producers.get(t)
-        if node is not None and node.op == "Add" and _single_consumer(g, users, t) is sm:
+        if node is not None and node.op == "Add" and single_consumer(g, users, t) is sm:
             masks = [i for i in node.inputs if i in g.constants]
             if len(masks) != 1:
                 continue
@@ -149,7 +150,7 @@ def fuse_attention(g: Graph, thresh: float = 0.0, block_q: int | None = None,
             chain.append(node)
             t, node = other, producers.get(other)
         if node is not None and node.op in ("Mul", "Div") and \
-                _single_consumer(g, users, t) is chain[-1]:
+                single_consumer(g, users, t) is chain[-1]:
             consts = [i for i in node.inputs if _scalar_constant(g, i) is not None]
             if not consts or (node.op == "Div" and node.inputs[1] != consts[0]):
                 continue
@@ -158,7 +159,7 @@ def fuse_attention(g: Graph, thresh: float = 0.0, block_q: int | None = None,
             other = node.inputs[1] if node.inputs[0] == consts[0] else node.inputs[0]
             chain.append(node)
             t, node = other, producers.get(other)
-        if node is None or node.op != "MatMul" or _single_consumer(g, users, t) is not chain[-1]:
+        if node is None or node.op != "MatMul" or single_consumer(g, users, t) is not chain[-1]:
             continue
         chain.append(node)
         q, kt = node.inputs
@@ -235,17 +236,17 @@ def fuse_matmul(g: Graph) -> Graph:
         y, chain = mm.outputs[0], [mm]
         bias = residual = None
         act = "none"
-        nxt = _single_consumer(g, users, y)
+        nxt = single_consumer(g, users, y)
         if nxt is not None and nxt.op == "Add" and (bias := _bias_operand(g, nxt, y)):
             chain.append(nxt)
             y = nxt.outputs[0]
-            nxt = _single_consumer(g, users, y)
+            nxt = single_consumer(g, users, y)
         if nxt is not None and (nxt.op in ACTIVATION_OPS or nxt.op == "Gelu"):
             act = ACTIVATION_OPS.get(nxt.op) or \
                 ("gelu" if nxt.attrs["approximate"] == "none" else "gelu_tanh")
             chain.append(nxt)
             y = nxt.outputs[0]
-            nxt = _single_consumer(g, users, y)
+            nxt = single_consumer(g, users, y)
         if nxt is not None and nxt.op == "Add" and (residual := _residual_operand(g, nxt, y)):
             chain.append(nxt)
             y = nxt.outputs[0]
@@ -274,7 +275,7 @@ def merge_layout_ops(g: Graph) -> Graph:
             continue
         inner = producers.get(node.inputs[0])
         if inner is None or inner.op != node.op or inner.name in replace or \
-                _single_consumer(g, users, inner.outputs[0]) is not node:
+                single_consumer(g, users, inner.outputs[0]) is not node:
             continue
         if node.op == "Transpose":
             p1, p2 = inner.attrs["perm"], node.attrs["perm"]
@@ -370,7 +371,7 @@ def lower_int8(g: Graph) -> Graph:
         attrs.update(a_scale=a_scale, a_zero_point=a_zp, w_scale=np.array(w_scale),
                      out_scale=None, out_zero_point=0)
         out = node.outputs[0]
-        quant = _single_consumer(g, users, out)
+        quant = single_consumer(g, users, out)
         if quant is not None and quant.op == "Quantize" and quant.attrs["axis"] is None and \
                 quant.attrs["dtype"] == "uint8":
             attrs.update(out_scale=float(quant.attrs["scale"]),
