@@ -78,7 +78,7 @@ OPS: dict[str, OpDef] = {}
 
 
 def register(opdef: OpDef) -> OpDef:
-    """Add an op to :data:`OPS` (the [int8] lowering registers its fused ops this way)."""
+    """Add an op to :data:`OPS` (the int8 lowering registers its fused ops this way)."""
     OPS[opdef.name] = opdef
     return opdef
 
@@ -627,6 +627,6 @@ def _qmatmul_eval(arrays, attrs):
 
 register(OpDef("QMatMul", (2, 4), _qmatmul_infer, _qmatmul_eval, _qmatmul_attrs,
                doc="u8 x s8 -> s32 matmul with zero-point compensation, rescale, post-ops "
-                   "and optional u8 requantisation (the [int8] lowering of Dequantize -> "
+                   "and optional u8 requantisation (the int8 lowering of Dequantize -> "
                    "MatMul -> post-ops -> Quantize)",
                inplace=lambda attrs, n: ()))

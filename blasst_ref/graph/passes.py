@@ -346,7 +346,7 @@ def _dequantized_weight(g: Graph, producers, t: str):
 
 
 def lower_int8(g: Graph) -> Graph:
-    """The [int8] lowering (DESIGN.md §7): ``Dequantize(u8 activation) x Dequantize(s8
+    """The int8 lowering (DESIGN.md §7): ``Dequantize(u8 activation) x Dequantize(s8
     constant weight) -> MatMul -> post-ops [-> Quantize(u8)]`` becomes one ``QMatMul``.
 
     Runs after :func:`fuse_matmul`, so the post-ops are already gathered in a
