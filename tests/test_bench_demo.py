@@ -261,3 +261,44 @@ def test_bench_int8_table_and_json(capsys):
     assert [r["case"] for r in rows] == ["matmul 64x64x64", "dlrm-bottom b=4"]
     for r in rows:
         assert r["int8_rel_err"] < 5e-2 and r["speedup"] > 0
+
+
+# ---------------------------------------------------------------------------------------
+# The benchmark's timing of the int8 rows (blasst_ref/bench/int8.py)
+# ---------------------------------------------------------------------------------------
+
+
+def test_bench_pause_is_never_timed():
+    """``--quiet``: the pause and re-warm before each block run inside the block's first,
+    untimed call; no timed sample contains them."""
+    from blasst_ref.bench import int8 as B
+
+    calls = {"a": 0, "b": 0}
+
+    def fn(name):
+        def f():
+            calls[name] += 1
+        return f
+    variants = [Variant("a", fn("a")), Variant("b", fn("b"))]
+    t = B._measure(variants, 6, None, 2, 0.2)
+    for name in ("a", "b"):
+        assert len(t[name].samples_ms) == 6
+        assert max(t[name].samples_ms) < 100, t[name].samples_ms  # a pause is 200 ms
+        assert calls[name] > 1 + 6 + 2 * 2  # warm-up, samples, rewarms, plus re-warm calls
+
+
+def test_bench_ort_columns():
+    from blasst_ref.bench import int8 as B
+
+    if not B.ort_available():
+        pytest.skip("onnx / onnxruntime not installed")
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert bench_main.main(["int8", "--mlp", "dlrm-bottom:8", "--repeat", "1", "--blocks",
+                                "1", "--quiet", "0", "--json"]) == 0
+    rows = [json.loads(ln) for ln in buf.getvalue().splitlines() if ln.startswith("{")]
+    assert len(rows) == 1 and {"ort-f32", "ort-int8"} <= set(rows[0]["ms"])
+    assert rows[0]["ort_int8_rel_err"] < 5e-2 and rows[0]["speedup_vs_ort_int8"] > 0
