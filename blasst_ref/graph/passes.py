@@ -1,6 +1,7 @@
 """Compiler passes: each a pure function ``Graph -> Graph`` (DESIGN.md §7).
 
-In the order :func:`blasst_ref.graph.compile` runs them:
+In the order :func:`blasst_ref.graph.compile` runs them, which :data:`PIPELINE` defines
+(each can be switched off: ``compile(g, passes={"fuse_attention": False})``):
 
 1. :func:`fold_constants` -- a node whose inputs are all constants is evaluated once, now,
    and becomes a constant (e.g. a weight transposed in the model definition).
@@ -9,10 +10,10 @@ In the order :func:`blasst_ref.graph.compile` runs them:
    with the compile-time threshold, instead of a ``(B, H, L, L)`` score tensor.
 3. :func:`fuse_matmul` -- ``MatMul`` and its post-op chain (bias add, activation, residual
    add) become one ``FusedMatMul``: the post-ops run on the product while it is in cache.
-4. :func:`merge_layout_ops` -- ``Transpose∘Transpose`` and ``Reshape∘Reshape`` collapse
-   into one (attention fusion leaves such pairs on the K path).
-5. :func:`lower_int8` -- ``Dequantize -> MatMul -> post-ops -> Quantize`` with u8
+4. :func:`lower_int8` -- ``Dequantize -> MatMul -> post-ops -> Quantize`` with u8
    activations and constant s8 weights becomes one ``QMatMul`` (u8 x s8 -> s32, DESIGN §7).
+5. :func:`merge_layout_ops` -- ``Transpose∘Transpose`` and ``Reshape∘Reshape`` collapse
+   into one (attention fusion leaves such pairs on the K path).
 6. :func:`pack_weights` -- constant-weight preprocessing: a ``FusedMatMul`` on a constant
    ``(K, N)`` weight becomes a ``PackedMatMul`` on the weight packed into the panels
    :func:`blasst_ref.graph.kernels.pack_weight` lays out, once, at compile time.
@@ -31,8 +32,13 @@ import numpy as np
 from . import ops as _ops
 from .ir import Graph, Node
 
-__all__ = ["fold_constants", "fuse_attention", "fuse_matmul", "lower_int8",
+__all__ = ["PIPELINE", "fold_constants", "fuse_attention", "fuse_matmul", "lower_int8",
            "merge_layout_ops", "pack_weights", "rewrite", "single_consumer"]
+
+#: The passes, by function name, in the order :func:`blasst_ref.graph.compile` runs them
+#: (the module docstring lists them in this order; a test checks that the two agree).
+PIPELINE = ("fold_constants", "fuse_attention", "fuse_matmul", "lower_int8",
+            "merge_layout_ops", "pack_weights")
 
 ACTIVATION_OPS = {"Relu": "relu", "Tanh": "tanh", "Exp": "exp"}
 
@@ -262,7 +268,7 @@ def fuse_matmul(g: Graph) -> Graph:
     return rewrite(g, replace) if replace else g
 
 
-# ----------------------------------------------------------------------------- 4. layout
+# ----------------------------------------------------------------------------- 5. layout
 def merge_layout_ops(g: Graph) -> Graph:
     """``Transpose(Transpose(x, p1), p2)`` -> ``Transpose(x, p1[p2])`` and
     ``Reshape(Reshape(x))`` -> ``Reshape(x)`` when the inner result has no other reader:
@@ -290,7 +296,7 @@ def merge_layout_ops(g: Graph) -> Graph:
     return rewrite(g, replace) if replace else g
 
 
-# ----------------------------------------------------------------------------- 5. packing
+# ----------------------------------------------------------------------------- 6. packing
 def pack_weights(g: Graph, pack: Callable | None = None) -> Graph:
     """Constant-weight preprocessing: ``FusedMatMul(a, W)`` with ``W`` a constant ``(K, N)``
     becomes ``PackedMatMul(a, panels)`` with ``panels = pack(W).panels``, computed here,
@@ -321,7 +327,7 @@ def pack_weights(g: Graph, pack: Callable | None = None) -> Graph:
     return rewrite(g, replace, new) if replace else g
 
 
-# ----------------------------------------------------------------------------- int8
+# ----------------------------------------------------------------------------- 4. int8
 def _dequantized_activation(g: Graph, producers, t: str):
     """``(u8 tensor, scale, zero point)`` if ``t = Dequantize(u8, per tensor)``, else None."""
     node = producers.get(t)
