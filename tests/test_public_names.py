@@ -50,7 +50,6 @@ TESTS = {
 #: so the list can only shrink.
 PENDING = {
     ("tests/test_cuda_prefill.py", "blasst_ref.reference._log_thresh"),
-    ("tutorials/04_cpu_kernels.ipynb", "blasst_ref.cpu._online.fold_row"),
     ("tutorials/04_cpu_kernels.ipynb", "blasst_ref.cpu._online.rows_agree_to_skip"),
     ("tutorials/05_cuda_kernels.ipynb", "blasst_ref.cuda.prefill._make_prefill_kernel"),
     ("tutorials/05_cuda_kernels.ipynb", "blasst_ref.cuda.decode._merge_kernel"),

@@ -5,9 +5,8 @@ What one run does, for every *case* (a problem size, causal or not, prefill or d
 1. builds a seeded LLM-like input (:func:`blasst_ref.workloads.llm_like`: attention sinks,
    a local window, heavy hitters) or, with ``--workload random``, Gaussian q/k/v;
 2. resolves the thresholds: a number is used as is; ``auto:0.75`` searches the threshold
-   that skips about 75% of the tiles *of this input*
-   (:func:`blasst_ref.calibrate.find_threshold`), because
-   sparsity, not the threshold, is the axis that speedups are read against;
+   that skips about 75% of the tiles *of this input* (:func:`blasst_ref.calibrate.find_threshold`),
+   because sparsity, not the threshold, is the axis that speedups are read against;
 3. computes the exact float64 result once (:func:`blasst_ref.bench.oracle.dense_oracle`);
 4. times every (backend, threshold) variant — one warm-up call that includes JIT compilation
    and is excluded, then the median of ``--repeat`` interleaved calls

@@ -19,12 +19,13 @@ import numpy as np
 
 from .. import tiling
 from ..numba_utils import blas_single_threaded
+from ._online import fold_row
 from .decode import decode_merge_kernel, decode_split_kernel
 from .prefill import pack_k_tiles, prefill_kernel
 
 __all__ = [
-    "blasst_attention", "decode_merge_kernel", "decode_split_kernel", "pack_k_tiles",
-    "prefill_kernel",
+    "blasst_attention", "decode_merge_kernel", "decode_split_kernel", "fold_row",
+    "pack_k_tiles", "prefill_kernel",
 ]
 
 def blasst_attention(q, k, v, thresh, causal, scale, block_q, block_k, *, skip_test=True,
