@@ -147,7 +147,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"),
                    default="float32",
                    help="input dtype (float64: CPU only; bfloat16: GPU only, torch tensors)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the inputs (default 0)")
     p.add_argument("--block-q", type=_positive_int, default=None, help="prefill tile rows")
     p.add_argument("--block-k", type=_positive_int, default=None, help="tile keys")
     p.add_argument("--repeat", type=_positive_int, default=5,
