@@ -106,6 +106,8 @@ class MemoryPlan:
         if not self.enabled:
             return (f"memory planning off: {format_bytes(self.peak_bytes)} in {buffers} "
                     f"(naive {format_bytes(self.naive_bytes)})")
+        if not self.buffers:
+            return "memory: no intermediate tensors to plan"
         ratio = ""
         if self.naive_bytes:
             share = self.peak_bytes / self.naive_bytes
