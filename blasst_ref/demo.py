@@ -82,7 +82,7 @@ What this shows: BLASST keeps FlashAttention's tiles and online softmax, and ski
 row's running maximum. On LLM-like heads most of the probability mass sits in a few sinks,
 the local window and some heavy hitters, so many tiles fall under the bar: sparsity is the
 share of visited tiles skipped. The error grows with thresh, as each skipped probability is
-below thresh relative to the running max (DESIGN.md §3 bounds it), and how much sparsity a
+below thresh relative to the running max (docs/DESIGN.md §3.4 bounds it), and how much sparsity a
 given error buys depends on how peaked the heads are (try --peakedness); the time drops
 with sparsity: in prefill the QK product still runs for every tile, so the ideal speedup is
 about 2/(2-s) (1.6x at 75%); in decode the skipped V bytes are the saving. The threshold that

@@ -1,4 +1,4 @@
-"""The static memory planner (blasst_ref.graph.memory, DESIGN.md §7 "Memory planning").
+"""The static memory planner (blasst_ref.graph.memory, docs/DESIGN.md §7.3).
 
 The invariant -- no two buffers live at a common step share a byte -- is checked by
 ``check_plan`` on random graphs; the plan is *used* by a tiny plan-following executor below

@@ -1,4 +1,4 @@
-"""The tutorial notebooks (DESIGN.md §8): each one runs top to bottom, and is committed clean.
+"""The tutorial notebooks (docs/DESIGN.md §8): each one runs top to bottom, and is committed clean.
 
 Every ``tutorials/NN_*.ipynb`` is executed here in a fresh Jupyter kernel with
 ``BLASST_TUTORIAL_SIZE=small`` (unless the environment already sets it), so the README's test

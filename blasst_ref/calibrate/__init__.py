@@ -1,4 +1,5 @@
-"""Threshold calibration: the ``thresh * L = alpha * exp(beta * sparsity)`` law (DESIGN.md §5).
+"""Threshold calibration: the ``thresh * L = alpha * exp(beta * sparsity)`` law
+(docs/DESIGN.md §5).
 
 BLASST's threshold must shrink as the context grows: the probability of a background key,
 relative to the row maximum, falls roughly as ``1 / L``, so a fixed threshold skips more and
@@ -354,7 +355,8 @@ def _select_fit_points(rows):
 def calibrate(samples, *, phase: str = "prefill", causal: bool = True, thresholds=None,
               block_q: int | None = None, block_k: int | None = None, backend: str = "auto",
               progress: bool = True) -> Calibration:
-    """Calibrate ``thresh * L = alpha * exp(beta * sparsity)`` on sample inputs (DESIGN §5).
+    """Calibrate ``thresh * L = alpha * exp(beta * sparsity)`` on sample inputs
+    (docs/DESIGN.md §5).
 
     Args:
         samples: an iterable of ``(q, k, v)`` in the layout of :func:`blasst_ref.attention`

@@ -1,7 +1,7 @@
 """Static memory planning: one arena, liveness intervals, best-fit placement, in-place reuse.
 
-DESIGN.md §7 "Memory planning". The planner runs last, on the graph the passes left (planning
-the unfused graph would plan buffers that fusion removes), and is a pure function of that
+docs/DESIGN.md §7.3. The planner runs last, on the graph the passes left (planning the
+unfused graph would plan buffers that fusion removes), and is a pure function of that
 graph's schedule: the nodes of ``graph.nodes`` in order. Node ``s`` runs at **step** ``s``.
 
 Vocabulary:
