@@ -82,12 +82,13 @@ What this shows: BLASST keeps FlashAttention's tiles and online softmax, and ski
 row's running maximum. On LLM-like heads most of the probability mass sits in a few sinks,
 the local window and some heavy hitters, so many tiles fall under the bar: sparsity is the
 share of visited tiles skipped. The error grows with thresh, as each skipped probability is
-below thresh relative to the running max (docs/DESIGN.md §3.4 bounds it), and how much sparsity a
-given error buys depends on how peaked the heads are (try --peakedness); the time drops
-with sparsity: in prefill the QK product still runs for every tile, so the ideal speedup is
-about 2/(2-s) (1.6x at 75%); in decode the skipped V bytes are the saving. The threshold that
-gives a sparsity depends on the context length: BLASST calibrates thresh = scale_factor / L
-(blasst_ref.calibrate). Compare times only within one run on one machine."""
+below thresh relative to the running max (docs/DESIGN.md §3.4 bounds it), and how much
+sparsity a given error buys depends on how peaked the heads are (try --peakedness); the time
+drops with sparsity: in prefill the QK product still runs for every tile, so the ideal
+speedup is about 2/(2-s) (1.6x at 75%); in decode the skipped V bytes are the saving. The
+threshold that gives a sparsity depends on the context length: BLASST calibrates
+thresh = scale_factor / L (blasst_ref.calibrate). Compare times only within one run on one
+machine."""
 
 
 #: llm_like's ``peakedness`` knob for the demo (mean inverse temperature of the heads). The
@@ -220,7 +221,8 @@ def run_case(case: DemoCase, *, repeat: int, peakedness: float = DEFAULT_PEAKEDN
             return st.sparsity, rel_l2(out, exact)
 
         say(f"{case.phase}: timing {backend}, heads {heads}: {len(threshes)} thresholds, "
-            f"a warm-up and {repeat} timed call{'s' if repeat > 1 else ''} each")
+            f"a warm-up and {repeat} timed call{'s' if repeat > 1 else ''} each"
+            + (" (the numpy spec: slow)" if backend == "reference" else ""))
         try:
             timings = measure(variants, repeat, on_warm=on_warm)
         except Exception as exc:  # e.g. a backend that is not written yet
@@ -268,7 +270,7 @@ def threshold_note(rows: list[dict], peakedness: float) -> str:
             f"blasst_ref.calibrate` runs llm_like's\n    default, peakedness 1. Peakedness p "
             f"multiplies every logit, so a threshold t at p skips\n    exactly what t ** (1/p) "
             f"skips at peakedness 1: the {row['phase']} row's {t:.3g} (L={L}) is\n    "
-            f"{t1:.3g} there ({t1 / t:.3g}x larger). `calibrate --peakedness {peakedness:g}` "
+            f"{t1:.3g} there ({t1 / t:.0f}x larger). `calibrate --peakedness {peakedness:g}` "
             f"calibrates this workload.")
 
 

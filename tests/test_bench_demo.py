@@ -345,3 +345,20 @@ def test_peakedness_turns_a_threshold_into_a_power(peakedness):
                                  causal=True, backend="reference", return_stats=True)
         assert st_sharp.skipped_tiles > 0
         np.testing.assert_array_equal(st_sharp.tile_map, st_one.tile_map)
+
+
+def test_calibrate_can_run_the_demos_workload(capsys):
+    """``calibrate --peakedness 2`` calibrates the demo's workload, and says which it ran."""
+    from blasst_ref.calibrate import main as calibrate_main
+
+    argv = ["--lengths", "256", "512", "--target", "0.5", "--heads", "2", "--kv-heads", "1",
+            "--head-dim", "16", "--eval-lengths", "1024", "--quiet"]
+    assert calibrate_main([*argv, "--peakedness", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "peakedness=2," in out and "python -m blasst_ref.demo" not in out
+    assert calibrate_main(argv) == 0
+    out = capsys.readouterr().out  # the default workload points at the demo's
+    assert "peakedness=1," in out and "--peakedness 2 calibrates that workload" in out
+    with pytest.raises(SystemExit) as exc:
+        calibrate_main([*argv, "--peakedness", "0"])
+    assert exc.value.code == 2 and "--peakedness must be" in capsys.readouterr().err

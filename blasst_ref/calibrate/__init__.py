@@ -531,7 +531,7 @@ def main(argv=None) -> int:
           f"seed={a.seed}); backend {cal.backend}; {elapsed:.1f} s")
     if a.peakedness == 1.0:
         print("(python -m blasst_ref.demo runs peakedness 2: every logit doubled, so its "
-              "thresholds are the squares of these; --peakedness 2 calibrates it)")
+              "thresholds are\n the squares of these; --peakedness 2 calibrates that workload)")
     print()
     print(cal.format_table())
     print()
