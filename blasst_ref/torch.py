@@ -1,4 +1,4 @@
-"""PyTorch and Hugging Face transformers integration (DESIGN.md §10).
+"""PyTorch and Hugging Face transformers integration (docs/DESIGN.md §10).
 
 Three layers, each usable on its own:
 
@@ -75,7 +75,10 @@ __all__ = [
     "Thresholds",
     "attention",
     "collect_stats",
+    "attention_modules",
     "configure",
+    "hf_attention",
+    "num_layers",
     "register",
 ]
 
@@ -204,7 +207,7 @@ class Thresholds:
     """The thresholds BLASST uses in each layer of a model (set by :func:`configure`).
 
     The threshold of one call is ``scale_factor / Lk`` (``Lk`` = keys in the cache, the
-    calibrated law of DESIGN §5), capped at :data:`MAX_THRESH`.
+    calibrated law of docs/DESIGN.md §5), capped at :data:`MAX_THRESH`.
 
     Attributes:
         prefill, decode: one scale factor per layer (in keys), for calls with more than 16
@@ -240,15 +243,18 @@ class Thresholds:
         return self.block_q, self.block_k
 
 
-def _num_layers(model) -> int:
-    layers = {m.layer_idx for m in _attention_modules(model)}
+def num_layers(model) -> int:
+    """The number of attention layers of a transformers model (``max(layer_idx) + 1``)."""
+    layers = {m.layer_idx for m in attention_modules(model)}
     if not layers:
         raise ValueError(f"{type(model).__name__} has no attention module with a layer_idx: "
                          f"not a model that dispatches through transformers' AttentionInterface")
     return max(layers) + 1
 
 
-def _attention_modules(model):
+def attention_modules(model):
+    """The submodules transformers hands to an attention function (they carry
+    ``layer_idx``); :func:`configure` attaches the thresholds to them."""
     # The modules transformers passes to an attention function: they carry layer_idx and the
     # model's config. (A decoder layer that also carries layer_idx gets the same settings,
     # harmlessly.)
@@ -275,7 +281,7 @@ def configure(model, scale_factor=0.0, *, calibration=None, target_sparsity=None
             :class:`blasst_ref.Calibration` (or one per layer) and the target sparsity (or
             one per layer); the scale factor is ``calibration.scale_factor(target)``.
         decode_scale_factor, decode_calibration: the same for the decode phase; default: the
-            prefill values (fit decode separately for best results, DESIGN §5).
+            prefill values (fit decode separately for best results, docs/DESIGN.md §5).
         block_q, block_k: tile sizes; default the calibration's, else
             :mod:`blasst_ref.tiling`'s. Smaller tiles skip more precisely (less error at the
             same sparsity) and run slower.
@@ -288,7 +294,7 @@ def configure(model, scale_factor=0.0, *, calibration=None, target_sparsity=None
     Returns:
         The :class:`Thresholds` now attached to the model's attention layers.
     """
-    n_layers = _num_layers(model)
+    n_layers = num_layers(model)
     if on_unsupported_mask not in ("raise", "sdpa"):
         raise ValueError(f"on_unsupported_mask must be 'raise' or 'sdpa', got {on_unsupported_mask!r}")
     if calibration is not None:
@@ -315,7 +321,7 @@ def configure(model, scale_factor=0.0, *, calibration=None, target_sparsity=None
                           backend=backend, on_unsupported_mask=on_unsupported_mask,
                           decode_block_k=decode_block_k)
     register()
-    for m in _attention_modules(model):
+    for m in attention_modules(model):
         m.blasst_thresholds = settings
     if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -486,10 +492,15 @@ def _unsupported(module, query, key, value, attention_mask, dropout, scaling, is
         f"on_unsupported_mask='sdpa') to run such calls with SDPA (dense)")
 
 
-def _hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                  is_causal=None, **kwargs):
-    """transformers' attention-function signature: ``query (B, Hq, Lq, D)``, ``key``/``value``
-    ``(B, Hkv, Lk, D)`` (the whole cache in decode); returns ``((B, Lq, Hq, Dv), None)``."""
+def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                 is_causal=None, **kwargs):
+    """The function :func:`register` adds to transformers' ``AttentionInterface``.
+
+    transformers' attention-function signature: ``query (B, Hq, Lq, D)``, ``key``/``value``
+    ``(B, Hkv, Lk, D)`` (the whole cache in decode), the mask and the score scale; returns
+    ``((B, Lq, Hq, Dv), None)``. Thresholds from the module's :class:`Thresholds` (set by
+    :func:`configure`; ``thresh = 0`` without). Public so that it can be wrapped, e.g. to
+    record a layer's inputs and then run BLASST."""
     settings = getattr(module, "blasst_thresholds", None) or _DENSE
     layer = int(getattr(module, "layer_idx", 0))
     lq, lk = query.shape[-2], key.shape[-2]
@@ -557,7 +568,7 @@ def register(name: str = ATTN_IMPLEMENTATION) -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(name, _hf_attention)
+    AttentionInterface.register(name, hf_attention)
     # SDPA's mask: None for a plain causal batch, a boolean 4-D mask otherwise (checked above)
     AttentionMaskInterface.register(name, sdpa_mask)
     return name

@@ -1,4 +1,4 @@
-"""BLASST inside Hugging Face transformers models (DESIGN.md §10).
+"""BLASST inside Hugging Face transformers models (docs/DESIGN.md §10).
 
 A tiny randomly initialised Llama-architecture model built from a config (GQA 4/2, RoPE; no
 download), made peaked enough (scaled query and key weights) that BLASST skips tiles at moderate
@@ -63,7 +63,7 @@ def test_register_round_trips(model, tmp_path):
     from transformers.masking_utils import AttentionMaskInterface
 
     assert bt.register() == "blasst"
-    assert AttentionInterface()["blasst"] is bt._hf_attention
+    assert AttentionInterface()["blasst"] is bt.hf_attention
     assert "blasst" in AttentionMaskInterface()
     model.save_pretrained(tmp_path)
     loaded = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="blasst").eval()
@@ -98,7 +98,7 @@ def test_thresh_positive_outputs_equal_blasst_on_captured_qkv(model, ids):
     records = []
 
     def spy(module, query, key, value, attention_mask, **kw):
-        out, w = bt._hf_attention(module, query, key, value, attention_mask, **kw)
+        out, w = bt.hf_attention(module, query, key, value, attention_mask, **kw)
         records.append((module.layer_idx, query.clone(), key.clone(), value.clone(),
                         kw.get("scaling"), out.clone()))
         return out, w

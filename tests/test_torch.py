@@ -1,4 +1,4 @@
-"""blasst_ref.torch.attention and blasst_ref.attention on torch CPU tensors (DESIGN.md §10).
+"""blasst_ref.torch.attention and blasst_ref.attention on torch CPU tensors (docs/DESIGN.md §10).
 
 Checked against the float64 oracle ``dense_attention`` and against PyTorch SDPA, on fresh
 random inputs; ``thresh > 0`` against :func:`blasst_ref.attention` on the same data as numpy.

