@@ -234,7 +234,7 @@ def calibrate_model(model, texts, budget: float = 0.01, *, tokenizer=None, heldo
     sparsity, error = _layer_tables(store, n_layers, grid, block_q, block_k, backend, progress)
     del store
 
-    kw = dict(block_q=block_q, block_k=block_k, backend=backend, progress=False)
+    kw = dict(block_q=block_q, block_k=block_k, backend=backend, progress=False, warmup=False)
     history = []
 
     def measure(lam):

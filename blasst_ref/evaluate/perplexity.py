@@ -89,7 +89,8 @@ def _attention_of(model, scale_factor, **configure_kw):
 
 
 def perplexity(model, windows, scale_factor=None, *, block_q=None, block_k=None,
-               backend: str = "auto", label: str | None = None, progress=True) -> PerplexityResult:
+               backend: str = "auto", label: str | None = None, progress=True,
+               warmup: bool = True) -> PerplexityResult:
     """Perplexity of ``model`` on token ``windows``, dense or with BLASST.
 
     Args:
@@ -100,6 +101,8 @@ def perplexity(model, windows, scale_factor=None, *, block_q=None, block_k=None,
         block_q, block_k, backend: BLASST's tiles and backend.
         label: the result's label (default from ``scale_factor``).
         progress: a tqdm bar over the windows (``True``), none (``False``), or a bar to advance.
+        warmup: first run the model once, untimed, on the first 256 tokens, so that the
+            timings leave out one-off costs (JIT compilation, first allocations).
     """
     import torch
 
@@ -117,18 +120,22 @@ def perplexity(model, windows, scale_factor=None, *, block_q=None, block_k=None,
     nll, n_tok, seconds = 0.0, 0, 0.0
     kw = {"block_q": block_q, "block_k": block_k, "backend": backend}
     try:
-        with _attention_of(model, scale_factor, **kw) as thresholds, bt.collect_stats() as st, \
-                torch.no_grad():
-            for w in windows:
-                ids = w.reshape(1, -1).to(device)
-                t0 = time.perf_counter()
-                logits = model(ids).logits[0, :-1]
-                seconds += time.perf_counter() - t0
-                nll += float(torch.nn.functional.cross_entropy(logits.float(), ids[0, 1:],
-                                                               reduction="sum"))
-                n_tok += ids.shape[1] - 1
-                if progress:
-                    progress.update(1)
+        with _attention_of(model, scale_factor, **kw) as thresholds, torch.no_grad():
+            if warmup and len(windows):
+                model(windows[0][:256].reshape(1, -1).to(device))
+            with bt.collect_stats() as st:
+                for w in windows:
+                    ids = w.reshape(1, -1).to(device)
+                    t0 = time.perf_counter()
+                    logits = model(ids).logits[0, :-1]
+                    if ids.is_cuda:
+                        torch.cuda.synchronize(ids.device)
+                    seconds += time.perf_counter() - t0
+                    nll += float(torch.nn.functional.cross_entropy(logits.float(), ids[0, 1:],
+                                                                   reduction="sum"))
+                    n_tok += ids.shape[1] - 1
+                    if progress:
+                        progress.update(1)
     finally:
         if own_bar:
             progress.close()
