@@ -53,6 +53,9 @@ def _parser():
     p.add_argument("--block-k", type=int, help="BLASST key tile (default: the library's)")
     p.add_argument("--backend", default="auto", choices=["auto", "cpu", "reference", "cuda"])
     p.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="the model's weights and activations (default float32; the CPU kernels "
+                        "compute bfloat16 in float32)")
     p.add_argument("--plot", default="blasst_evaluate.png",
                    help="where to save the plot (default blasst_evaluate.png; '' for none)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON ('-': stdout)")
@@ -99,7 +102,10 @@ def main(argv=None) -> int:
         return _compare(args)
     progress = not args.no_progress
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, args.gguf, progress=progress)
+    import torch
+
+    model, tok = load_model(args.model, args.gguf, dtype=getattr(torch, args.dtype),
+                            progress=progress)
     model.to(args.device)
     load_s = time.perf_counter() - t0
     name = args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF, float32)"
