@@ -1,17 +1,17 @@
-"""The BLASST skip rule (DESIGN.md §3), written once as plain scalar functions.
+"""The BLASST skip rule (docs/DESIGN.md §3.3), written once as plain scalar functions.
 
 Every backend runs these same functions, compiled the minitorch way for its target:
 
 * the numpy reference (:mod:`blasst_ref.reference`) calls them as they are, row by row;
 * the Numba CPU kernels compile them with ``numba.njit(inline="always")``
-  (:mod:`blasst_ref.cpu._online`);
+  (:mod:`blasst_ref.cpu.online`);
 * the Numba CUDA kernels compile them with ``numba.cuda.jit(device=True, inline=True)``
   (:mod:`blasst_ref.cuda.rule`, which also puts them into the namespace of the generated
   kernel sources).
 
 What is here: the tile codes of ``AttentionStats.tile_map``; :func:`log_threshold`;
 :func:`row_votes_skip`, one row's vote; :func:`max_nan`, the maximum that keeps NaN; and the
-causal mask and horizons (DESIGN.md §3's bottom-right alignment): :func:`key_visible`,
+causal mask and horizons (docs/DESIGN.md §3.2's bottom-right alignment): :func:`key_visible`,
 :func:`last_visible_key` of a row, :func:`row_sees_keys`, and :func:`visited_k_tiles` of a
 block of rows.
 
@@ -30,7 +30,7 @@ through) is skipped when **every** row votes for it, and row ``r`` votes when
 
 (:func:`row_votes_skip`). ``m_ref_r`` is the reference the row measures its tile against. In
 prefill and in the unseeded split-KV decode it is the row's running max ``m_r`` over the tiles
-it has kept so far. DESIGN.md §3's seeded decode measures every chunk's tiles against
+it has kept so far. docs/DESIGN.md §3.5's seeded decode measures every chunk's tiles against
 ``m_ref_r = max_nan(m_r, s0_r)``, with ``s0_r`` the row's max score over key tile 0; that is
 a change of the argument a kernel passes, not of the rule. How the votes of a tile's rows are
 combined (every row must vote; padding rows past ``Lq`` do not count) is the kernels' own
@@ -68,7 +68,7 @@ def row_votes_skip(tile_max, m_ref, log_thresh):
             ``-inf`` when the causal mask hides every key of the tile from this row.
         m_ref: the reference the row measures the tile against: its running max over the
             tiles it has kept (``-inf`` before its first tile), or the seeded reference of
-            DESIGN.md §3's decode.
+            docs/DESIGN.md §3.5's decode.
         log_thresh: :func:`log_threshold` of the threshold, a float64.
 
     The difference is taken in the type of ``tile_max`` and ``m_ref`` (float32 in the float32
@@ -102,7 +102,7 @@ def max_nan(a, b):
 
 def key_visible(row, key, q_len, kv_len, causal):
     """Whether query row ``row`` may see key ``key`` (``0 <= key``): the key exists
-    (``key < kv_len``) and, under the causal mask (aligned bottom-right, DESIGN.md §3),
+    (``key < kv_len``) and, under the causal mask (aligned bottom-right, docs/DESIGN.md §3.2),
     ``key <= row + kv_len - q_len``. A score the mask hides is ``-inf``: it takes no part in
     a tile's max, and its probability is 0."""
     return key < kv_len and (not causal or key <= row + kv_len - q_len)
@@ -110,7 +110,7 @@ def key_visible(row, key, q_len, kv_len, causal):
 
 def last_visible_key(row, q_len, kv_len, causal):
     """The last key query row ``row`` may see: ``kv_len - 1``, or under the causal mask
-    (aligned bottom-right, DESIGN.md §3) ``min(kv_len - 1, row + kv_len - q_len)``.
+    (aligned bottom-right, docs/DESIGN.md §3.2) ``min(kv_len - 1, row + kv_len - q_len)``.
 
     Negative when the row sees no key at all (causal, ``q_len > kv_len``): such a row
     outputs zeros."""

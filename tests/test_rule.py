@@ -2,7 +2,7 @@
 the same source (Python/numpy, ``numba.njit``, ``numba.cuda.jit`` on the simulator or a GPU)
 give the same answers, special values included.
 
-The rule's functions are what every backend decides with (DESIGN.md §3), so a difference
+The rule's functions are what every backend decides with (docs/DESIGN.md §3.3), so a difference
 between targets here would be a difference in skip decisions between backends.
 """
 
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from numba import njit
 
 from blasst_ref import rule, tiling
-from blasst_ref.cpu import _online as cpu_rule
+from blasst_ref.cpu import online as cpu_rule
 
 cuda = pytest.importorskip("numba.cuda")
 
@@ -75,7 +75,7 @@ def test_log_threshold():
 
 @given(st.floats(-50, 50), st.floats(-50, 50), st.floats(1e-6, 0.999))
 def test_log_form_is_the_exp_form(tile_max, m_ref, thresh):
-    """``m~ - m < log(thresh)`` is DESIGN.md §3's ``exp(m~ - m) < thresh``, away from rounding
+    """``m~ - m < log(thresh)`` is docs/DESIGN.md §3.3's ``exp(m~ - m) < thresh``, away from rounding
     at the boundary."""
     gap = tile_max - m_ref
     if abs(gap - math.log(thresh)) < 1e-9:
@@ -109,7 +109,7 @@ def test_max_nan(a, b, want):
                                            (3, 64), (33, 100)])
 @pytest.mark.parametrize("block_k", [1, 4, 8, 16])
 def test_horizons_match_the_mask(q_len, kv_len, block_k, causal):
-    """``last_visible_key`` and ``visited_k_tiles`` against the mask of DESIGN.md §3 (row
+    """``last_visible_key`` and ``visited_k_tiles`` against the mask of docs/DESIGN.md §3.2 (row
     ``i`` sees key ``j`` iff ``j <= i + Lk - Lq`` under the causal mask)."""
     i = np.arange(q_len)[:, None]
     j = np.arange(kv_len)[None, :]

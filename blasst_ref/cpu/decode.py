@@ -24,10 +24,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..numba_utils import FASTMATH, exp
 from ..rule import COMPUTED, SKIPPED
-from ._math import FASTMATH, exp
-from ._online import (fold_row, last_visible_key, max_nan, row_sees_keys, rows_agree_to_skip,
-                      visited_k_tiles)
+from .online import (fold_row, last_visible_key, max_nan, row_sees_keys, rows_agree_to_skip,
+                     visited_k_tiles)
 
 
 @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)

@@ -10,8 +10,8 @@ Measured (H100, fp16, B=8, Hq=32/Hkv=8, D=128, kernel alone): 1452 us at Lk = 16
 of K+V), 5687 us at 64k; the first version 2 took 299 / 1101 us there (4.9-5.2x faster).
 History: docs/BENCHMARKS.md, CUDA section.
 
-The algorithm is ``reference._decode`` (DESIGN.md §3): the rows of one tile are *all* query
-rows of one kv group, ``R = (Hq // Hkv) * Lq`` of them, row ``r`` being query head
+The algorithm is ``reference._decode`` (docs/DESIGN.md §3.5): the rows of one tile are *all*
+query rows of one kv group, ``R = (Hq // Hkv) * Lq`` of them, row ``r`` being query head
 ``g * group + r // Lq`` at query position ``r % Lq``; the group decides together whether a
 tile is skipped. The key tiles are cut into split-KV chunks of ``split_tiles`` tiles
 (``tiling.decode_split_tiles``), each with its own running max; the partial states are

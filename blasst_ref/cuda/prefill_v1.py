@@ -10,7 +10,7 @@ fp32 FMA peak: every FMA reads both operands from shared memory with scalar load
 blocks of 256 threads fit an SM, and every 16-64 columns of D cost two barriers. History:
 docs/BENCHMARKS.md, CUDA section.
 
-The algorithm is ``reference._prefill`` (DESIGN.md §3) tile by tile; the skip vote is
+The algorithm is ``reference._prefill`` (docs/DESIGN.md §3.3) tile by tile; the skip vote is
 :func:`blasst_ref.rule.row_votes_skip`, compiled for the device in :mod:`.rule`. The kernel
 is written out in this file (no generated source).
 

@@ -1,4 +1,14 @@
-"""Scalar math for the CPU kernels, written so that LLVM vectorises the loops around it.
+"""Numba helpers that the CPU attention kernels (:mod:`blasst_ref.cpu`) and the graph
+executor's kernels (:mod:`blasst_ref.graph.kernels`) share.
+
+* :data:`FASTMATH`: the LLVM fast-math flags every CPU kernel is compiled with.
+* :func:`exp`: an ``exp`` for jitted code that LLVM can vectorise (below).
+* :func:`blas_single_threaded`: a context manager that limits BLAS to one thread while
+  Numba's threads run kernels that call BLAS on small blocks.
+
+Numba's cache checks a kernel's own file only: after editing this file, whose ``exp`` is
+inlined into the kernels, delete ``blasst_ref/cpu/__pycache__`` and
+``blasst_ref/graph/__pycache__``.
 
 ``math.exp`` on float32 compiles to a call of libm's ``expf``, which stops the loop
 vectoriser: the softmax loop then costs more than the two tile products together. ``exp``
@@ -10,11 +20,14 @@ it is ``math.exp`` (accuracy first: float64 is the checking dtype, not the fast 
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 from numba import njit
 from numba.core import types
 from numba.extending import overload
+
+__all__ = ["FASTMATH", "blas_single_threaded", "exp", "exp_array_f32"]
 
 #: LLVM fast-math flags for the kernels: reassociation (vectorised reductions) and
 #: contraction (FMA), but NOT 'nnan'/'ninf': the running max starts at -inf and NaN inputs
@@ -65,3 +78,26 @@ def exp_array_f32(x, out):
     """Vectorised float32 exp over a 1-D array (used by tests to check ``exp``)."""
     for i in range(x.shape[0]):
         out[i] = exp(x[i])
+
+
+_controller = None
+_controller_lock = threading.Lock()
+
+
+def blas_single_threaded():
+    """Context manager limiting BLAS libraries to one thread (threadpoolctl).
+
+    Kernels that run in Numba's threads and call BLAS (``np.dot``) on small tiles want a
+    single-threaded BLAS underneath: a multi-threaded one would oversubscribe the cores, and
+    its idle pool threads would spin against Numba's. Thread-safe; the limit is process-wide
+    while the context is open (threadpoolctl's semantics)."""
+    global _controller
+    with _controller_lock:
+        if _controller is None:
+            # Numba's np.dot calls scipy's BLAS: load it before threadpoolctl takes its
+            # inventory of loaded libraries, or the limit would miss it.
+            import scipy.linalg.cython_blas  # noqa: F401
+            from threadpoolctl import ThreadpoolController
+
+            _controller = ThreadpoolController()
+    return _controller.limit(limits=1, user_api="blas")

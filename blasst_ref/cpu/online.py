@@ -1,7 +1,8 @@
 """The two per-tile steps both CPU kernels share: the skip vote and the online-softmax fold.
 
-The skip rule itself is :mod:`blasst_ref.rule`'s, compiled here from the same source as the
-reference and the CUDA kernels use (``njit(inline="always")``: no call in the kernels)."""
+The skip rule itself is :mod:`blasst_ref.rule`'s (docs/DESIGN.md §3.3), compiled here from
+the same source as the reference and the CUDA kernels use (``njit(inline="always")``: no call
+in the kernels)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 from numba import njit
 
 from .. import rule
-from ._math import FASTMATH, exp
+from ..numba_utils import FASTMATH, exp
 
 _inline = njit(inline="always")
 #: :func:`blasst_ref.rule.row_votes_skip`, compiled for the CPU kernels
