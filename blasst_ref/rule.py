@@ -139,3 +139,9 @@ def visited_k_tiles(q_stop, q_len, kv_len, block_k, causal):
     if last < 0:
         return 0
     return min(n_k_tiles, last // block_k + 1)
+
+
+#: The functions kernels compile, in this order (each target unpacks its compilations into
+#: these names: :mod:`blasst_ref.cpu.online`, :mod:`blasst_ref.cuda.rule`).
+KERNEL_FUNCTIONS = (row_votes_skip, max_nan, key_visible, last_visible_key, row_sees_keys,
+                    visited_k_tiles)

@@ -256,6 +256,20 @@ def test_horizons_agree_across_targets(q_len, kv_len, causal):
     np.testing.assert_array_equal(d_tiles.copy_to_host(), want_tiles)
 
 
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+def test_each_target_compiles_every_kernel_function_under_its_name(target):
+    """``rule.KERNEL_FUNCTIONS`` is unpacked by position into names: each name must hold
+    the compilation of the function of that name."""
+    if target == "cpu":
+        mod = cpu_rule
+    else:
+        from blasst_ref.cuda import rule as mod
+    for f in rule.KERNEL_FUNCTIONS:
+        assert getattr(mod, f.__name__).py_func is f
+    if target == "cuda":
+        assert {f.__name__ for f in rule.KERNEL_FUNCTIONS} <= set(mod.NAMESPACE)
+
+
 def test_no_other_module_restates_the_rule():
     """The vote's comparison against ``log_thresh`` is written once, in ``rule.py``: every
     other module of the package calls ``row_votes_skip`` (generated sources included, which

@@ -12,19 +12,9 @@ from numba import njit
 from .. import rule
 from ..numba_utils import FASTMATH, exp
 
-_inline = njit(inline="always")
-#: :func:`blasst_ref.rule.row_votes_skip`, compiled for the CPU kernels
-row_votes_skip = _inline(rule.row_votes_skip)
-#: :func:`blasst_ref.rule.max_nan`, compiled for the CPU kernels
-max_nan = _inline(rule.max_nan)
-#: :func:`blasst_ref.rule.key_visible`, compiled for the CPU kernels
-key_visible = _inline(rule.key_visible)
-#: :func:`blasst_ref.rule.last_visible_key`, compiled for the CPU kernels
-last_visible_key = _inline(rule.last_visible_key)
-#: :func:`blasst_ref.rule.row_sees_keys`, compiled for the CPU kernels
-row_sees_keys = _inline(rule.row_sees_keys)
-#: :func:`blasst_ref.rule.visited_k_tiles`, compiled for the CPU kernels
-visited_k_tiles = _inline(rule.visited_k_tiles)
+#: :data:`blasst_ref.rule.KERNEL_FUNCTIONS`, compiled for the CPU kernels (inlined: no call)
+(row_votes_skip, max_nan, key_visible, last_visible_key, row_sees_keys,
+ visited_k_tiles) = (njit(inline="always")(f) for f in rule.KERNEL_FUNCTIONS)
 
 
 @njit(inline="always", fastmath=FASTMATH)

@@ -16,29 +16,14 @@ from .. import rule as _rule
 from ..rule import COMPUTED, NOT_VISITED, SKIPPED
 
 __all__ = ["COMPUTED", "NAMESPACE", "NOT_VISITED", "SKIPPED", "key_visible", "last_visible_key",
-           "max_nan",
-           "row_sees_keys", "row_votes_skip", "visited_k_tiles"]
+           "max_nan", "row_sees_keys", "row_votes_skip", "visited_k_tiles"]
 
-_device = cuda.jit(device=True, inline=True)
-
-#: :func:`blasst_ref.rule.row_votes_skip` on the device
-row_votes_skip = _device(_rule.row_votes_skip)
-#: :func:`blasst_ref.rule.max_nan` on the device (CUDA's ``fmaxf`` would drop a NaN)
-max_nan = _device(_rule.max_nan)
-#: :func:`blasst_ref.rule.key_visible` on the device
-key_visible = _device(_rule.key_visible)
-#: :func:`blasst_ref.rule.last_visible_key` on the device
-last_visible_key = _device(_rule.last_visible_key)
-#: :func:`blasst_ref.rule.row_sees_keys` on the device
-row_sees_keys = _device(_rule.row_sees_keys)
-#: :func:`blasst_ref.rule.visited_k_tiles` on the device
-visited_k_tiles = _device(_rule.visited_k_tiles)
+#: :data:`blasst_ref.rule.KERNEL_FUNCTIONS` as device functions (``max_nan`` keeps the NaN
+#: that CUDA's ``fmaxf`` would drop)
+(row_votes_skip, max_nan, key_visible, last_visible_key, row_sees_keys,
+ visited_k_tiles) = (cuda.jit(device=True, inline=True)(f) for f in _rule.KERNEL_FUNCTIONS)
 
 #: the names a generated kernel source may use for the rule (tile codes included)
-NAMESPACE = {
-    "row_votes_skip": row_votes_skip, "max_nan": max_nan, "key_visible": key_visible,
-    "last_visible_key": last_visible_key,
-    "row_sees_keys": row_sees_keys, "visited_k_tiles": visited_k_tiles, "COMPUTED": COMPUTED,
-    "SKIPPED": SKIPPED,
-    "NOT_VISITED": NOT_VISITED,
-}
+NAMESPACE = {f.py_func.__name__: f for f in (row_votes_skip, max_nan, key_visible,
+                                            last_visible_key, row_sees_keys, visited_k_tiles)}
+NAMESPACE.update(COMPUTED=COMPUTED, SKIPPED=SKIPPED, NOT_VISITED=NOT_VISITED)
