@@ -13,12 +13,15 @@ import threading
 import time
 
 import numpy as np
+import pytest
 from helpers import random_qkv
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import random_graphs
 from threadpoolctl import threadpool_info
 
 from blasst_ref import attention
+from blasst_ref import graph as bg
 from blasst_ref.numba_utils import blas_single_threaded
 
 def _blas_threads() -> list[int]:
@@ -146,3 +149,62 @@ def test_concurrent_cpu_attention_equals_serial(n_threads, calls, picks, dtype, 
             np.testing.assert_array_equal(got[t][j][1], serial[i][1])
 
 
+
+
+# ---------------------------------------------------------------------------------------
+# one CompiledGraph shared by threads
+
+#: compile switches: the BLAS-matmul and unfused forms run no call-long BLAS limit, so
+#: their calls really overlap; the default form takes turns with its packed matmuls
+GRAPH_SWITCHES = [dict(matmul_kernel="blas"), dict(fuse=False), dict(), dict(inplace=False)]
+
+
+def _feed_variants(g, feeds, n, seed):
+    """``n`` feeds of the graph: the drawn ones and fresh Gaussian ones of the same shapes."""
+    rng = np.random.default_rng(seed)
+    out = [feeds]
+    for _ in range(n - 1):
+        out.append({name: rng.standard_normal(x.shape).astype(x.dtype)
+                    for name, x in feeds.items()})
+    return out
+
+
+@settings(max_examples=15)
+@given(data=random_graphs(), switches=st.sampled_from(GRAPH_SWITCHES),
+       n_threads=st.integers(2, 5), calls=st.integers(1, 3), seed=st.integers(0, 2**32 - 1))
+def test_one_compiled_graph_called_from_threads_equals_serial(data, switches, n_threads,
+                                                              calls, seed):
+    g, feeds = data
+    cg = bg.compile(g, **switches)
+    variants = _feed_variants(g, feeds, 4, seed)
+    serial = [cg(**f) for f in variants]
+    before = _blas_threads()
+    jobs = [[(t + c) % len(variants) for c in range(calls)] for t in range(n_threads)]
+    got = run_in_threads(jobs, lambda i: cg(**variants[i]))
+    assert _blas_threads() == before
+    for t, thread_jobs in enumerate(jobs):
+        for j, i in enumerate(thread_jobs):
+            assert list(got[t][j]) == list(serial[i])
+            for name in serial[i]:
+                np.testing.assert_array_equal(got[t][j][name], serial[i][name])
+
+
+@pytest.mark.parametrize("model", ["llm-gqa", "bert-int8"])
+def test_a_compiled_model_called_from_threads_equals_serial(model):
+    """Attention (BLASST, with its skip statistics) and int8 kernels in one shared graph."""
+    if model == "llm-gqa":
+        g = bg.models.llm_block(1, 48, 64, 4, 2, seed=1)
+        cg = bg.compile(g, attention_thresh=0.01, attention_block=(16, 16))
+    else:
+        g = bg.models.bert_layer(2, 16, 64, 4, seed=2)
+        samples = [bg.models.example_inputs(g, seed=s) for s in range(2)]
+        cg = bg.compile(bg.quantize_graph(g, samples))
+    variants = [bg.models.example_inputs(g, seed=10 + s) for s in range(3)]
+    serial = [cg(**f) for f in variants]
+    jobs = [[(t + c) % 3 for c in range(3)] for t in range(4)]
+    got = run_in_threads(jobs, lambda i: cg(**variants[i]))
+    for t, thread_jobs in enumerate(jobs):
+        for j, i in enumerate(thread_jobs):
+            for name in serial[i]:
+                np.testing.assert_array_equal(got[t][j][name], serial[i][name])
+    assert cg.calls == 3 + 12 and cg.attention_stats is not None

@@ -11,12 +11,15 @@ Which kernel runs an op is part of the op's ``OpDef`` (:attr:`.ops.OpDef.kernel`
 builder of :mod:`.steps`, whose docstring lists them); an op without one runs its numpy
 meaning, copied into its buffer.
 
-A compiled graph keeps state (the arena), so one instance must not run two calls at once.
+One compiled graph may be called from several threads at once: each call in flight runs
+in an arena of its own, taken from a pool (one arena while calls come one at a time, as
+many as calls ever overlapped otherwise).
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -147,6 +150,10 @@ def _check_passes(passes) -> dict[str, bool]:
 class CompiledGraph:
     """A compiled graph: call it with the inputs as keyword arguments.
 
+    Calls from several threads at once are safe and give what each call gives alone: each
+    call in flight runs in an arena of its own (the statistics below are those of the last
+    call to finish).
+
     Attributes:
         source: the graph as given. graph: the graph after the passes.
         stages: every pass with the graph it produced (print them to see what each did).
@@ -162,64 +169,93 @@ class CompiledGraph:
         self.memory = plan
         self.stages = stages
         self.attention_backend = attention_backend
-        self.arena = np.empty(plan.peak_bytes, dtype=np.uint8)
-        self._arena_views = {name: _view(self.arena, plan.offsets[name], graph.tensors[name])
-                             for name in plan.offsets}
         options = S.StepOptions(attention_backend=attention_backend)
         self._steps = [_make_step(node, graph, options) for node in graph.nodes]
         self.step_names = [f"{n.op} {n.name}" for n in graph.nodes]
-        # graph outputs (and what they view) are fresh arrays on every call; views of
-        # inputs/constants are "borrowed" and copied on the way out
+        # graph outputs (and what they view) are fresh arrays on every call, never in the
+        # arena; an output that shares its storage with an input, a constant or an earlier
+        # output (a view of it, or the same tensor under two names) is copied on the way out
         views = {n.outputs[0]: n.inputs[0] for n in graph.nodes if _ops.get(n.op).view}
         self._fresh_each_call = [
             name for n in graph.nodes if not _ops.get(n.op).view for name in n.outputs
-            if name not in self._arena_views]
-        self._borrowed = set()
-        for t in graph.outputs.values():
+            if name not in plan.offsets]
+        self._copied_outputs = set()
+        returned = set()  # the storage (alias root) of the outputs so far
+        for pub, t in graph.outputs.items():
             root = t
             while root in views:
                 root = views[root]
-            if root in graph.inputs or root in graph.constants:
-                self._borrowed.add(t)
+            if root in graph.inputs or root in graph.constants or root in returned:
+                self._copied_outputs.add(pub)
+            returned.add(root)
         # With the packed matmul kernel every parallel loop is a Numba one: BLAS is kept to
         # one thread for the whole call, so that its idle pool threads never spin against
         # Numba's on the same cores (see docs/BENCHMARKS.md, "graph").
         self._threads = blas_single_threaded if "PackedMatMul" in graph.count_ops() \
             else contextlib.nullcontext
-        #: ``{Attention node name: AttentionStats}`` of the last call (skip statistics).
+        #: ``{Attention node name: AttentionStats}`` of the last call to finish (skip
+        #: statistics).
         self.attention_stats: dict = {}
-        #: seconds per step of the last call
+        #: seconds per step of the last call to finish
         self.times = np.zeros(len(self._steps))
         self.calls = 0
         #: seconds per step summed over every call but the first (which JIT-compiles the
         #: Numba kernels: it would swamp the mean), and the first call's own
         self.total_times = np.zeros(len(self._steps))
         self.first_times = np.zeros(len(self._steps))
+        # the arenas of the calls not in flight (a call takes one, or makes one if none is
+        # free: as many exist as calls ever overlapped), with the lock that guards them and
+        # the bookkeeping above
+        self._arena_lock = threading.Lock()
+        self._spare_arenas = [self._new_arena()]
+
+    def _new_arena(self) -> tuple[dict, np.ndarray]:
+        """A fresh arena for one call in flight: the views of the planned tensors into it,
+        and the call's step times."""
+        arena = np.empty(self.memory.peak_bytes, dtype=np.uint8)
+        views = {name: _view(arena, self.memory.offsets[name], self.graph.tensors[name])
+                 for name in self.memory.offsets}
+        return views, np.zeros(len(self._steps))
 
     def __call__(self, **feeds) -> dict[str, np.ndarray]:
+        """Run the graph on ``feeds`` (one array per graph input, of its declared shape and
+        dtype); returns ``{output name: array}``, fresh arrays of this call. Thread-safe:
+        each call in flight has an arena of its own."""
         g = self.graph
         env: dict = dict(g.constants)
         env.update(check_feeds(g, feeds))
-        env.update(self._arena_views)
+        with self._arena_lock:
+            arena = self._spare_arenas.pop() if self._spare_arenas else None
+        if arena is None:  # another call is in flight: this one gets an arena of its own
+            arena = self._new_arena()
+        views, times = arena
+        env.update(views)
         for name in self._fresh_each_call:
             info = g.tensors[name]
             env[name] = np.empty(info.shape, dtype=info.dtype)
         env[S.STATS_KEY] = {}
         clock = time.perf_counter
-        with self._threads():
-            for i, step in enumerate(self._steps):
-                t0 = clock()
-                step(env)
-                self.times[i] = clock() - t0
-        if self.calls:
-            self.total_times += self.times
-        else:
-            self.first_times[:] = self.times
-        self.calls += 1
-        self.attention_stats = env[S.STATS_KEY]
-        # an output that is (a view of) an input or a constant must not hand out the
-        # caller's or the graph's own array
-        return {pub: env[t].copy() if t in self._borrowed else env[t]
+        try:
+            with self._threads():
+                for i, step in enumerate(self._steps):
+                    t0 = clock()
+                    step(env)
+                    times[i] = clock() - t0
+        except BaseException:
+            with self._arena_lock:
+                self._spare_arenas.append(arena)
+            raise
+        with self._arena_lock:  # the arena goes back, and report()'s bookkeeping
+            self.times[:] = times
+            if self.calls:
+                self.total_times += times
+            else:
+                self.first_times[:] = times
+            self.calls += 1
+            self.attention_stats = env[S.STATS_KEY]
+            self._spare_arenas.append(arena)
+        # no output may hand out the caller's array, the graph's own or another output's
+        return {pub: env[t].copy() if pub in self._copied_outputs else env[t]
                 for pub, t in g.outputs.items()}
 
     # ------------------------------------------------------------------ reporting

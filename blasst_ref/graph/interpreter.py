@@ -54,9 +54,22 @@ def interpret(graph: Graph, **feeds) -> dict[str, np.ndarray]:
     Args:
         graph: any :class:`~blasst_ref.graph.Graph`, before or after compiler passes.
         **feeds: one numpy array per graph input, of its declared shape and dtype.
+
+    The outputs share memory with nothing: not with each other, the feeds or the graph.
     """
     env = trace(graph, feeds)
-    return {pub: env[t] for pub, t in graph.outputs.items()}
+    # independent arrays, as a compiled graph returns: an output that shares memory with
+    # an input, a constant or an earlier output (a view of it, or one tensor under two
+    # names) is copied
+    taken = [env[n] for n in graph.inputs] + list(graph.constants.values())
+    out = {}
+    for pub, t in graph.outputs.items():
+        value = env[t]
+        if any(np.may_share_memory(value, other) for other in taken):
+            value = value.copy()
+        out[pub] = value
+        taken.append(value)
+    return out
 
 
 def trace(graph: Graph, feeds: dict) -> dict[str, np.ndarray]:
