@@ -108,3 +108,71 @@ def test_outputs_of_random_graphs_never_share_memory(data, again, view, switches
     assert_outputs_close(cg(**feeds), bg.interpret(g, **feeds), tol=1e-4)
     _check_outputs_are_independent(cg, feeds, other)
 
+
+# ---------------------------------------------------------------------------------------
+# attention fusion keeps the graph's shapes
+
+
+def _attention_pattern(lq, lk, d, mask_shape, mask_causal, scale_shape, heads=2):
+    """``softmax(Q Kt * scale + mask) V`` with a constant mask and scale of the given
+    shapes (either may broadcast the scores)."""
+    g = bg.Graph("attn")
+    q = g.input("q", (1, heads, lq, d))
+    k = g.input("k", (1, heads, lk, d))
+    v = g.input("v", (1, heads, lk, d))
+    s = g.matmul(q, g.transpose(k, (0, 1, 3, 2)))
+    s = g.mul(s, g.constant("scale", np.full(scale_shape, 1 / np.sqrt(d), np.float32)))
+    if mask_shape is not None:
+        rows = mask_shape[-2]
+        mask = np.zeros((rows, lk), np.float32)
+        if mask_causal:  # bottom-right causal for `rows` query rows
+            allowed = np.arange(lk)[None, :] <= np.arange(rows)[:, None] + (lk - rows)
+            mask[~allowed] = -1e9
+        s = g.add(s, g.constant("mask", np.broadcast_to(mask, mask_shape).copy()))
+    g.output("o", g.matmul(g.softmax(s, -1), v))
+    return g
+
+
+def test_a_mask_with_more_rows_than_q_is_not_fused_into_fewer_rows():
+    g = _attention_pattern(1, 8, 4, (1, 1, 4, 8), False, ())
+    cg = bg.compile(g)
+    feeds = bg.models.example_inputs(g, seed=3)
+    want = bg.interpret(g, **feeds)
+    got = cg(**feeds)
+    assert got["o"].shape == want["o"].shape == (1, 2, 4, 4)
+    assert_outputs_close(got, want)
+
+
+def test_a_scale_of_higher_rank_is_not_fused_into_a_lower_rank():
+    g = _attention_pattern(6, 8, 4, None, False, (1, 1, 1, 1, 1))
+    feeds = bg.models.example_inputs(g, seed=4)
+    want = bg.interpret(g, **feeds)
+    assert want["o"].shape == (1, 1, 2, 6, 4)
+    assert_outputs_close(bg.compile(g)(**feeds), want)
+
+
+@settings(max_examples=30)
+@given(lq=st.one_of(st.just(1), st.integers(1, 6)), lk=st.integers(1, 9),
+       d=st.sampled_from([2, 4]),
+       heads=st.integers(1, 2), mask=st.sampled_from(["none", "zeros", "causal"]),
+       mask_dims=st.lists(st.booleans(), min_size=4, max_size=4),
+       extra_rows=st.integers(0, 3), scale_rank=st.integers(0, 5), seed=st.integers(0, 99))
+def test_fused_attention_equals_interpret_for_any_broadcast(lq, lk, d, heads, mask,
+                                                            mask_dims, extra_rows, scale_rank,
+                                                            seed):
+    """Masks and scales of any shape that broadcasts against the scores: fused where the
+    fused op computes the same thing, left alone elsewhere, always the interpreter's
+    outputs."""
+    mask_shape = None
+    if mask != "none":
+        full = (1, heads, lq, lk)
+        mask_shape = tuple(n if keep else 1 for n, keep in zip(full, mask_dims))
+        if lq == 1 and extra_rows:  # rows that Q does not have: the scores broadcast
+            mask_shape = mask_shape[:2] + (1 + extra_rows, lk)
+        mask_shape = mask_shape[:-1] + (lk,)
+    g = _attention_pattern(lq, lk, d, mask_shape, mask == "causal", (1,) * scale_rank,
+                           heads)
+    feeds = bg.models.example_inputs(g, seed=seed)
+    want = bg.interpret(g, **feeds)
+    got = bg.compile(g)(**feeds)
+    assert_outputs_close(got, want, tol=1e-5)

@@ -128,7 +128,9 @@ def fuse_attention(g: Graph, thresh: float = 0.0, block_q: int | None = None,
       query head ``kvh * G + g``, exactly :func:`blasst_ref.attention`'s head mapping.
 
     The mask must be a constant that is all zeros or exactly bottom-right causal; any other
-    mask (or layout) leaves the pattern unfused. The intermediates must have no other reader.
+    mask (or layout) leaves the pattern unfused, and so does a mask or scale that
+    broadcasts the scores to another shape (more rows than Q, a higher rank): the fused op
+    computes one output row per query. The intermediates must have no other reader.
     ``block_q``/``block_k`` are the attention's tile sizes (``None``: its defaults).
     """
     users = g.consumers()
@@ -168,6 +170,11 @@ def fuse_attention(g: Graph, thresh: float = 0.0, block_q: int | None = None,
         if node is None or node.op != "MatMul" or single_consumer(g, users, t) is not chain[-1]:
             continue
         chain.append(node)
+        # the mask and the scale must not broadcast the scores (a mask with more rows
+        # than Q, a scale of higher rank): the fused op's output has Q's shape
+        scores = g.tensors[node.outputs[0]].shape
+        if any(g.tensors[n.outputs[0]].shape != scores for n in chain[1:]):
+            continue
         q, kt = node.inputs
         v = pv.inputs[1]
         nodes = _attention_nodes(g, fresh, q, kt, v, pv.outputs[0],
