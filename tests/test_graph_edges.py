@@ -176,3 +176,33 @@ def test_fused_attention_equals_interpret_for_any_broadcast(lq, lk, d, heads, ma
     want = bg.interpret(g, **feeds)
     got = bg.compile(g)(**feeds)
     assert_outputs_close(got, want, tol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# calibration samples of quantize_graph
+
+
+@settings(max_examples=20)
+@given(bad=st.sampled_from([np.nan, np.inf, -np.inf]), n_samples=st.integers(1, 3),
+       which=st.integers(0, 2), at=st.integers(0, 8 * 13 - 1),
+       bias_correction=st.booleans())
+def test_non_finite_calibration_samples_are_rejected(bad, n_samples, which, at,
+                                                     bias_correction):
+    g = bg.models.mlp([13, 16, 8], 8)
+    samples = [bg.models.example_inputs(g, seed=s) for s in range(n_samples)]
+    which = which % n_samples
+    samples[which]["x"].reshape(-1)[at] = bad
+    kind = "NaN" if np.isnan(bad) else "inf"
+    with pytest.raises(bg.GraphError, match=rf"samples\[{which}\]: input 'x' holds {kind}"):
+        bg.quantize_graph(g, samples, bias_correction=bias_correction)
+
+
+def test_an_intermediate_that_overflows_in_a_sample_is_named():
+    g = bg.Graph("overflow")
+    x = g.input("x", (4, 3))
+    h = g.exp(x)  # finite input, inf activation
+    g.output("y", g.matmul(h, g.constant("w", np.ones((3, 2), np.float32))))
+    feeds = {"x": np.array([[1, 2, 3]] * 3 + [[100, 0, 0]], np.float32)}
+    with pytest.raises(bg.GraphError, match=r"samples\[0\]: tensor 'exp_0' \(Exp exp_0\) "
+                                            r"holds inf"):
+        bg.quantize_graph(g, feeds)

@@ -79,7 +79,8 @@ def quantize_graph(g: Graph, samples, weights: str = "per_channel",
     Args:
         g: a float graph (e.g. from :mod:`blasst_ref.graph.models`).
         samples: calibration inputs: one feed dict, or an iterable of feed dicts; activation
-            ranges are the min/max observed over all of them.
+            ranges are the min/max observed over all of them. A sample whose inputs or
+            observed activations hold NaN or inf is a GraphError naming the tensor.
         weights: ``"per_channel"`` (one scale per output column) or ``"per_tensor"``.
         bias_correction: subtract the mean output shift that weight rounding causes from the
             bias (module docstring); ``False`` gives plain min/max quantization.
@@ -103,8 +104,10 @@ def quantize_graph(g: Graph, samples, weights: str = "per_channel",
     hi = {t: -np.inf for t in observed}
     row_sum = {t: np.zeros(g.tensors[t].shape[-1]) for t in observed}
     rows = {t: 0 for t in observed}
-    for feeds in samples:
+    producers = g.producers()
+    for i, feeds in enumerate(samples):
         env = trace(g, feeds)
+        _check_finite(g, env, observed, producers, i)
         for t in observed:
             lo[t] = min(lo[t], float(np.min(env[t])))
             hi[t] = max(hi[t], float(np.max(env[t])))
@@ -164,6 +167,23 @@ def quantize_graph(g: Graph, samples, weights: str = "per_channel",
     out = rewrite(g, replace, new_constants)
     out.name = f"{g.name}-int8"
     return out
+
+
+def _check_finite(g: Graph, env: dict, observed, producers, i: int) -> None:
+    """A GraphError naming the first input, then the first observed activation, of sample
+    ``i`` that holds a NaN or an inf: a range observed over it means nothing (a NaN even
+    slips through min/max, and with bias correction makes every later output NaN)."""
+    for what, names in (("input", g.inputs), ("tensor", sorted(observed))):
+        for t in names:
+            x = env[t]
+            if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+                kind = "NaN" if np.isnan(x).any() else "inf"
+                node = producers.get(t)
+                made = f" ({node.op} {node.name})" if node is not None else ""
+                raise GraphError(
+                    f"quantize_graph: samples[{i}]: {what} {t!r}{made} holds {kind}; "
+                    "calibration samples must give finite activations (the quantization "
+                    "ranges are their min/max)")
 
 
 def quantization_error(x: np.ndarray, scale: float, zero_point: int) -> float:
