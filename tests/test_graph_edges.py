@@ -206,3 +206,49 @@ def test_an_intermediate_that_overflows_in_a_sample_is_named():
     with pytest.raises(bg.GraphError, match=r"samples\[0\]: tensor 'exp_0' \(Exp exp_0\) "
                                             r"holds inf"):
         bg.quantize_graph(g, feeds)
+
+
+# ---------------------------------------------------------------------------------------
+# NaN into Quantize: the interpreter's rule, the compiled kernels', ONNX Runtime's
+
+
+def _quantize_graph_of(dtype, zero_point):
+    g = bg.Graph("q")
+    q = g.quantize(g.input("x", (1, 6)), 0.5, zero_point, dtype=dtype)
+    g.output("q", q)
+    g.output("back", g.dequantize(q, 0.5, zero_point))
+    return g
+
+
+_SPECIAL = np.array([[np.nan, np.inf, -np.inf, 1.0, -np.nan, 1e30]], np.float32)
+
+
+@pytest.mark.parametrize("dtype,zero_point,lo,hi", [("uint8", 100, 0, 255),
+                                                     ("int8", 3, -128, 127)])
+def test_nan_quantizes_to_the_zero_point_in_the_interpreter_and_the_kernels(dtype, zero_point,
+                                                                             lo, hi):
+    """NaN quantizes as 0.0 does (to the zero point, and back to 0.0); +-inf saturate."""
+    g = _quantize_graph_of(dtype, zero_point)
+    want = bg.interpret(g, x=_SPECIAL)
+    np.testing.assert_array_equal(want["q"], [[zero_point, hi, lo, zero_point + 2,
+                                               zero_point, hi]])
+    assert want["back"][0, 0] == 0.0 and want["back"][0, 4] == 0.0
+    for switches in (dict(), dict(fuse=False)):
+        got = bg.compile(g, **switches)(x=_SPECIAL)
+        np.testing.assert_array_equal(got["q"], want["q"])
+
+
+@pytest.mark.parametrize("dtype,zero_point,lo", [("uint8", 100, 0), ("int8", 3, -128)])
+def test_onnxruntime_quantizes_nan_to_the_lowest_value(dtype, zero_point, lo):
+    """The documented difference: ONNX leaves NaN undefined for 8-bit outputs, and ONNX
+    Runtime gives the type's lowest value; everything else agrees. (If this fails, ONNX
+    Runtime changed: update ``quantize_array``'s docstring.)"""
+    pytest.importorskip("onnxruntime", reason="optional extra: pip install 'blasst_ref[onnx]'")
+    from blasst_ref.graph.onnx_export import run_onnxruntime
+
+    g = _quantize_graph_of(dtype, zero_point)
+    ort = run_onnxruntime(g, {"x": _SPECIAL})["q"]
+    ours = bg.interpret(g, x=_SPECIAL)["q"]
+    nan = np.isnan(_SPECIAL)
+    np.testing.assert_array_equal(ort[nan], lo)
+    np.testing.assert_array_equal(ort[~nan], ours[~nan])

@@ -283,7 +283,8 @@ class Graph:
     def quantize(self, x, scale, zero_point=0, dtype: str = "uint8", axis=None) -> Tensor:
         """``q = saturate(round_half_even(x / scale) + zero_point)`` to ``dtype``
         (``"uint8"`` or ``"int8"``); ``scale``/``zero_point`` are scalars (per tensor) or
-        1-D along ``axis`` (per channel)."""
+        1-D along ``axis`` (per channel). NaN becomes the zero point (ONNX Runtime gives
+        the lowest value instead: :func:`~blasst_ref.graph.ops.quantize_array`)."""
         return self.op("Quantize", x, scale=scale, zero_point=zero_point, dtype=dtype,
                        axis=axis)
 

@@ -22,6 +22,10 @@ need no renaming); each graph output is an ONNX output under its public name (an
 passes create (``FusedMatMul``, ``PackedMatMul``, ``Attention``, the int8 kernels) have no
 ONNX form here: export the graph *before* compiling it. They raise
 :class:`UnsupportedOpError`.
+
+One known difference: a NaN reaching ``Quantize`` becomes the zero point in this package
+and the type's lowest value (0 / -128) in ONNX Runtime (ONNX leaves it undefined; see
+:func:`~blasst_ref.graph.ops.quantize_array`).
 """
 
 from __future__ import annotations

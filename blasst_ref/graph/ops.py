@@ -373,7 +373,13 @@ def _channel_shape(rank, axis):
 
 def quantize_array(x, scale, zero_point, dtype, axis=None) -> np.ndarray:
     """``saturate(round_half_even(x / scale) + zero_point)`` as ``dtype`` (ONNX
-    QuantizeLinear). NaN maps to the zero point."""
+    QuantizeLinear); ``+-inf`` saturate.
+
+    NaN maps to the zero point, as 0.0 does (so it dequantizes to 0.0), here and in every
+    compiled int8 kernel. ONNX leaves NaN undefined for 8-bit outputs and other runtimes
+    differ: ONNX Runtime gives the type's lowest value (0 / -128), PyTorch's
+    ``quantize_per_tensor`` its highest (255 / 127). An exported graph therefore disagrees
+    with this one only where a NaN reaches a ``Quantize``."""
     scale = np.asarray(scale, np.float32)
     zp = np.asarray(zero_point, np.int32)
     if axis is not None:
