@@ -252,3 +252,52 @@ def test_onnxruntime_quantizes_nan_to_the_lowest_value(dtype, zero_point, lo):
     nan = np.isnan(_SPECIAL)
     np.testing.assert_array_equal(ort[nan], lo)
     np.testing.assert_array_equal(ort[~nan], ours[~nan])
+
+
+# ---------------------------------------------------------------------------------------
+# float16 graphs run (their ops' numpy meaning where a Numba kernel takes float32/64 only)
+
+
+def _float16_layer():
+    rng = np.random.default_rng(5)
+    g = bg.Graph("f16")
+    x = g.input("x", (6, 8), "float16")
+    w = g.constant("w", (rng.standard_normal((8, 8)) / 3).astype(np.float16))
+    b = g.constant("b", rng.standard_normal(8).astype(np.float16))
+    h = g.gelu(g.add(g.matmul(x, w), b))
+    h = g.layernorm(g.add(h, x), g.constant("gamma", np.ones(8, np.float16)), b)
+    g.output("p", g.softmax(g.matmul(h, g.transpose(h, (1, 0)))))
+    g.output("h", g.relu(h))
+    return g
+
+
+@pytest.mark.parametrize("switches", [dict(), dict(matmul_kernel="blas"), dict(fuse=False)])
+def test_a_float16_layer_compiles_and_runs(switches):
+    g = _float16_layer()
+    feeds = bg.models.example_inputs(g, seed=1)
+    got = bg.compile(g, **switches)(**feeds)
+    assert all(o.dtype == np.float16 for o in got.values())
+    assert_outputs_close(got, bg.interpret(g, **feeds), tol=2e-3)
+
+
+@settings(max_examples=15)
+@given(data=random_graphs(dtype="float16"),
+       switches=st.sampled_from([dict(), dict(matmul_kernel="blas"), dict(fuse=False)]))
+def test_float16_random_graphs_equal_interpret(data, switches):
+    g, feeds = data
+    want = bg.interpret(g, **feeds)
+    assert_outputs_close(bg.compile(g, **switches)(**feeds), want, tol=1e-2)
+
+
+def test_float16_attention_pattern_is_fused_and_runs():
+    g = bg.Graph("attn16")
+    q, k, v = (g.input(n, (1, 2, 24, 8), "float16") for n in "qkv")
+    s = g.mul(g.matmul(q, g.transpose(k, (0, 1, 3, 2))), 1 / np.sqrt(8))
+    g.output("o", g.matmul(g.softmax(s), v))
+    cg = bg.compile(g)
+    assert cg.graph.count_ops().get("Attention") == 1
+    feeds = bg.models.example_inputs(g, seed=2)
+    got = cg(**feeds)["o"]
+    assert got.dtype == np.float16
+    want = bg.interpret(g, **feeds)["o"]
+    assert rel_err(got, want) < 3e-3

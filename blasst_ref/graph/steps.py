@@ -22,6 +22,9 @@ The kernels, op by op:
 * ``MatMul`` and the element-wise ops -> numpy (BLAS, ufuncs) writing straight into their
   planned buffer; ``Reshape`` -> a view; ``Transpose`` -> one copy;
 * anything else (e.g. ``Dequantize``) -> the op's numpy meaning, copied into its buffer.
+
+The Numba kernels take float32 and float64: a node of another dtype (a float16 graph) runs
+its numpy meaning instead, at its own dtype, as the interpreter does.
 """
 
 from __future__ import annotations
@@ -58,6 +61,14 @@ class StepOptions:
 
 Step = Callable[[dict], None]
 
+#: the dtypes of the Numba kernels (:mod:`.kernels`)
+KERNEL_DTYPES = ("float32", "float64")
+
+
+def _kernel_takes(node, g) -> bool:
+    """Whether every tensor ``node`` reads and writes has a dtype of the Numba kernels."""
+    return all(g.tensors[t].dtype in KERNEL_DTYPES for t in (*node.inputs, *node.outputs))
+
 
 def _rows(a: np.ndarray) -> np.ndarray:
     """``(..., N)`` as a C-contiguous ``(M, N)`` view (a copy only if not contiguous)."""
@@ -66,6 +77,7 @@ def _rows(a: np.ndarray) -> np.ndarray:
 
 
 def packed_matmul(node, g, options: StepOptions) -> Step:
+    # (pack_weights packs float32/float64 weights only)
     ins, out, attrs = node.inputs, node.outputs[0], node.attrs
     panels = g.constants[ins[1]]
     pw = K.PackedWeight(panels, panels.shape[1], attrs["n"], panels.shape[2])
@@ -80,7 +92,9 @@ def packed_matmul(node, g, options: StepOptions) -> Step:
     return step
 
 
-def fused_matmul(node, g, options: StepOptions) -> Step:
+def fused_matmul(node, g, options: StepOptions) -> Step | None:
+    if not _kernel_takes(node, g):
+        return None
     # The product through BLAS (multi-threaded, straight into the planned buffer), then
     # bias, activation and residual in one serial Numba pass over it (see
     # kernels.matmul_epilogue's `parallel`) -- instead of numpy's one pass and one new
@@ -159,7 +173,9 @@ def matmul(node, g, options: StepOptions) -> Step:
     return lambda env: np.matmul(env[ins[0]], env[ins[1]], out=env[out])
 
 
-def layernorm(node, g, options: StepOptions) -> Step:
+def layernorm(node, g, options: StepOptions) -> Step | None:
+    if not _kernel_takes(node, g):
+        return None
     ins, out, eps = node.inputs, node.outputs[0], node.attrs["eps"]
 
     def step(env):
@@ -171,7 +187,7 @@ def layernorm(node, g, options: StepOptions) -> Step:
 
 def softmax(node, g, options: StepOptions) -> Step | None:
     ins, out = node.inputs, node.outputs[0]
-    if node.attrs["axis"] != len(g.tensors[out].shape) - 1:
+    if node.attrs["axis"] != len(g.tensors[out].shape) - 1 or not _kernel_takes(node, g):
         return None
 
     def step(env):
@@ -186,7 +202,7 @@ def relu(node, g, options: StepOptions) -> Step:
 
 
 def gelu(node, g, options: StepOptions) -> Step | None:
-    if node.attrs["approximate"] != "none":
+    if node.attrs["approximate"] != "none" or not _kernel_takes(node, g):
         return None
     x, out = node.inputs[0], node.outputs[0]
 
