@@ -301,3 +301,102 @@ def test_float16_attention_pattern_is_fused_and_runs():
     assert got.dtype == np.float16
     want = bg.interpret(g, **feeds)["o"]
     assert rel_err(got, want) < 3e-3
+
+
+# ---------------------------------------------------------------------------------------
+# feeds in any byte order
+
+
+@settings(max_examples=15)
+@given(data=random_graphs(), order=st.sampled_from([">", "<", "="]),
+       switches=st.sampled_from([dict(), dict(matmul_kernel="blas"), dict(fuse=False)]))
+def test_feeds_in_any_byte_order_give_the_native_result(data, order, switches):
+    g, feeds = data
+    swapped = {n: x.astype(x.dtype.newbyteorder(order)) for n, x in feeds.items()}
+    cg = bg.compile(g, **switches)
+    want = cg(**feeds)
+    got = cg(**swapped)
+    assert list(got) == list(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype  # native byte order out
+        np.testing.assert_array_equal(got[name], want[name])
+    interpreted = bg.interpret(g, **swapped)
+    assert_outputs_close(interpreted, bg.interpret(g, **feeds), tol=0.0)
+
+
+def test_a_big_endian_int8_graph_feed():
+    g = bg.models.mlp([13, 16, 8], 4)
+    qg = bg.quantize_graph(g, [bg.models.example_inputs(g, seed=s) for s in range(2)])
+    x = bg.models.example_inputs(g, seed=3)["x"]
+    cg = bg.compile(qg)
+    np.testing.assert_array_equal(cg(x=x.astype(">f4"))["y"], cg(x=x)["y"])
+
+
+# ---------------------------------------------------------------------------------------
+# shapes and sizes
+
+
+@pytest.mark.parametrize("shape", [(2.5, 2), (2, 2.0), (True, 3), ("2", 2), (2, None),
+                                   (np.float64(3), 1)], ids=repr)
+def test_input_shapes_must_be_integers(shape):
+    g = bg.Graph("shapes")
+    with pytest.raises(bg.GraphError, match=r"input 'x': shape must be a tuple of integers"):
+        g.input("x", shape)
+
+
+def test_numpy_integer_shapes_are_accepted():
+    g = bg.Graph("shapes")
+    x = g.input("x", (np.int64(2), np.uint8(3)))
+    assert x.shape == (2, 3) and all(type(s) is int for s in x.shape)
+
+
+@pytest.mark.parametrize("op,attrs,message", [
+    ("Reshape", {"shape": (2.5, 4)}, r"shape must hold integers"),
+    ("Reshape", {"shape": (5.0, 2)}, r"shape must hold integers"),
+    ("Transpose", {"perm": (0.5, 1)}, r"perm must hold integers"),
+    ("Transpose", {"perm": (1.0, 0)}, r"perm must hold integers"),
+])
+def test_layout_attributes_must_be_integers(op, attrs, message):
+    g = bg.Graph("attrs")
+    x = g.input("x", (2, 5))
+    with pytest.raises(bg.GraphError, match=rf"{op} .*: {message}"):
+        g.op(op, x, **attrs)
+
+
+def test_nbytes_and_size_do_not_wrap():
+    info = bg.TensorInfo("t", (2**32, 2**32), "float32", "input")
+    assert info.size == 2**64
+    assert info.nbytes == 2**66
+
+
+def test_reshape_of_a_huge_tensor_checks_its_true_size():
+    g = bg.Graph("huge")
+    x = g.input("x", (2**32, 2**32))
+    with pytest.raises(bg.GraphError, match=r"cannot reshape"):
+        g.reshape(x, (1,))  # 2**64 elements wrapped to 0 in int64 once
+    assert g.reshape(x, (2**16, -1)).shape == (2**16, 2**48)
+
+
+# ---------------------------------------------------------------------------------------
+# compile() arguments
+
+
+@pytest.mark.parametrize("block,exc", [((0, 0), ValueError), ((16, 0), ValueError),
+                                       ((-1, None), ValueError), ((16.5, 16), TypeError),
+                                       ((True, 16), TypeError), ((16,), ValueError),
+                                       (16, TypeError), ("16x16", TypeError)],
+                         ids=repr)
+def test_attention_block_is_checked_at_compile(block, exc):
+    g = bg.models.llm_block(1, 24, 32, 2, 1)
+    with pytest.raises(exc, match=r"attention_block must be \(block_q, block_k\)"):
+        bg.compile(g, attention_block=block)
+
+
+def test_attention_block_takes_numpy_integers_and_none():
+    g = bg.models.llm_block(1, 24, 32, 2, 1, seed=3)
+    feeds = bg.models.example_inputs(g, seed=4)
+    want = bg.compile(g, attention_block=(8, 16))(**feeds)
+    got = bg.compile(g, attention_block=(np.int16(8), np.uint64(16)))(**feeds)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+    bg.compile(g, attention_block=(None, 8))(**feeds)

@@ -19,6 +19,7 @@ many as calls ever overlapped otherwise).
 from __future__ import annotations
 
 import contextlib
+import numbers
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -85,8 +86,9 @@ def compile(graph: Graph, *, fuse: bool = True, fold_constants: bool = True,
         attention_thresh: BLASST's threshold for the fused attention (``0`` = exact dense).
         attention_backend: ``"cpu"`` or ``"reference"`` (any host backend of
             :func:`blasst_ref.attention`).
-        attention_block: ``(block_q, block_k)`` tile sizes of the fused attention
-            (``None``: :mod:`blasst_ref.tiling`'s defaults); smaller tiles skip more.
+        attention_block: ``(block_q, block_k)`` tile sizes of the fused attention, positive
+            integers (``None``: :mod:`blasst_ref.tiling`'s defaults); smaller tiles skip
+            more.
         passes: ``{pass name: on}`` for single passes, applied after the switches above
             (``{"fuse_attention": False}`` keeps the attention unfused;
             ``{"lower_int8": True}`` with ``fuse=False`` runs the int8 lowering alone). An
@@ -115,7 +117,7 @@ def compile(graph: Graph, *, fuse: bool = True, fold_constants: bool = True,
         enabled["lower_int8"] = False
     enabled["pack_weights"] = matmul_kernel == "packed"
     enabled.update(_check_passes(passes))
-    block_q, block_k = attention_block
+    block_q, block_k = _check_attention_block(attention_block)
     pass_args = {"fuse_attention": dict(thresh=float(attention_thresh), block_q=block_q,
                                         block_k=block_k)}
     stages = [Stage("input", graph)]
@@ -129,6 +131,24 @@ def compile(graph: Graph, *, fuse: bool = True, fold_constants: bool = True,
     if check:
         _memory.check_plan(final, plan)
     return CompiledGraph(graph, final, plan, stages, attention_backend)
+
+
+def _check_attention_block(block) -> tuple[int | None, int | None]:
+    """``attention_block`` of :func:`compile` as Python ints (or None), or a clear error now
+    (not at the first call, nor only for graphs that have an attention to fuse)."""
+    expected = "attention_block must be (block_q, block_k), each a positive integer or None"
+    if not isinstance(block, (tuple, list)):
+        raise TypeError(f"{expected}; got {block!r}")
+    if len(block) != 2:
+        raise ValueError(f"{expected}; got {block!r}")
+    for b in block:
+        if b is None:
+            continue
+        if isinstance(b, (bool, np.bool_)) or not isinstance(b, numbers.Integral):
+            raise TypeError(f"{expected}; got {block!r}")
+        if b <= 0:
+            raise ValueError(f"{expected}; got {block!r}")
+    return tuple(None if b is None else int(b) for b in block)
 
 
 def _check_passes(passes) -> dict[str, bool]:

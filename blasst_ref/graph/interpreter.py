@@ -21,7 +21,8 @@ def check_feeds(graph: Graph, feeds: dict) -> dict[str, np.ndarray]:
 
     Every declared input must be given, nothing else may be, and each must be an array of
     the declared shape and dtype (no silent casts: a float64 array for a float32 input is an
-    error). Returns ``{name: numpy array}``; raises :class:`GraphError` naming the tensor.
+    error; any byte order is read: a non-native one is converted, a copy). Returns ``{name:
+    numpy array}``; raises :class:`GraphError` naming the tensor.
     """
     declared = set(graph.inputs)
     missing = [n for n in graph.inputs if n not in feeds]
@@ -44,6 +45,8 @@ def check_feeds(graph: Graph, feeds: dict) -> dict[str, np.ndarray]:
         if value.dtype.name != info.dtype:
             raise GraphError(f"input {name!r} has dtype {value.dtype.name}, the graph declares "
                              f"{info.dtype}")
+        if not value.dtype.isnative:  # e.g. big-endian here: the kernels read native
+            value = value.astype(value.dtype.newbyteorder("="))
         out[name] = value
     return out
 

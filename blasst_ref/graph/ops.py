@@ -23,6 +23,7 @@ interpreter -- which is how every pass is tested.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -275,10 +276,24 @@ register(OpDef("LayerNorm", (3, 3), _layernorm_infer,
 
 
 # ---------------------------------------------------------------------------- layout ops
+def _integers(op, node, name, values) -> tuple[int, ...]:
+    """``values`` as a tuple of Python ints, or a GraphError: integers only (numpy's too),
+    so that a float such as 2.5 is never truncated."""
+    try:
+        items = tuple(values)
+    except TypeError:
+        items = None
+    if items is None or any(isinstance(v, (bool, np.bool_)) or
+                            not isinstance(v, numbers.Integral) for v in items):
+        raise _err(node, op, f"{name} must hold integers, got {values!r}")
+    return tuple(int(v) for v in items)
+
+
 def _transpose_attrs(inputs, attrs, node):
     rank = len(inputs[0].shape)
     perm = attrs.get("perm")
-    perm = tuple(range(rank))[::-1] if perm is None else tuple(int(p) for p in perm)
+    perm = tuple(range(rank))[::-1] if perm is None else \
+        _integers("Transpose", node, "perm", perm)
     if sorted(perm) != list(range(rank)):
         raise _err(node, "Transpose", f"perm {perm} is not a permutation of the {rank} axes "
                    f"of {_desc(inputs[0])}")
@@ -294,16 +309,16 @@ register(OpDef("Transpose", (1, 1),
 
 def _reshape_attrs(inputs, attrs, node):
     x = inputs[0]
-    shape = tuple(int(s) for s in attrs["shape"])
-    size = int(np.prod(x.shape))
+    shape = _integers("Reshape", node, "shape", attrs["shape"])
+    size = math.prod(x.shape)  # Python ints: no wrap-around for huge shapes
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
         raise _err(node, "Reshape", f"shape {shape} may hold positive sizes and one -1")
     if -1 in shape:
-        known = int(np.prod([s for s in shape if s != -1]))
+        known = math.prod(s for s in shape if s != -1)
         if size % known:
             raise _err(node, "Reshape", f"cannot reshape {_desc(x)} to {shape}")
         shape = tuple(size // known if s == -1 else s for s in shape)
-    if int(np.prod(shape)) != size:
+    if math.prod(shape) != size:
         raise _err(node, "Reshape", f"cannot reshape {_desc(x)} ({size} elements) to {shape}")
     return {"shape": shape}
 
