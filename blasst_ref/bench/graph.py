@@ -134,12 +134,15 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="fixed cases: dlrm-bert (the tables of docs/BENCHMARKS.md), "
                         "quick (seconds)")
-    p.add_argument("--model", choices=sorted(MODELS), nargs="+", default=None)
-    p.add_argument("--batch", type=int, nargs="+", default=[32])
+    p.add_argument("--model", choices=sorted(MODELS), nargs="+", default=None,
+                   help="graphs from blasst_ref.graph.models to time (instead of a preset)")
+    p.add_argument("--batch", type=int, nargs="+", default=[32],
+                   help="batch sizes, each timed with each --model (default 32)")
     p.add_argument("--seq", type=int, default=384, help="sequence length (bert, llm)")
     p.add_argument("--thresh", type=float, default=0.0,
                    help="BLASST threshold of the fused attention (default 0: exact)")
-    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--repeat", type=int, default=10,
+                   help="timed calls per variant after a warm-up (default 10)")
     p.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime even if installed")
     p.add_argument("--blocks", type=int, default=2,
                    help="time each variant in this many blocks of back-to-back calls "

@@ -1,5 +1,5 @@
 """int8 matmul kernels for the graph executor: u8 x s8 -> s32, the form of ``vpdpbusd``
-(DESIGN.md §7, "int8 for Xeon").
+(docs/DESIGN.md §7.4).
 
 What is here (the kernel layer only; the lowering pass that finds Dequantize -> MatMul ->
 Quantize and calls these lives in the passes):

@@ -1,4 +1,4 @@
-"""Post-training static quantization: a float graph -> a QDQ int8 graph (DESIGN.md §7).
+"""Post-training static quantization: a float graph -> a QDQ int8 graph (docs/DESIGN.md §7.4).
 
 :func:`quantize_graph` runs the float graph on sample inputs (the interpreter's
 :func:`~.interpreter.trace`), observes the min/max of every tensor that feeds a MatMul with a
