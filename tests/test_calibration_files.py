@@ -61,6 +61,17 @@ def test_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cal.json"]  # no temporary left
 
 
+def test_saving_into_a_missing_folder_is_the_plain_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        _calibration().save(tmp_path / "no" / "cal.json")
+
+
+def test_a_saved_file_has_the_permissions_of_a_plain_open(tmp_path):
+    _calibration().save(tmp_path / "cal.json")
+    (tmp_path / "plain.json").write_text("{}")
+    assert (tmp_path / "cal.json").stat().st_mode == (tmp_path / "plain.json").stat().st_mode
+
+
 def test_calibrate_with_numpy_block_sizes_saves_and_loads(tmp_path):
     samples = [llm_like(1, 2, 1, n, n, 32, seed=n) for n in (128, 256)]
     cal = calibrate(samples, phase="prefill", backend="reference", block_q=np.int64(16),

@@ -33,11 +33,12 @@ Run as a program for a calibration on :func:`blasst_ref.workloads.llm_like` inpu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import numbers
 import os
-import tempfile
+import secrets
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -266,19 +267,21 @@ class Calibration:
 
         Atomic: the JSON goes to a temporary file in the same folder, which then replaces
         ``path`` in one step (``os.replace``). If anything fails, an existing file at
-        ``path`` is left as it was."""
+        ``path`` is left as it was. The file gets the permissions a plain ``open`` gives."""
         path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
-                                   suffix=".tmp")
+        folder, name = os.path.split(os.path.abspath(path))
+        # a fresh name, created exclusively ("x"), with the permissions that the umask gives
+        # a new file (tempfile.mkstemp would make it readable by its owner only)
+        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+            with open(tmp, "x", encoding="utf-8") as f:
                 json.dump(self.to_dict(), f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
-            os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):  # (it may never have been made)
+                os.unlink(tmp)
             raise
 
     @classmethod
