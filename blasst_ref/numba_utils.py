@@ -20,7 +20,6 @@ it is ``math.exp`` (accuracy first: float64 is the checking dtype, not the fast 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 
@@ -103,7 +102,37 @@ def _blas_controller():
     return _controller
 
 
-@contextlib.contextmanager
+class _BlasSingleThreaded:
+    """The context manager :func:`blas_single_threaded` returns (a class, not a generator:
+    it is entered on every CPU kernel call, and this costs half as much)."""
+
+    __slots__ = ("_limiter",)
+
+    def __enter__(self):
+        global _blas_depth
+        _blas_lock.acquire()
+        try:
+            self._limiter = None
+            if _blas_depth == 0:  # nested in this thread: BLAS is already limited
+                self._limiter = _blas_controller().limit(limits=1, user_api="blas")
+                self._limiter.__enter__()
+            _blas_depth += 1
+        except BaseException:
+            _blas_lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        global _blas_depth
+        try:
+            _blas_depth -= 1
+            if self._limiter is not None:
+                self._limiter.__exit__(*exc)
+        finally:
+            _blas_lock.release()
+        return False
+
+
 def blas_single_threaded():
     """Context manager limiting BLAS libraries to one thread (threadpoolctl) while the
     block runs.
@@ -119,15 +148,4 @@ def blas_single_threaded():
     BLAS at one thread for the whole process, or let a call run under another's restored
     limit. The kernels inside already use every core, so taking turns costs little.
     Re-entrant: a block inside a block of the same thread changes nothing."""
-    global _blas_depth
-    with _blas_lock:
-        outer = _blas_depth == 0
-        _blas_depth += 1
-        try:
-            if outer:
-                with _blas_controller().limit(limits=1, user_api="blas"):
-                    yield
-            else:
-                yield
-        finally:
-            _blas_depth -= 1
+    return _BlasSingleThreaded()

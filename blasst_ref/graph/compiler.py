@@ -223,10 +223,9 @@ class CompiledGraph:
         #: Numba kernels: it would swamp the mean), and the first call's own
         self.total_times = np.zeros(len(self._steps))
         self.first_times = np.zeros(len(self._steps))
+        self._stats_lock = threading.Lock()  # guards the bookkeeping above
         # the arenas of the calls not in flight (a call takes one, or makes one if none is
-        # free: as many exist as calls ever overlapped), with the lock that guards them and
-        # the bookkeeping above
-        self._arena_lock = threading.Lock()
+        # free: as many exist as calls ever overlapped)
         self._spare_arenas = [self._new_arena()]
 
     def _new_arena(self) -> tuple[dict, np.ndarray]:
@@ -244,9 +243,9 @@ class CompiledGraph:
         g = self.graph
         env: dict = dict(g.constants)
         env.update(check_feeds(g, feeds))
-        with self._arena_lock:
-            arena = self._spare_arenas.pop() if self._spare_arenas else None
-        if arena is None:  # another call is in flight: this one gets an arena of its own
+        try:  # (list.pop and list.append are atomic)
+            arena = self._spare_arenas.pop()
+        except IndexError:  # other calls are in flight: this one gets an arena of its own
             arena = self._new_arena()
         views, times = arena
         env.update(views)
@@ -262,18 +261,19 @@ class CompiledGraph:
                     step(env)
                     times[i] = clock() - t0
         except BaseException:
-            with self._arena_lock:
-                self._spare_arenas.append(arena)
+            self._spare_arenas.append(arena)
             raise
-        with self._arena_lock:  # the arena goes back, and report()'s bookkeeping
-            self.times[:] = times
+        with self._stats_lock:  # report()'s bookkeeping
+            # this call's times become `times`; the array they replace goes with the arena,
+            # for the next call to write into (no copy)
+            self.times, times = times, self.times
             if self.calls:
-                self.total_times += times
+                self.total_times += self.times
             else:
-                self.first_times[:] = times
+                self.first_times[:] = self.times
             self.calls += 1
             self.attention_stats = env[S.STATS_KEY]
-            self._spare_arenas.append(arena)
+        self._spare_arenas.append((views, times))
         # no output may hand out the caller's array, the graph's own or another output's
         return {pub: env[t].copy() if pub in self._copied_outputs else env[t]
                 for pub, t in g.outputs.items()}
