@@ -211,7 +211,7 @@ def test_shape_errors_name_the_layout():
         attention(ql, kl, vl[:, :23], layout="blhd")
 
 
-def test_a_single_head_blhd_call_in_the_wrong_layout_is_caught_by_shapes():
+def test_blhd_arrays_read_as_bhld_are_told_apart_only_by_layout():
     """The defect that motivated ``layout``: (B, L, H, D) arrays passed as (B, H, L, D)
     with Hq = Hkv are shape-consistent, so only ``layout`` can say what they are."""
     q, k, v = _qkv(hq=8, hkv=8, lq=20, lk=20)
