@@ -45,7 +45,7 @@ def _blas_single_threaded():
 
 
 def blasst_attention(q, k, v, thresh, causal, scale, block_q, block_k, *, skip_test=True,
-                     out=None):
+                     out=None, lse=None):
     """BLASST attention on the CPU.
 
     Args:
@@ -57,6 +57,9 @@ def blasst_attention(q, k, v, thresh, causal, scale, block_q, block_k, *, skip_t
         skip_test: False runs a kernel compiled without the skip test (a benchmark
             baseline: with it, nothing is ever skipped).
         out: optional ``(B, Hq, Lq, Dv)`` array to write into (tests poison it first).
+        lse: optional C-contiguous ``(B, Hq, Lq)`` array of ``q``'s dtype, written with each
+            row's log-sum-exp over its kept scaled scores (``-inf`` for a row that sees no
+            key): what the backward needs besides the tile map.
 
     Returns:
         ``(out, tile_map)``; ``tile_map`` as ``AttentionStats.tile_map``.
@@ -72,6 +75,9 @@ def blasst_attention(q, k, v, thresh, causal, scale, block_q, block_k, *, skip_t
         out = np.empty((n_b, n_hq, lq, dv), q.dtype)
     elif out.shape != (n_b, n_hq, lq, dv) or out.dtype != q.dtype or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous {q.dtype} array of shape {(n_b, n_hq, lq, dv)}")
+    if lse is not None and (lse.shape != (n_b, n_hq, lq) or lse.dtype != q.dtype
+                            or not lse.flags.c_contiguous):
+        raise ValueError(f"lse must be a C-contiguous {q.dtype} array of shape {(n_b, n_hq, lq)}")
     log_thresh = -math.inf if thresh == 0 else math.log(thresh)
     causal = bool(causal)
     skip_test = True if skip_test else None  # None: a kernel compiled without the test
@@ -88,9 +94,9 @@ def blasst_attention(q, k, v, thresh, causal, scale, block_q, block_k, *, skip_t
             tile_map = np.zeros((n_b, n_hkv, 1, n_kt), np.int8)
             decode_split_kernel(q, k, v, log_thresh, causal, scale, block_k, split_tiles,
                                 skip_test, part_m, part_l, part_acc, tile_map)
-            decode_merge_kernel(part_m, part_l, part_acc, causal, lk, out)
+            decode_merge_kernel(part_m, part_l, part_acc, causal, lk, out, lse)
         else:
             tile_map = np.zeros((n_b, n_hq, tiling.num_tiles(lq, block_q), n_kt), np.int8)
             prefill_kernel(q, pack_k_tiles(k, block_k), v, log_thresh, causal, scale, block_q,
-                           block_k, skip_test, out, tile_map)
+                           block_k, skip_test, out, tile_map, lse)
     return out, tile_map
