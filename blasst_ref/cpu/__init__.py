@@ -18,12 +18,13 @@ import threading
 import numpy as np
 
 from .. import tiling
+from . import backward
 from .decode import decode_merge_kernel, decode_split_kernel
 from .prefill import pack_k_tiles, prefill_kernel
 
 __all__ = [
-    "blasst_attention", "decode_merge_kernel", "decode_split_kernel", "pack_k_tiles",
-    "prefill_kernel",
+    "blasst_attention", "blasst_attention_backward", "decode_merge_kernel",
+    "decode_split_kernel", "pack_k_tiles", "prefill_kernel",
 ]
 
 _controller = None
@@ -100,3 +101,55 @@ def blasst_attention(q, k, v, thresh, causal, scale, block_q, block_k, *, skip_t
             prefill_kernel(q, pack_k_tiles(k, block_k), v, log_thresh, causal, scale, block_q,
                            block_k, skip_test, out, tile_map, lse)
     return out, tile_map
+
+
+def blasst_attention_backward(dout, q, k, v, out, lse, tile_map, causal, scale, block_q,
+                              block_k, *, method=None):
+    """Gradients of BLASST attention on the CPU (:mod:`.backward`).
+
+    Args:
+        dout, out: ``(B, Hq, Lq, Dv)``; q: ``(B, Hq, Lq, Dqk)``; k: ``(B, Hkv, Lk, Dqk)``;
+            v: ``(B, Hkv, Lk, Dv)``: C-contiguous, all float32 or all float64.
+        lse: ``(B, Hq, Lq)`` of that dtype, the forward's per-row log-sum-exp.
+        tile_map: the forward's int8 decisions (prefill ``(B, Hq, n_q_tiles, n_k_tiles)``,
+            decode ``(B, Hkv, 1, n_k_tiles)``).
+        causal, scale, block_q, block_k: as in the forward.
+        method: ``"fused"`` or ``"two_pass"`` (see :mod:`.backward`); default: fused while
+            its private copies of dK/dV fit in ``backward.FUSED_MAX_COPY_BYTES``.
+
+    Returns:
+        ``(dq, dk, dv)``, new arrays of the inputs' dtype and shapes.
+    """
+    arrays = (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse))
+    for name, x in arrays:
+        if not (isinstance(x, np.ndarray) and x.flags.c_contiguous):
+            raise TypeError(f"{name} must be a C-contiguous numpy array")
+        if x.dtype != q.dtype or x.dtype not in (np.float32, np.float64):
+            raise TypeError(f"{name}: the CPU kernels take float32 or float64 (one dtype), got {x.dtype}")
+    n_b, n_hq, lq, dqk = q.shape
+    n_hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    rows = tiling.backward_block_q(lq, block_q)
+    n_chunks = max(1, min(backward.numba.get_num_threads(), n_b * n_hq * tiling.num_tiles(lq, rows)))
+    copy_bytes = n_chunks * n_b * n_hkv * lk * (dqk + dv) * q.dtype.itemsize
+    if method is None:
+        method = "fused" if copy_bytes <= backward.FUSED_MAX_COPY_BYTES else "two_pass"
+    if method not in ("fused", "two_pass"):
+        raise ValueError(f"method must be 'fused', 'two_pass' or None, got {method!r}")
+
+    delta = np.empty((n_b, n_hq, lq), q.dtype)
+    backward.row_deltas(dout, out, delta)
+    dq = np.empty_like(q)
+    causal = bool(causal)
+    with _blas_single_threaded():
+        k_t, v_t = pack_k_tiles(k, block_k), pack_k_tiles(v, block_k)
+        args = (q, k_t, v_t, dout, delta, lse, tile_map, causal, scale, rows, block_k)
+        if method == "fused":
+            dk_part = np.zeros((n_chunks, n_b, n_hkv, lk, dqk), q.dtype)
+            dv_part = np.zeros((n_chunks, n_b, n_hkv, lk, dv), q.dtype)
+            backward.backward_fused_kernel(*args, dq, dk_part, dv_part)
+            dk, dv_ = dk_part.sum(axis=0), dv_part.sum(axis=0)
+        else:
+            dk, dv_ = np.empty_like(k), np.empty_like(v)
+            backward.backward_dkdv_kernel(*args, dk, dv_)
+            backward.backward_dq_kernel(*args, lk, dq)
+    return dq, dk, dv_
