@@ -213,6 +213,14 @@ def _validate(q, k, v, thresh, causal, scale, backend, block_q, block_k):
     return on_device, (b, hq, lq, dqk), hkv, k4[2]
 
 
+def validate_arguments(q, k, v, thresh=0.0, causal=False, scale=None, backend="auto",
+                       block_q=None, block_k=None):
+    """The argument checks of :func:`attention`, for the functions built on it
+    (:func:`blasst_ref.attention_forward`). Raises as :func:`attention` does; returns
+    ``(on_device, (B, Hq, Lq, Dqk), Hkv, Lk)``."""
+    return _validate(q, k, v, thresh, causal, scale, backend, block_q, block_k)
+
+
 # ---------------------------------------------------------------------------------------
 # statistics
 
