@@ -104,7 +104,7 @@ def blasst_attention(q, k, v, thresh, causal, scale, block_q, block_k, *, skip_t
 
 
 def blasst_attention_backward(dout, q, k, v, out, lse, tile_map, causal, scale, block_q,
-                              block_k, *, method=None):
+                              block_k, *, method=None, grads=None):
     """Gradients of BLASST attention on the CPU (:mod:`.backward`).
 
     Args:
@@ -116,9 +116,11 @@ def blasst_attention_backward(dout, q, k, v, out, lse, tile_map, causal, scale, 
         causal, scale, block_q, block_k: as in the forward.
         method: ``"fused"`` or ``"two_pass"`` (see :mod:`.backward`); default: fused while
             its private copies of dK/dV fit in ``backward.FUSED_MAX_COPY_BYTES``.
+        grads: optional ``(dq, dk, dv)`` C-contiguous arrays to write into (tests poison
+            them first); by default new arrays.
 
     Returns:
-        ``(dq, dk, dv)``, new arrays of the inputs' dtype and shapes.
+        ``(dq, dk, dv)`` of the inputs' dtype and shapes.
     """
     arrays = (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse))
     for name, x in arrays:
@@ -136,9 +138,15 @@ def blasst_attention_backward(dout, q, k, v, out, lse, tile_map, causal, scale, 
     if method not in ("fused", "two_pass"):
         raise ValueError(f"method must be 'fused', 'two_pass' or None, got {method!r}")
 
+    if grads is None:
+        grads = (np.empty_like(q), np.empty_like(k), np.empty_like(v))
+    for name, g, x in zip(("dq", "dk", "dv"), grads, (q, k, v)):
+        if not (isinstance(g, np.ndarray) and g.shape == x.shape and g.dtype == x.dtype
+                and g.flags.c_contiguous):
+            raise ValueError(f"{name} must be a C-contiguous {x.dtype} array of shape {x.shape}")
+    dq, dk, dv_ = grads
     delta = np.empty((n_b, n_hq, lq), q.dtype)
     backward.row_deltas(dout, out, delta)
-    dq = np.empty_like(q)
     causal = bool(causal)
     with _blas_single_threaded():
         k_t, v_t = pack_k_tiles(k, block_k), pack_k_tiles(v, block_k)
@@ -147,9 +155,9 @@ def blasst_attention_backward(dout, q, k, v, out, lse, tile_map, causal, scale, 
             dk_part = np.zeros((n_chunks, n_b, n_hkv, lk, dqk), q.dtype)
             dv_part = np.zeros((n_chunks, n_b, n_hkv, lk, dv), q.dtype)
             backward.backward_fused_kernel(*args, dq, dk_part, dv_part)
-            dk, dv_ = dk_part.sum(axis=0), dv_part.sum(axis=0)
+            np.sum(dk_part, axis=0, out=dk)
+            np.sum(dv_part, axis=0, out=dv_)
         else:
-            dk, dv_ = np.empty_like(k), np.empty_like(v)
             backward.backward_dkdv_kernel(*args, dk, dv_)
             backward.backward_dq_kernel(*args, lk, dq)
     return dq, dk, dv_
