@@ -8,6 +8,8 @@ Subcommands, one module each, listed in :data:`SUBCOMMANDS`:
   ONNX Runtime; ``--preset issue5`` reproduces the measurements of issue #5.
 * ``int8`` (:mod:`.int8`): the u8 x s8 ``QMatMul`` kernel and int8 MLP graphs against
   float32, with the fraction of the VNNI peak; ``--preset issue6``.
+* ``backward`` (:mod:`.backward`): the BLASST backward, dense and sparse, against PyTorch's
+  SDPA backward (CPU, or a GPU with ``--device cuda``).
 
 To add one (e.g. ``graph``, ``int8``): write ``blasst_ref/bench/<name>.py`` with
 ``register(subparsers)`` — it adds its parser and ``set_defaults(func=run, parser=p)`` — and
@@ -17,4 +19,4 @@ interleaved repeats, median), :mod:`.oracle` (a memory-bounded float64 dense res
 """
 
 #: Subcommand modules of ``python -m blasst_ref.bench``, in help order. Imported lazily.
-SUBCOMMANDS = ("attention", "graph", "int8")
+SUBCOMMANDS = ("attention", "graph", "int8", "backward")
