@@ -65,7 +65,8 @@ class SavedForBackward:
             ``log(sum_j exp(scale * q_i . k_j))``; ``-inf`` for a row that sees no key.
         tile_map: int8 tile decisions, as ``AttentionStats.tile_map`` (``1`` computed, ``2``
             skipped, ``0`` masked away): prefill ``(B, Hq, n_q_tiles, n_k_tiles)``, decode
-            ``(B, Hkv, 1, n_k_tiles)``. On the CUDA backend a device array.
+            ``(B, Hkv, 1, n_k_tiles)``. On the CUDA backend a device array of the inputs'
+            library, owned by this object.
         causal, scale, block_q, block_k: the forward's arguments, resolved (defaults filled).
         phase: ``"prefill"`` or ``"decode"`` (``Lq <= 16``, split-KV; a kv group's rows share
             one decision per key tile, and the backward treats all ``Lq`` rows as one tile).
@@ -138,6 +139,7 @@ def attention_forward(q, k, v, thresh: float = 0.0, *, causal: bool = False,
         from .cuda import backward_v1
 
         out, tile_map = cuda_backend.attention(q, k, v, thresh, causal, scale, block_q, block_k)
+        tile_map = backward_v1.own_tile_map(q, tile_map)  # the fast path reuses its buffer
         lse = backward_v1.row_lse(q, k, tile_map, causal, scale, block_q, block_k)
     else:
         three_d = q.ndim == 3

@@ -21,6 +21,7 @@ three oracle gradients together (``dK`` vanishes exactly when every row keeps a 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -327,3 +328,30 @@ def test_cuda_matches_cpu_on_a_decode_gqa_problem():
     np.testing.assert_array_equal(saved.tile_map.copy_to_host(), saved_c.tile_map)
     want = br.attention_backward(dout, q, k, v, out_c, saved_c)
     assert max(grad_errors([g.copy_to_host() for g in grads], want)) < 1e-5
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") == "1",
+                    reason="real sizes need a GPU (the simulator would take hours)")
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "no-mask"])
+def test_cuda_real_size_on_the_gpu(dtype, causal):
+    """B=1, Hq=8, Hkv=2, L=1024, D=128 on the GPU, torch tensors (the path a training loop
+    takes): the gradients against the float64 oracle of the kept keys."""
+    torch = pytest.importorskip("torch", reason="the GPU check uses torch CUDA tensors")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device here")
+    b, hq, hkv, length, d = 1, 8, 2, 1024, 128
+    q, k, v = workloads.llm_like(b, hq, hkv, length, length, d, seed=15)
+    dout = np.random.default_rng(16).standard_normal(q.shape).astype(np.float32)
+    tdt = getattr(torch, dtype)
+    tq, tk, tv, tdo = (torch.from_numpy(x).to("cuda", tdt) for x in (q, k, v, dout))
+    out, saved = br.attention_forward(tq, tk, tv, 1e-3, causal=causal)
+    grads = br.attention_backward(tdo, tq, tk, tv, out, saved)
+    assert all(g.dtype == tdt and g.is_cuda for g in grads)
+    host = [x.float().cpu().numpy() for x in (tq, tk, tv, tdo)]
+    want = br.dense_attention_backward(host[3], *host[:3], causal=causal,
+                                       keep=saved.kept_keys(length))
+    errs = grad_errors([g.float().cpu().numpy() for g in grads], want)
+    tol = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}[dtype]
+    assert max(errs) < tol, (saved.sparsity, errs)
+    assert 0.2 < saved.sparsity < 0.98

@@ -47,7 +47,7 @@ from .. import tiling
 from . import _as_numba, _check_contiguous, _new_like_library
 from ._intrinsics import narrow, widen
 
-__all__ = ["attention_backward", "row_lse"]
+__all__ = ["attention_backward", "own_tile_map", "row_lse"]
 
 _COMPUTED = 1  # reference.COMPUTED
 _SIMULATOR = bool(config.ENABLE_CUDASIM)
@@ -231,6 +231,18 @@ def _as_4d(x):
 
 def _shape(x):
     return tuple(x.shape)
+
+
+def own_tile_map(q, tile_map):
+    """A copy of a forward's tile map, on the device, in ``q``'s library.
+
+    The fast host path of the CUDA forward returns a tile-map buffer that the next call of
+    the same shape overwrites (:func:`blasst_ref.cuda.attention`); a model's layers share
+    shapes, and their backward runs after every forward, so the saved map must be a copy."""
+    src = _as_numba(tile_map)
+    dst = _new_like_library(q, tuple(src.shape), np.int8)
+    _as_numba(dst).copy_to_device(src)
+    return dst
 
 
 def row_lse(q, k, tile_map, causal, scale, block_q, block_k):
