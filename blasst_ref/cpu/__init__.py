@@ -150,7 +150,7 @@ def blasst_attention_backward(dout, q, k, v, out, lse, tile_map, causal, scale, 
     causal = bool(causal)
     with _blas_single_threaded():
         k_t, v_t = pack_k_tiles(k, block_k), pack_k_tiles(v, block_k)
-        args = (q, k_t, v_t, dout, delta, lse, tile_map, causal, scale, rows, block_k)
+        args = (q, k, k_t, v_t, dout, delta, lse, tile_map, causal, scale, rows, block_k)
         if method == "fused":
             dk_part = np.zeros((n_chunks, n_b, n_hkv, lk, dqk), q.dtype)
             dv_part = np.zeros((n_chunks, n_b, n_hkv, lk, dv), q.dtype)
@@ -159,5 +159,5 @@ def blasst_attention_backward(dout, q, k, v, out, lse, tile_map, causal, scale, 
             np.sum(dv_part, axis=0, out=dv_)
         else:
             backward.backward_dkdv_kernel(*args, dk, dv_)
-            backward.backward_dq_kernel(*args, lk, dq)
+            backward.backward_dq_kernel(*args, dq)
     return dq, dk, dv_

@@ -105,6 +105,17 @@ def _probs_and_dscores(q_s, do_t, k_t, v_t, lse_t, delta_t, causal, first_key, n
             dp_row[j] = dt(0.0)
 
 
+@njit(inline="always")
+def _dscores_times_k(ds, k, k_tiles_t, b, g, kt, j0, nc, out):
+    """``out = dS K_tile``: a plain (NN) product on the row-major keys for a full tile (~25%
+    faster in OpenBLAS than the transposed packed tile), the packed tile for a partial one
+    (whose padding columns of ``dS`` are zero)."""
+    if nc == ds.shape[1]:
+        np.dot(ds, k[b, g, j0:j0 + nc], out)
+    else:
+        np.dot(ds, k_tiles_t[b, g, kt].T, out)
+
+
 @njit(inline="always", fastmath=FASTMATH)
 def _add_rows(dst, src, n):
     """``dst[:n] += src[:n]`` (2-D, row by row)."""
@@ -123,12 +134,13 @@ def _zigzag(z, n):
 
 
 @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
-def backward_fused_kernel(q, k_tiles_t, v_tiles_t, dout, delta, lse, tile_map, causal, scale,
+def backward_fused_kernel(q, k, k_tiles_t, v_tiles_t, dout, delta, lse, tile_map, causal, scale,
                           block_q, block_k, dq, dk_part, dv_part):
     """One pass over query tiles: ``dQ`` owned, ``dK``/``dV`` into per-chunk private copies.
 
     Args:
-        q: ``(B, Hq, Lq, Dqk)``; dout: ``(B, Hq, Lq, Dv)``; C-contiguous, one float dtype.
+        q: ``(B, Hq, Lq, Dqk)``; k: ``(B, Hkv, Lk, Dqk)``; dout: ``(B, Hq, Lq, Dv)``;
+            C-contiguous, one float dtype.
         k_tiles_t, v_tiles_t: ``pack_k_tiles(k, block_k)``, ``pack_k_tiles(v, block_k)``.
         delta, lse: ``(B, Hq, Lq)``: :func:`row_deltas` and the forward's log-sum-exp.
         tile_map: int8 decisions, ``(B, Hm, n_q_tiles, n_k_tiles)`` where query head ``h``
@@ -141,7 +153,7 @@ def backward_fused_kernel(q, k_tiles_t, v_tiles_t, dout, delta, lse, tile_map, c
     dt = q.dtype.type
     n_b, n_hq, lq, dqk = q.shape
     n_hkv, n_kt, dv = v_tiles_t.shape[1], v_tiles_t.shape[2], v_tiles_t.shape[3]
-    lk = dk_part.shape[3]
+    lk = k.shape[2]
     group = n_hq // n_hkv
     per = n_hq // tile_map.shape[1]
     offset = lk - lq
@@ -190,7 +202,7 @@ def backward_fused_kernel(q, k_tiles_t, v_tiles_t, dout, delta, lse, tile_map, c
                 _add_rows(dv_c[b, g, j0:], tv, nc)
                 np.dot(dp.T, q_s, tk)  # dS^T Q (Q pre-scaled)
                 _add_rows(dk_c[b, g, j0:], tk, nc)
-                np.dot(dp, k_tiles_t[b, g, kt].T, tq)  # dS K
+                _dscores_times_k(dp, k, k_tiles_t, b, g, kt, j0, nc, tq)  # dS K
                 _add_rows(dq_t, tq, nr)
             for r in range(nr):
                 for d in range(dqk):
@@ -198,7 +210,7 @@ def backward_fused_kernel(q, k_tiles_t, v_tiles_t, dout, delta, lse, tile_map, c
 
 
 @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
-def backward_dkdv_kernel(q, k_tiles_t, v_tiles_t, dout, delta, lse, tile_map, causal, scale,
+def backward_dkdv_kernel(q, k, k_tiles_t, v_tiles_t, dout, delta, lse, tile_map, causal, scale,
                          block_q, block_k, dk, dv):
     """Pass 1 of two: a ``prange`` over key tiles; each owns its rows of ``dK`` and ``dV``
     ``(B, Hkv, Lk, D)`` (written completely) and visits the kept tiles of its column, for
@@ -206,7 +218,7 @@ def backward_dkdv_kernel(q, k_tiles_t, v_tiles_t, dout, delta, lse, tile_map, ca
     dt = q.dtype.type
     n_b, n_hq, lq, dqk = q.shape
     n_hkv, n_kt, d_v = v_tiles_t.shape[1], v_tiles_t.shape[2], v_tiles_t.shape[3]
-    lk = dk.shape[2]
+    lk = k.shape[2]
     group = n_hq // n_hkv
     per = n_hq // tile_map.shape[1]
     offset = lk - lq
@@ -254,14 +266,14 @@ def backward_dkdv_kernel(q, k_tiles_t, v_tiles_t, dout, delta, lse, tile_map, ca
 
 
 @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
-def backward_dq_kernel(q, k_tiles_t, v_tiles_t, dout, delta, lse, tile_map, causal, scale,
-                       block_q, block_k, lk, dq):
+def backward_dq_kernel(q, k, k_tiles_t, v_tiles_t, dout, delta, lse, tile_map, causal, scale,
+                       block_q, block_k, dq):
     """Pass 2 of two: a ``prange`` over query tiles; each owns its rows of ``dQ``
-    ``(B, Hq, Lq, Dqk)`` (written completely). ``lk`` is the key length; the other arguments
-    as :func:`backward_fused_kernel`."""
+    ``(B, Hq, Lq, Dqk)`` (written completely). Arguments as :func:`backward_fused_kernel`."""
     dt = q.dtype.type
     n_b, n_hq, lq, dqk = q.shape
     n_hkv, n_kt, d_v = v_tiles_t.shape[1], v_tiles_t.shape[2], v_tiles_t.shape[3]
+    lk = k.shape[2]
     group = n_hq // n_hkv
     per = n_hq // tile_map.shape[1]
     offset = lk - lq
@@ -291,7 +303,7 @@ def backward_dq_kernel(q, k_tiles_t, v_tiles_t, dout, delta, lse, tile_map, caus
             nc = min(lk, j0 + block_k) - j0
             _probs_and_dscores(q_s, do_t, k_tiles_t[b, g, kt], v_tiles_t[b, g, kt], lse_t,
                                delta_t, causal, j0 - i0 - offset, nc, s, dp)
-            np.dot(dp, k_tiles_t[b, g, kt].T, tq)
+            _dscores_times_k(dp, k, k_tiles_t, b, g, kt, j0, nc, tq)
             _add_rows(dq_t, tq, nr)
         for r in range(nr):
             for d in range(dqk):
