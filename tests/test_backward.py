@@ -355,3 +355,30 @@ def test_cuda_real_size_on_the_gpu(dtype, causal):
     tol = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}[dtype]
     assert max(errs) < tol, (saved.sparsity, errs)
     assert 0.2 < saved.sparsity < 0.98
+
+
+# ---------------------------------------------------------------------------------------
+# the benchmark subcommand (a smoke test at a toy size; the numbers are in BENCHMARKS.md)
+
+
+def test_bench_backward_table_and_json(capsys):
+    import json
+
+    from blasst_ref.bench import __main__ as bench_main
+
+    tiny = ["backward", "--L", "160", "--H", "4", "--Hkv", "2", "--D", "16", "--repeat", "1",
+            "--quiet", "--thresh", "0", "auto:0.5", "--block-q", "32", "--block-k", "16"]
+    assert bench_main.main(tiny) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("machine: ")
+    header = next(ln for ln in out.splitlines() if ln.startswith("variant"))
+    for col in ("sparsity", "ms", "GFLOP/s", "x torch", "x dense", "grad diff"):
+        assert col in header
+    assert "blasst cpu fused bwd @ 0 " in out and "blasst cpu two-pass bwd @ 0 " in out
+    assert bench_main.main([*tiny, "--json", "--methods", "fused"]) == 0
+    rows = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()][1:]
+    ours = [r for r in rows if r["variant"].startswith("blasst cpu")]
+    assert len(ours) == 2 and ours[0]["sparsity"] == 0.0 and 0.3 < ours[1]["sparsity"] < 0.7
+    assert ours[0]["vs_own_dense"] == 1.0
+    if any(r["variant"] == "torch SDPA bwd" for r in rows):
+        assert ours[0]["grad_diff"] < 1e-5  # our dense gradient is torch's

@@ -87,114 +87,136 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _torch_step(torch, tq, tk, tv, tdo, causal, gqa):
-    """``(bwd, fwd_bwd, grads)``: torch's backward alone (graph built once) and a whole
-    forward + backward, as zero-argument callables, and its gradients."""
+def _torch_step(torch, tq, tk, tv, tdo, causal, gqa, backend=None):
+    """``(bwd, fwd_bwd, grads)``: torch's backward alone (its graph built once, untimed) and
+    a whole forward + backward, as zero-argument callables, and its gradients. ``backend``:
+    an ``SDPBackend`` to force (the GPU's flash), or None."""
+    from contextlib import nullcontext
+
     F = torch.nn.functional
-    kw = {"is_causal": causal}
-    if gqa:
-        kw["enable_gqa"] = True
+    kw = {"is_causal": causal, **({"enable_gqa": True} if gqa else {})}
+
+    def forced():
+        if backend is None:
+            return nullcontext()
+        from torch.nn.attention import sdpa_kernel
+
+        return sdpa_kernel(backend)
+
     leaves = tuple(t.detach().requires_grad_(True) for t in (tq, tk, tv))
-    out = F.scaled_dot_product_attention(*leaves, **kw)
+    with forced():  # the graph records the forced kernel's backward
+        out = F.scaled_dot_product_attention(*leaves, **kw)
 
     def bwd():
         return torch.autograd.grad(out, leaves, tdo, retain_graph=True)
 
     def fwd_bwd():
-        o = F.scaled_dot_product_attention(*leaves, **kw)
+        with forced():
+            o = F.scaled_dot_product_attention(*leaves, **kw)
         return torch.autograd.grad(o, leaves, tdo)
 
     return bwd, fwd_bwd, bwd()
 
 
-def run(args) -> int:
-    import torch
-
-    from tqdm.auto import tqdm
-
-    hkv = args.Hkv or args.H
-    gpu = args.device == "cuda"
-    dtype = args.dtype or ("float16" if gpu else "float32")
+def _inputs(args, hkv, dtype, torch):
+    """``(ours, theirs, sync)``: our arrays ``(q, k, v, dout)`` (numpy, or torch CUDA
+    tensors), the same data as torch tensors for the peer (None without torch), and the GPU
+    sync."""
     q, k, v = workloads.llm_like(args.B, args.H, hkv, args.L, args.L, args.D, seed=args.seed,
                                  dtype="float32")
     dout = np.random.default_rng(args.seed + 1).standard_normal(q.shape).astype(np.float32)
+    if args.device == "cuda":
+        tensors = tuple(torch.from_numpy(x).to("cuda", getattr(torch, dtype))
+                        for x in (q, k, v, dout))
+        return tensors, tensors, torch.cuda.synchronize
+    arrays = tuple(x.astype(dtype, copy=False) for x in (q, k, v, dout))
+    theirs = None if torch is None else tuple(torch.from_numpy(x) for x in arrays)
+    return arrays, theirs, None
+
+
+def _variant_name(kind, thresh=None, method=None, backend="cpu"):
+    if kind == "torch":
+        return "torch SDPA bwd"
+    if kind == "torch-step":
+        return "torch SDPA fwd+bwd"
+    if kind == "step":
+        return f"blasst fwd+bwd @ {thresh:.3g}"
+    layout = f" {method.replace('_', '-')}" if method else ""
+    return f"blasst {backend}{layout} bwd @ {thresh:.3g}"
+
+
+def run(args) -> int:
+    from tqdm.auto import tqdm
+
+    gpu = args.device == "cuda"
+    try:
+        import torch
+    except ImportError:
+        if gpu:
+            args.parser.error("--device cuda needs torch with CUDA (the inputs are torch tensors)")
+        torch = None
+    hkv = args.Hkv or args.H
+    if hkv <= 0 or args.H % hkv:
+        args.parser.error(f"--Hkv {hkv} must divide --H {args.H}")
+    dtype = args.dtype or ("float16" if gpu else "float32")
     blocks = {"block_q": args.block_q, "block_k": args.block_k}
     info = machine_info(gpu=gpu)
+    ours, theirs, sync = _inputs(args, hkv, dtype, torch)
+    oq, ok_, ov, odo = ours
 
     # thresholds: auto:S searched on the float32 host input with the CPU backend
-    threshes = []
+    host = [_host(x).astype(np.float32) for x in ours[:3]]
+    threshes = {0.0}
     for spec in args.thresh:
-        if spec.target is None:
-            threshes.append(spec.value)
-        else:
-            threshes.append(find_threshold(q, k, v, spec.target, causal=args.causal,
-                                           **blocks).thresh)
-    threshes = sorted(set([0.0] + threshes))
-
-    if gpu:
-        tdt = getattr(torch, dtype)
-        tq, tk, tv, tdo = (torch.from_numpy(x).to("cuda", tdt) for x in (q, k, v, dout))
-        sync = torch.cuda.synchronize
-        backends = [("cuda", None)]
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # the graph records flash's backward
-            t_bwd, t_step_any, t_grads = _torch_step(torch, tq, tk, tv, tdo, args.causal,
-                                                     hkv != args.H)
-
-        def t_step():
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return t_step_any()
-
-        ours_in = (tq, tk, tv, tdo)
-    else:
-        from .. import cpu
-
-        if dtype != "float32":
-            q, k, v, dout = (x.astype(dtype) for x in (q, k, v, dout))
-        tq, tk, tv, tdo = (torch.from_numpy(x) for x in (q, k, v, dout))
-        sync = None
-        backends = [("cpu", m) for m in args.methods]
-        t_bwd, t_step, t_grads = _torch_step(torch, tq, tk, tv, tdo, args.causal, hkv != args.H)
-        ours_in = (q, k, v, dout)
-    t_grads = [_host(g) for g in t_grads]
+        threshes.add(spec.value if spec.target is None else find_threshold(
+            *host, spec.target, causal=args.causal, **blocks).thresh)
+    threshes = sorted(threshes)
 
     variants, meta = [], {}
-    variants.append(Variant("torch SDPA bwd", t_bwd, sync=sync))
-    meta["torch SDPA bwd"] = {"thresh": None, "sparsity": None, "kind": "bwd", "peer": None}
-    saved_of = {}
-    for thresh in threshes:
-        oq, ok_, ov, odo = ours_in
-        out, saved = attention_forward(oq, ok_, ov, thresh, causal=args.causal, **blocks)
-        saved_of[thresh] = (out, saved)
-        for backend, method in backends:
-            name = f"blasst {backend}{' ' + method.replace('_', '-') if method else ''} bwd" \
-                   f" @ {thresh:.3g}"
-            if method is None:
-                fn = (lambda out=out, saved=saved:
-                      attention_backward(odo, oq, ok_, ov, out, saved))
-            else:
-                fn = (lambda out=out, saved=saved, method=method:
-                      cpu.blasst_attention_backward(
-                          odo, oq, ok_, ov, out, saved.lse, saved.tile_map, saved.causal,
-                          saved.scale, saved.block_q, saved.block_k, method=method))
-            variants.append(Variant(name, fn, sync=sync))
-            meta[name] = {"thresh": thresh, "sparsity": saved.sparsity, "kind": "bwd",
-                          "method": method, "dense": f"blasst {backend}"
-                          f"{' ' + method.replace('_', '-') if method else ''} bwd @ 0"}
-    variants.append(Variant("torch SDPA fwd+bwd", t_step, sync=sync))
-    meta["torch SDPA fwd+bwd"] = {"thresh": None, "sparsity": None, "kind": "step"}
-    for thresh in threshes:
-        oq, ok_, ov, odo = ours_in
 
+    def add(name, fn, **m):
+        variants.append(Variant(name, fn, sync=sync))
+        meta[name] = m
+
+    t_grads = None
+    if theirs is not None:
+        flash = None
+        if gpu:
+            from torch.nn.attention import SDPBackend
+
+            flash = SDPBackend.FLASH_ATTENTION
+        t_bwd, t_step, t_grads = _torch_step(torch, *theirs, args.causal, hkv != args.H, flash)
+        t_grads = [_host(g) for g in t_grads]
+        add(_variant_name("torch"), t_bwd, thresh=None, sparsity=None, kind="bwd")
+    layouts = [None] if gpu else list(args.methods)
+    sparsity = {}
+    for thresh in threshes:
+        out, saved = attention_forward(oq, ok_, ov, thresh, causal=args.causal, **blocks)
+        sparsity[thresh] = saved.sparsity
+        for method in layouts:
+            if method is None:
+                def fn(out=out, saved=saved):
+                    return attention_backward(odo, oq, ok_, ov, out, saved)
+            else:
+                from .. import cpu
+
+                def fn(out=out, saved=saved, method=method):
+                    return cpu.blasst_attention_backward(
+                        odo, oq, ok_, ov, out, saved.lse, saved.tile_map, saved.causal,
+                        saved.scale, saved.block_q, saved.block_k, method=method)
+            backend = "cuda" if gpu else "cpu"
+            add(_variant_name("ours", thresh, method, backend), fn, thresh=thresh,
+                sparsity=saved.sparsity, kind="bwd",
+                dense=_variant_name("ours", 0.0, method, backend))
+    if theirs is not None:
+        add(_variant_name("torch-step"), t_step, thresh=None, sparsity=None, kind="step")
+    for thresh in threshes:
         def step(thresh=thresh):
             out, saved = attention_forward(oq, ok_, ov, thresh, causal=args.causal, **blocks)
             return attention_backward(odo, oq, ok_, ov, out, saved)
 
-        name = f"blasst fwd+bwd @ {thresh:.3g}"
-        variants.append(Variant(name, step, sync=sync))
-        meta[name] = {"thresh": thresh, "sparsity": saved_of[thresh][1].sparsity,
-                      "kind": "step", "dense": "blasst fwd+bwd @ 0"}
+        add(_variant_name("step", thresh), step, thresh=thresh, sparsity=sparsity[thresh],
+            kind="step", dense=_variant_name("step", 0.0))
 
     bar = tqdm(total=calls_needed(variants, args.repeat), disable=args.quiet,
                desc="backward", unit="call")
@@ -206,18 +228,19 @@ def run(args) -> int:
     rows = []
     for v in variants:
         t, m = timings[v.name], meta[v.name]
-        peer = "torch SDPA bwd" if m["kind"] == "bwd" else "torch SDPA fwd+bwd"
+        peer = _variant_name("torch" if m["kind"] == "bwd" else "torch-step")
         dense = m.get("dense")
-        grads = t.result
-        if m["thresh"] in (None, 0.0):
-            diff = _grad_diff(grads, t_grads)
+        if m["thresh"] is None:
+            diff = 0.0
+        elif m["thresh"] == 0.0:
+            diff = None if t_grads is None else _grad_diff(t.result, t_grads)
         else:
-            diff = _grad_diff(grads, timings[dense].result)
+            diff = _grad_diff(t.result, timings[dense].result)
         rows.append({
             "variant": v.name, "thresh": m["thresh"], "sparsity": m["sparsity"],
             "median_ms": t.median_ms,
             "gflops": flops / t.median_ms / 1e6 if m["kind"] == "bwd" else None,
-            "vs_torch": timings[peer].median_ms / t.median_ms,
+            "vs_torch": timings[peer].median_ms / t.median_ms if peer in timings else None,
             "vs_own_dense": timings[dense].median_ms / t.median_ms if dense else None,
             "grad_diff": diff,
         })
@@ -232,14 +255,16 @@ def run(args) -> int:
         return 0
     print(info.line())
     print(head)
-    cols = f"{'variant':34s} {'sparsity':>8s} {'ms':>9s} {'GFLOP/s':>8s} {'x torch':>8s} " \
-           f"{'x dense':>8s} {'grad diff':>9s}"
+    cols = (f"{'variant':34s} {'sparsity':>8s} {'ms':>9s} {'GFLOP/s':>8s} {'x torch':>8s} "
+            f"{'x dense':>8s} {'grad diff':>9s}")
     print(cols)
     print("-" * len(cols))
+
+    def fmt(x, spec):
+        return "-" if x is None else format(x, spec)
+
     for r in rows:
-        sp = "-" if r["sparsity"] is None else f"{r['sparsity']:.2f}"
-        gf = "-" if r["gflops"] is None else f"{r['gflops']:.1f}"
-        xd = "-" if r["vs_own_dense"] is None else f"{r['vs_own_dense']:.2f}"
-        print(f"{r['variant']:34s} {sp:>8s} {r['median_ms']:9.1f} {gf:>8s} "
-              f"{r['vs_torch']:8.2f} {xd:>8s} {r['grad_diff']:9.1e}")
+        print(f"{r['variant']:34s} {fmt(r['sparsity'], '.2f'):>8s} {r['median_ms']:9.1f} "
+              f"{fmt(r['gflops'], '.1f'):>8s} {fmt(r['vs_torch'], '.2f'):>8s} "
+              f"{fmt(r['vs_own_dense'], '.2f'):>8s} {fmt(r['grad_diff'], '.1e'):>9s}")
     return 0
