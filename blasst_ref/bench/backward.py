@@ -80,6 +80,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--block-q", type=int, default=None)
     p.add_argument("--block-k", type=int, default=None)
     p.add_argument("--repeat", type=int, default=5, help="timed calls per variant (default 5)")
+    p.add_argument("--blocks", type=int, default=2,
+                   help="time each variant in this many blocks of back-to-back calls (its "
+                        "steady state; torch's and Numba's thread pools disturb each other "
+                        "when they alternate call by call on few cores); 0: interleave calls")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -221,7 +225,7 @@ def run(args) -> int:
     bar = tqdm(total=calls_needed(variants, args.repeat), disable=args.quiet,
                desc="backward", unit="call")
     timings = measure(variants, args.repeat, progress=bar.update, pause_s=0.0 if gpu else 0.2,
-                      on_warm=lambda v, r: [_host(g) for g in r])
+                      on_warm=lambda v, r: [_host(g) for g in r], blocks=args.blocks)
     bar.close()
 
     flops = 2.5 * attention_flops(args.B, args.H, args.L, args.L, args.D, args.D, args.causal)
