@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 
@@ -15,16 +16,15 @@ import pytest
 
 import blasst_ref as br
 from blasst_ref.bench import __main__ as bench_main
-from blasst_ref.bench.attention import (
-    ThreshSpec, attention_flops, cpu_available, find_threshold, parse_thresh, torch_available,
-    visible_pairs,
-)
+from blasst_ref.bench.attention_cases import ThreshSpec, parse_thresh
+from blasst_ref.bench.backends import cpu_available
+from blasst_ref.bench.flops import attention_flops, visible_pairs
 from blasst_ref.bench.oracle import dense_oracle, rel_l2
 from blasst_ref.bench.timing import Variant, calls_needed, measure
+from blasst_ref.bench.torch_peers import torch_available
 
 HAVE_CPU = cpu_available()[0]
 HAVE_TORCH = torch_available()[0]
-SEARCH_BACKEND = "cpu" if HAVE_CPU else "reference"
 #: every host backend the bench can time here (cpu-noskip and torch exercise their own paths)
 HOST_BACKENDS = ["reference"] + (["cpu", "cpu-noskip"] if HAVE_CPU else []) + (
     ["torch"] if HAVE_TORCH else [])
@@ -102,23 +102,6 @@ def test_parse_thresh_rejects(text):
         parse_thresh(text)
 
 
-def test_find_threshold_reaches_target():
-    from blasst_ref.workloads import llm_like
-
-    q, k, v = llm_like(1, 4, 2, 512, 512, 32, seed=1, peakedness=2.0)
-    cache: dict = {}
-    for target in (0.5, 0.75):
-        res = find_threshold(q, k, v, target, causal=True, backend=SEARCH_BACKEND, tol=0.03,
-                             cache=cache)
-        assert res.reached and abs(res.sparsity - target) <= 0.03, res
-        assert 0 < res.thresh < 1
-        _, st = br.attention(q, k, v, res.thresh, causal=True, backend=SEARCH_BACKEND,
-                             return_stats=True)
-        assert st.sparsity == pytest.approx(res.sparsity)  # the search reports what it saw
-    with pytest.raises(ValueError):
-        find_threshold(q, k, v, 1.0, causal=True, backend=SEARCH_BACKEND)
-
-
 def test_measure_interleaves_and_counts():
     calls = []
     variants = [Variant("a", lambda: calls.append("a") or 1),
@@ -162,6 +145,7 @@ def test_bench_table(capsys):
     for col in ("thresh", "sparsity", "ms", "GFLOP/s", "rel.err", "vs dense", "vs torch"):
         assert col in header
     assert "Lq=256 Lk=256" in out and "auto:0.5 -> thresh" in out
+    assert "issue" not in out.lower()  # targets are named after what they measure
     for backend in HOST_BACKENDS:
         assert any(ln.startswith(backend + " ") for ln in lines), backend
 
@@ -194,7 +178,7 @@ def test_bench_plot(capsys, tmp_path):
 
 @pytest.mark.parametrize("argv", [
     ["--thresh", "1.5"], ["--thresh", "auto:x"], ["--Hq", "6", "--Hkv", "4"],
-    ["--preset", "issue2", "--L", "128"], ["--phase", "decode", "--Lq", "32"],
+    ["--preset", "cpu", "--L", "128"], ["--phase", "decode", "--Lq", "32"],
     ["--L", "8"], ["--repeat", "0"], ["--backend", "nope"], ["--knob", "nope=1"],
     ["--knob", "peakedness"],
 ])
@@ -223,7 +207,18 @@ def test_demo_small_table(capsys):
     from blasst_ref import demo
 
     assert demo.main(["--small", "--repeat", "1"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    # it says what it does as it goes: a stamped line per stage on stderr ...
+    stages = err.splitlines()
+    assert stages and all(re.match(r"\[ *\d+\.\d s\] \S", ln) for ln in stages), err
+    for what in ("searching the thresholds", "dense attention in float64", "timing reference",
+                 "decode: llm_like inputs", "done"):
+        assert any(what in ln for ln in stages), (what, err)
+    if HAVE_CPU:  # ... and whether Numba compiles the kernels or loads them from its cache
+        assert any("Numba compiles the CPU kernels" in ln or "Numba's on-disk cache" in ln
+                   for ln in stages), err
+    # the thresholds are related to calibrate's workload (peakedness 1)
+    assert "calibrate --peakedness 2" in out and "t ** (1/p)" in out
     header = next(ln for ln in out.splitlines() if ln.startswith("backend"))
     for col in demo.COLUMNS:
         assert col in header
@@ -240,8 +235,10 @@ def test_demo_json(capsys, monkeypatch):
     # the same code path as --small, on two even smaller cases (the table test runs --small)
     monkeypatch.setitem(demo.CASES, True, (demo.DemoCase("prefill", 1, 2, 1, 128, 128, 16),
                                            demo.DemoCase("decode", 1, 2, 1, 1, 1024, 16)))
-    assert demo.main(["--small", "--json", "--repeat", "1"]) == 0
-    rows = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert demo.main(["--small", "--json", "--repeat", "1", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""  # --quiet: no progress lines
+    rows = [json.loads(ln) for ln in out.splitlines()]
     assert {r["phase"] for r in rows} == {"prefill", "decode"}
     for r in rows:
         assert {"backend", "phase", "heads", "thresh", "sparsity", "rel_err", "ms",
@@ -278,3 +275,90 @@ def test_bench_int8_table_and_json(capsys):
     assert [r["case"] for r in rows] == ["matmul 64x64x64", "dlrm-bottom b=4"]
     for r in rows:
         assert r["int8_rel_err"] < 5e-2 and r["speedup"] > 0
+
+
+# ---------------------------------------------------------------------------------------
+# The benchmark's timing of the int8 rows (blasst_ref/bench/int8.py)
+# ---------------------------------------------------------------------------------------
+
+
+def test_bench_pause_is_never_timed():
+    """``--quiet``: the pause and re-warm before each block run inside the block's first,
+    untimed call; no timed sample contains them."""
+    from blasst_ref.bench import int8 as B
+
+    calls = {"a": 0, "b": 0}
+
+    def fn(name):
+        def f():
+            calls[name] += 1
+        return f
+    variants = [Variant("a", fn("a")), Variant("b", fn("b"))]
+    t = B._measure(variants, 6, None, 2, 0.2)
+    for name in ("a", "b"):
+        assert len(t[name].samples_ms) == 6
+        assert max(t[name].samples_ms) < 100, t[name].samples_ms  # a pause is 200 ms
+        assert calls[name] > 1 + 6 + 2 * 2  # warm-up, samples, rewarms, plus re-warm calls
+
+
+def test_bench_ort_columns():
+    from blasst_ref.bench import int8 as B
+
+    if not B.ort_available():
+        pytest.skip("onnx / onnxruntime not installed")
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert bench_main.main(["int8", "--mlp", "dlrm-bottom:8", "--repeat", "1", "--blocks",
+                                "1", "--quiet", "0", "--json"]) == 0
+    rows = [json.loads(ln) for ln in buf.getvalue().splitlines() if ln.startswith("{")]
+    assert len(rows) == 1 and {"ort-f32", "ort-int8"} <= set(rows[0]["ms"])
+    assert rows[0]["ort_int8_rel_err"] < 5e-2 and rows[0]["speedup_vs_ort_int8"] > 0
+
+
+def test_demo_knows_numbas_cache(tmp_path):
+    from blasst_ref import demo
+
+    assert not demo.cpu_kernels_cached([str(tmp_path)])
+    (tmp_path / "prefill.other_function-12.py311.nbc").write_bytes(b"")  # data, no index
+    assert not demo.cpu_kernels_cached([str(tmp_path)])
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "prefill.prefill_kernel-95.py311.nbi").write_bytes(b"")
+    assert demo.cpu_kernels_cached([str(tmp_path)])
+
+
+@pytest.mark.parametrize("peakedness", [2.0, 3.0])
+def test_peakedness_turns_a_threshold_into_a_power(peakedness):
+    """The demo's note: a threshold t at peakedness p skips exactly the tiles that
+    t ** (1/p) skips at peakedness 1 (llm_like scales every logit by p)."""
+    from blasst_ref import demo
+    from blasst_ref.workloads import llm_like
+
+    one = llm_like(1, 4, 2, 512, 512, 32, seed=3)
+    sharp = llm_like(1, 4, 2, 512, 512, 32, seed=3, peakedness=peakedness)
+    for t in (1e-6, 1e-4, 1e-2):
+        _, st_sharp = br.attention(*sharp, t, causal=True, backend="reference",
+                                   return_stats=True)
+        _, st_one = br.attention(*one, demo.peakedness_one_equivalent(t, peakedness),
+                                 causal=True, backend="reference", return_stats=True)
+        assert st_sharp.skipped_tiles > 0
+        np.testing.assert_array_equal(st_sharp.tile_map, st_one.tile_map)
+
+
+def test_calibrate_can_run_the_demos_workload(capsys):
+    """``calibrate --peakedness 2`` calibrates the demo's workload, and says which it ran."""
+    from blasst_ref.calibrate import main as calibrate_main
+
+    argv = ["--lengths", "256", "512", "--target", "0.5", "--heads", "2", "--kv-heads", "1",
+            "--head-dim", "16", "--eval-lengths", "1024", "--quiet"]
+    assert calibrate_main([*argv, "--peakedness", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "peakedness=2," in out and "python -m blasst_ref.demo" not in out
+    assert calibrate_main(argv) == 0
+    out = capsys.readouterr().out  # the default workload points at the demo's
+    assert "peakedness=1," in out and "--peakedness 2 calibrates that workload" in out
+    with pytest.raises(SystemExit) as exc:
+        calibrate_main([*argv, "--peakedness", "0"])
+    assert exc.value.code == 2 and "--peakedness must be" in capsys.readouterr().err

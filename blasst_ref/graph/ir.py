@@ -1,4 +1,4 @@
-"""The graph IR: statically shaped, typed tensors and the ops between them (DESIGN.md §7).
+"""The graph IR: statically shaped, typed tensors and the ops between them (docs/DESIGN.md §7.1).
 
 A :class:`Graph` holds
 
@@ -30,7 +30,7 @@ from . import ops as _ops
 
 __all__ = ["Graph", "GraphError", "Node", "Tensor", "TensorInfo"]
 
-#: dtypes a tensor may have: floats for compute, 8-bit integers and int32 for [int8].
+#: dtypes a tensor may have: floats for compute, 8-bit integers and int32 for the int8 path.
 DTYPES = ("float32", "float64", "float16", "uint8", "int8", "int32")
 
 
@@ -149,7 +149,7 @@ class Tensor:
 
 
 class Graph:
-    """A dataflow graph of ops over static tensors (DESIGN.md §7).
+    """A dataflow graph of ops over static tensors (docs/DESIGN.md §7.1).
 
     Example::
 

@@ -1,4 +1,4 @@
-"""Post-training static quantization: a float graph -> a QDQ int8 graph (DESIGN.md §7).
+"""Post-training static quantization: a float graph -> a QDQ int8 graph (docs/DESIGN.md §7.4).
 
 :func:`quantize_graph` runs the float graph on sample inputs (the interpreter's
 :func:`~.interpreter.trace`), observes the min/max of every tensor that feeds a MatMul with a
@@ -45,7 +45,7 @@ import numpy as np
 from .interpreter import trace
 from .ir import Graph, GraphError, Node
 from .ops import quantize_array
-from .passes import _single_consumer, rewrite
+from .passes import rewrite, single_consumer
 
 __all__ = ["activation_params", "quantize_graph", "weight_params"]
 
@@ -144,7 +144,7 @@ def quantize_graph(g: Graph, samples, weights: str = "per_channel",
         d_w = w_s8.astype(np.float64) * w_scale - g.constants[w]
         shift = (row_sum[a] / rows[a]) @ d_w                       # (N,): mean of a @ dW
         y = node.outputs[0]
-        add = _single_consumer(g, users, y)
+        add = single_consumer(g, users, y)
         bias = None if add is None or add.op != "Add" else next(
             (t for t in add.inputs if t != y and t in g.constants
              and g.constants[t].shape == shift.shape), None)
