@@ -1,4 +1,4 @@
-"""Gradients of BLASST attention (DESIGN.md §11): a forward that saves, a backward that uses.
+"""Gradients of BLASST attention (docs/DESIGN.md §11): a forward that saves, a backward that uses.
 
 ::
 

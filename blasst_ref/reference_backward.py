@@ -1,4 +1,4 @@
-"""The backward of BLASST attention in numpy: the readable specification (DESIGN.md §11).
+"""The backward of BLASST attention in numpy: the readable specification (docs/DESIGN.md §11).
 
 BLASST computes, for each query row ``i``, softmax attention over the keys of the tiles it
 *kept*: a skipped tile changes neither the running max, nor the running sum, nor the output.

@@ -1,4 +1,4 @@
-"""The backward of BLASST attention (DESIGN.md §11), for every backend.
+"""The backward of BLASST attention (docs/DESIGN.md §11), for every backend.
 
 The function BLASST computes is softmax attention over the keys of the tiles each row kept,
 so its gradient (tile decisions held fixed) is the gradient of the dense formula with an

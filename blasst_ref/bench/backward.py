@@ -26,7 +26,9 @@ import json
 import numpy as np
 
 from .. import attention_backward, attention_forward, workloads
-from .attention import attention_flops, find_threshold, parse_thresh
+from ..calibrate.search import find_threshold
+from .attention_cases import parse_thresh
+from .flops import attention_flops
 from .machine import machine_info
 from .timing import Variant, calls_needed, measure
 

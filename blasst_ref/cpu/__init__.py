@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 
 from .. import tiling
@@ -115,7 +116,7 @@ def blasst_attention_backward(dout, q, k, v, out, lse, tile_map, causal, scale, 
     n_b, n_hq, lq, dqk = q.shape
     n_hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     rows = tiling.backward_block_q(lq, block_q)
-    n_chunks = max(1, min(backward.numba.get_num_threads(), n_b * n_hq * tiling.num_tiles(lq, rows)))
+    n_chunks = max(1, min(numba.get_num_threads(), n_b * n_hq * tiling.num_tiles(lq, rows)))
     copy_bytes = n_chunks * n_b * n_hkv * lk * (dqk + dv) * q.dtype.itemsize
     if method is None:
         method = "fused" if copy_bytes <= backward.FUSED_MAX_COPY_BYTES else "two_pass"

@@ -1,4 +1,4 @@
-"""BLASST backward on the CPU: FlashAttention-2's backward over the kept tiles (DESIGN §11).
+"""BLASST backward on the CPU: FlashAttention-2's backward over the kept tiles (docs/DESIGN.md §11).
 
 The algorithm is :func:`blasst_ref.reference_backward.attention_backward_reference` tile by
 tile: for every tile the forward computed (tile map code 1), recompute ``S = Q K^T`` and
@@ -33,12 +33,11 @@ group). A CPU has no float atomics in Numba, so one of the two sums must be owne
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange
 
 from .. import tiling
-from ._math import FASTMATH, exp
+from ..numba_utils import FASTMATH, exp
 from .prefill import COMPUTED, pack_k_tiles
 
 __all__ = ["attention_backward", "backward_dkdv_kernel", "backward_dq_kernel",

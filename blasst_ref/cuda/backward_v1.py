@@ -1,4 +1,4 @@
-"""BLASST backward on the GPU, version 1: plain SIMT kernels, any shape (DESIGN.md §11).
+"""BLASST backward on the GPU, version 1: plain SIMT kernels, any shape (docs/DESIGN.md §11).
 
 What it computes is :func:`blasst_ref.reference_backward.attention_backward_reference`: for
 every tile the forward computed (tile map code 1), ``P = exp(scale * Q K^T - lse)``,
