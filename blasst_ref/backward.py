@@ -20,21 +20,26 @@ SIMT kernels). On the CUDA backend the forward kernels do not write ``lse``; a s
 computes it from the forward's tile map instead (the same kept keys, one extra ``Q K^T``
 over the kept tiles, no ``V``).
 
-Wrapping it for ``torch.autograd`` takes a few lines::
+Wrapping it for ``torch.autograd`` takes a few lines (CPU tensors through numpy without a
+copy; ``tests/test_backward.py`` runs ``torch.autograd.gradcheck`` on exactly this)::
 
     class BlasstAttention(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v, thresh, causal):
-            out, ctx.saved = attention_forward(q, k, v, thresh, causal=causal)
+            arrays = (t.detach().numpy() for t in (q, k, v))
+            out, ctx.saved = attention_forward(*arrays, thresh, causal=causal)
+            out = torch.from_numpy(out)
             ctx.save_for_backward(q, k, v, out)
             return out
 
         @staticmethod
         def backward(ctx, dout):
-            q, k, v, out = ctx.saved_tensors
-            return (*attention_backward(dout, q, k, v, out, ctx.saved), None, None)
+            arrays = (t.detach().numpy() for t in (dout.contiguous(), *ctx.saved_tensors))
+            grads = attention_backward(*arrays, ctx.saved)
+            return (*map(torch.from_numpy, grads), None, None)
 
-(with numpy views of CPU tensors: ``attention_forward`` takes numpy arrays or CUDA arrays).
+CUDA tensors go in as they are (``attention_forward(q, k, v, ...)``; the outputs are CUDA
+tensors too); the CUDA backward needs C-contiguous arrays, hence ``dout.contiguous()``.
 
 Thread-safety: both functions are pure (no state between calls) and may run from several
 threads; the CPU kernels share Numba's thread pool.

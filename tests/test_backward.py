@@ -115,6 +115,37 @@ def test_oracle_equals_torch_autograd_of_masked_dense():
     assert max(grad_errors([t.grad.numpy() for t in (tq, tk, tv)], want)) < 1e-12
 
 
+def test_torch_autograd_wrapping_passes_gradcheck():
+    """The ``torch.autograd.Function`` of blasst_ref.backward's docstring, verbatim but for
+    the tile sizes and the backend (the numpy reference: gradcheck runs the forward ~800
+    times, and a kernel launch costs more than this whole problem), passes ``gradcheck`` in
+    float64 at 2/3 tile sparsity."""
+    torch = pytest.importorskip("torch", reason="the autograd wrapping needs torch")
+
+    class BlasstAttention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, thresh, causal):
+            arrays = (t.detach().numpy() for t in (q, k, v))
+            out, ctx.saved = br.attention_forward(*arrays, thresh, causal=causal, block_q=4,
+                                                  block_k=4, backend="reference")
+            out = torch.from_numpy(out)
+            ctx.save_for_backward(q, k, v, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, dout):
+            arrays = (t.detach().numpy() for t in (dout.contiguous(), *ctx.saved_tensors))
+            grads = br.attention_backward(*arrays, ctx.saved)
+            return (*map(torch.from_numpy, grads), None, None)
+
+    q, k, v = workloads.llm_like(1, 2, 1, 12, 12, 8, dtype="float64", seed=5, window=4.0)
+    leaves = tuple(torch.tensor(x, requires_grad=True) for x in (q, k, v))
+    _, saved = br.attention_forward(q, k, v, 0.05, causal=True, block_q=4, block_k=4)
+    assert saved.sparsity > 0.5
+    assert torch.autograd.gradcheck(lambda a, b, c: BlasstAttention.apply(a, b, c, 0.05, True),
+                                    leaves, eps=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
 def test_finite_differences_of_the_blasst_forward(decode):
     """The directional derivative of what BLASST computes (the reference forward, float64,
