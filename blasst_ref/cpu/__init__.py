@@ -139,10 +139,10 @@ def blasst_attention_backward(dout, q, k, v, out, lse, tile_map, causal, scale, 
         if method == "fused":
             dk_part = np.zeros((n_chunks, n_b, n_hkv, lk, dqk), q.dtype)
             dv_part = np.zeros((n_chunks, n_b, n_hkv, lk, dv), q.dtype)
-            backward.backward_fused_kernel(*args, dq, dk_part, dv_part)
+            backward.query_tiles_kernel(*args, n_chunks, dq, dk_part, dv_part)
             np.sum(dk_part, axis=0, out=dk)
             np.sum(dv_part, axis=0, out=dv_)
         else:
-            backward.backward_dkdv_kernel(*args, dk, dv_)
-            backward.backward_dq_kernel(*args, dq)
+            backward.key_tiles_kernel(*args, dk, dv_)
+            backward.query_tiles_kernel(*args, n_chunks, dq, None, None)
     return dq, dk, dv_

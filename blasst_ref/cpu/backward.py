@@ -18,16 +18,17 @@ Two ways to spread the work over the cores
 ``dQ`` sums over key tiles, ``dK``/``dV`` over query tiles (and over the query heads of a kv
 group). A CPU has no float atomics in Numba, so one of the two sums must be owned:
 
-* **fused** (:func:`backward_fused_kernel`): a ``prange`` over query tiles, as the forward;
-  each thread owns its ``dQ`` rows and adds its ``dK``/``dV`` contributions into a private
-  copy of ``dK``/``dV``; the copies are summed at the end. Five products per tile, one
-  ``exp``; memory ``threads x size(dK + dV)``.
-* **two-pass** (:func:`backward_dkdv_kernel` then :func:`backward_dq_kernel`, the layout of
-  FlashAttention-2's and Triton's kernels without atomics): a ``prange`` over key tiles owns
-  ``dK``/``dV``, then a ``prange`` over query tiles owns ``dQ``. Each pass recomputes ``S``,
-  ``P`` and ``dP``: seven products and two ``exp`` per tile, no extra memory.
+* **fused** (:func:`query_tiles_kernel` with private copies): a ``prange`` over query
+  tiles, as the forward; each thread owns its ``dQ`` rows and adds its ``dK``/``dV``
+  contributions into a private copy of ``dK``/``dV``; the copies are summed at the end.
+  Five products per tile, one ``exp``; memory ``threads x size(dK + dV)``.
+* **two-pass** (:func:`key_tiles_kernel`, then :func:`query_tiles_kernel` without copies;
+  the layout of FlashAttention-2's and Triton's kernels without atomics): a ``prange`` over
+  key tiles owns ``dK``/``dV``, then a ``prange`` over query tiles owns ``dQ``. Each pass
+  recomputes ``S``, ``P`` and ``dP``: seven products and two ``exp`` per tile, no extra
+  memory.
 
-:func:`attention_backward` picks fused while the private copies are small (see
+:func:`blasst_ref.cpu.blasst_attention_backward` picks fused while the private copies are small (see
 ``FUSED_MAX_COPY_BYTES``); docs/BENCHMARKS.md has both measured.
 """
 
@@ -40,8 +41,7 @@ from .. import tiling
 from ..numba_utils import FASTMATH, exp
 from .prefill import COMPUTED, pack_k_tiles
 
-__all__ = ["attention_backward", "backward_dkdv_kernel", "backward_dq_kernel",
-           "backward_fused_kernel", "row_deltas"]
+__all__ = ["FUSED_MAX_COPY_BYTES", "key_tiles_kernel", "query_tiles_kernel", "row_deltas"]
 
 #: The fused kernel keeps one private copy of dK and dV per thread; above this many bytes
 #: for all copies together the two-pass kernels run instead (no extra memory).
@@ -133,9 +133,11 @@ def _zigzag(z, n):
 
 
 @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
-def backward_fused_kernel(q, k, k_tiles_t, v_tiles_t, dout, delta, lse, tile_map, causal, scale,
-                          block_q, block_k, dq, dk_part, dv_part):
-    """One pass over query tiles: ``dQ`` owned, ``dK``/``dV`` into per-chunk private copies.
+def query_tiles_kernel(q, k, k_tiles_t, v_tiles_t, dout, delta, lse, tile_map, causal, scale,
+                       block_q, block_k, n_chunks, dq, dk_part, dv_part):
+    """A ``prange`` over query tiles, each owning its rows of ``dQ``; with ``dk_part`` and
+    ``dv_part`` also ``dK``/``dV`` into per-chunk private copies (*fused*), with ``None``
+    not (the second pass of *two-pass*: Numba compiles that branch out).
 
     Args:
         q: ``(B, Hq, Lq, Dqk)``; k: ``(B, Hkv, Lk, Dqk)``; dout: ``(B, Hq, Lq, Dv)``;
@@ -145,9 +147,11 @@ def backward_fused_kernel(q, k, k_tiles_t, v_tiles_t, dout, delta, lse, tile_map
         tile_map: int8 decisions, ``(B, Hm, n_q_tiles, n_k_tiles)`` where query head ``h``
             reads map row ``h // (Hq // Hm)`` (``Hm = Hq`` in prefill, ``Hkv`` in decode).
         block_q: query rows per tile (``tiling.backward_block_q``); block_k: keys per tile.
+        n_chunks: the query tiles are cut into this many contiguous chunks of work (one per
+            thread), in an order that balances causal work (see :func:`_zigzag`).
         dq: ``(B, Hq, Lq, Dqk)``, written completely.
-        dk_part, dv_part: ``(n_chunks, B, Hkv, Lk, D)``, zero on entry: chunk ``c`` of the
-            work adds into ``[c]``; the caller sums them.
+        dk_part, dv_part: ``(n_chunks, B, Hkv, Lk, D)``, zero on entry: chunk ``c`` adds
+            into ``[c]`` and the caller sums them; or both ``None``.
     """
     dt = q.dtype.type
     n_b, n_hq, lq, dqk = q.shape
@@ -158,11 +162,8 @@ def backward_fused_kernel(q, k, k_tiles_t, v_tiles_t, dout, delta, lse, tile_map
     offset = lk - lq
     n_qt = (lq + block_q - 1) // block_q
     n_work = n_b * n_hq * n_qt
-    n_chunks = dk_part.shape[0]
 
     for c in prange(n_chunks):
-        dk_c = dk_part[c]
-        dv_c = dv_part[c]
         # flat buffers, viewed as (rows, cols) of the current tile: always C-contiguous
         q_buf = np.empty(block_q * dqk, q.dtype)
         do_buf = np.empty(block_q * dv, q.dtype)
@@ -197,10 +198,11 @@ def backward_fused_kernel(q, k, k_tiles_t, v_tiles_t, dout, delta, lse, tile_map
                 nc = min(lk, j0 + block_k) - j0
                 _probs_and_dscores(q_s, do_t, k_tiles_t[b, g, kt], v_tiles_t[b, g, kt], lse_t,
                                    delta_t, causal, j0 - i0 - offset, nc, s, dp)
-                np.dot(s.T, do_t, tv)  # P^T dO
-                _add_rows(dv_c[b, g, j0:], tv, nc)
-                np.dot(dp.T, q_s, tk)  # dS^T Q (Q pre-scaled)
-                _add_rows(dk_c[b, g, j0:], tk, nc)
+                if dk_part is not None:  # pruned at compile time for the two-pass kernel
+                    np.dot(s.T, do_t, tv)  # P^T dO
+                    _add_rows(dv_part[c, b, g, j0:], tv, nc)
+                    np.dot(dp.T, q_s, tk)  # dS^T Q (Q pre-scaled)
+                    _add_rows(dk_part[c, b, g, j0:], tk, nc)
                 _dscores_times_k(dp, k, k_tiles_t, b, g, kt, j0, nc, tq)  # dS K
                 _add_rows(dq_t, tq, nr)
             for r in range(nr):
@@ -209,11 +211,11 @@ def backward_fused_kernel(q, k, k_tiles_t, v_tiles_t, dout, delta, lse, tile_map
 
 
 @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
-def backward_dkdv_kernel(q, k, k_tiles_t, v_tiles_t, dout, delta, lse, tile_map, causal, scale,
-                         block_q, block_k, dk, dv):
+def key_tiles_kernel(q, k, k_tiles_t, v_tiles_t, dout, delta, lse, tile_map, causal, scale,
+                     block_q, block_k, dk, dv):
     """Pass 1 of two: a ``prange`` over key tiles; each owns its rows of ``dK`` and ``dV``
     ``(B, Hkv, Lk, D)`` (written completely) and visits the kept tiles of its column, for
-    every query head of its kv group. Other arguments as :func:`backward_fused_kernel`."""
+    every query head of its kv group. Other arguments as :func:`query_tiles_kernel`."""
     dt = q.dtype.type
     n_b, n_hq, lq, dqk = q.shape
     n_hkv, n_kt, d_v = v_tiles_t.shape[1], v_tiles_t.shape[2], v_tiles_t.shape[3]
@@ -262,48 +264,3 @@ def backward_dkdv_kernel(q, k, k_tiles_t, v_tiles_t, dout, delta, lse, tile_map,
                 dk[b, g, j0 + j, d] = dk_t[j, d]
             for d in range(d_v):
                 dv[b, g, j0 + j, d] = dv_t[j, d]
-
-
-@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
-def backward_dq_kernel(q, k, k_tiles_t, v_tiles_t, dout, delta, lse, tile_map, causal, scale,
-                       block_q, block_k, dq):
-    """Pass 2 of two: a ``prange`` over query tiles; each owns its rows of ``dQ``
-    ``(B, Hq, Lq, Dqk)`` (written completely). Arguments as :func:`backward_fused_kernel`."""
-    dt = q.dtype.type
-    n_b, n_hq, lq, dqk = q.shape
-    n_hkv, n_kt, d_v = v_tiles_t.shape[1], v_tiles_t.shape[2], v_tiles_t.shape[3]
-    lk = k.shape[2]
-    group = n_hq // n_hkv
-    per = n_hq // tile_map.shape[1]
-    offset = lk - lq
-    n_qt = (lq + block_q - 1) // block_q
-
-    for w in prange(n_b * n_hq * n_qt):
-        bh = w % (n_b * n_hq)
-        b = bh // n_hq
-        h = bh % n_hq
-        qt = _zigzag(w // (n_b * n_hq), n_qt)
-        g = h // group
-        i0 = qt * block_q
-        nr = min(lq, i0 + block_q) - i0
-        q_s = np.empty((nr, dqk), q.dtype)
-        do_t = np.empty((nr, d_v), q.dtype)
-        lse_t = np.empty(nr, q.dtype)
-        delta_t = np.empty(nr, q.dtype)
-        dq_t = np.zeros((nr, dqk), q.dtype)
-        tq = np.empty((nr, dqk), q.dtype)
-        s = np.empty((nr, block_k), q.dtype)
-        dp = np.empty((nr, block_k), q.dtype)
-        _load_q_tile(q, dout, lse, delta, b, h, i0, nr, scale, q_s, do_t, lse_t, delta_t)
-        for kt in range(n_kt):
-            if tile_map[b, h // per, qt, kt] != COMPUTED:
-                continue
-            j0 = kt * block_k
-            nc = min(lk, j0 + block_k) - j0
-            _probs_and_dscores(q_s, do_t, k_tiles_t[b, g, kt], v_tiles_t[b, g, kt], lse_t,
-                               delta_t, causal, j0 - i0 - offset, nc, s, dp)
-            _dscores_times_k(dp, k, k_tiles_t, b, g, kt, j0, nc, tq)
-            _add_rows(dq_t, tq, nr)
-        for r in range(nr):
-            for d in range(dqk):
-                dq[b, h, i0 + r, d] = dq_t[r, d] * dt(scale)

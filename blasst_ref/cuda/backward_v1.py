@@ -73,6 +73,33 @@ def _kernels(dqk: int, dv: int):
     return _KERNELS[(dqk, dv)]
 
 
+@cuda.jit(device=True, inline=True)
+def _kept_keys(tile_map, b, map_row, qt, kt, i, block_k, lk, offset, causal):
+    """``(j0, j1)``: the keys ``j0 <= j < j1`` of key tile ``kt`` that query row ``i`` (of
+    query tile ``qt``) kept -- none (``j1 <= j0``) when the forward skipped the tile or never
+    visited it, else the tile's keys the causal mask shows row ``i``."""
+    j0 = kt * block_k
+    if tile_map[b, map_row, qt, kt] != _COMPUTED:
+        return j0, j0
+    j1 = min(lk, j0 + block_k)
+    if causal:
+        j1 = min(j1, i + offset + 1)
+    return j0, j1
+
+
+@cuda.jit(device=True, inline=True)
+def _query_tile(q, k, tile_map, block_q):
+    """Where a block of the ``(query tile, query head, batch)`` grid works: ``(qt, h, b,
+    kv head, tile-map row, first row, end row, Lk, causal offset)``. In decode the map has a
+    row per kv group (``Hq // map rows`` query heads share it)."""
+    n_hq, lq = q.shape[1], q.shape[2]
+    n_hkv, lk = k.shape[1], k.shape[2]
+    qt, h, b = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
+    i0 = qt * block_q
+    return (qt, h, b, h // (n_hq // n_hkv), h // (n_hq // tile_map.shape[1]), i0,
+            min(lq, i0 + block_q), lk, lk - lq)
+
+
 def _make_kernels(dqk: int, dv: int):
     """Build the four kernels for one ``(Dqk, Dv)`` (see the module docstring)."""
 
@@ -80,28 +107,17 @@ def _make_kernels(dqk: int, dv: int):
     def row_lse_kernel(q, k, tile_map, causal, scale, block_q, block_k, lse):
         """lse (B, Hq, Lq) float32 <- log-sum-exp of each row's kept scaled scores."""
         qi = cuda.local.array(dqk, float32)
-        n_hq, lq = q.shape[1], q.shape[2]
-        n_hkv, lk = k.shape[1], k.shape[2]
-        qt, h, b = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
-        g = h // (n_hq // n_hkv)
-        per = n_hq // tile_map.shape[1]
-        n_kt = tile_map.shape[3]
-        offset = lk - lq
+        qt, h, b, g, map_row, i0, i1, lk, offset = _query_tile(q, k, tile_map, block_q)
         f_scale = float32(scale)
-        i0 = qt * block_q
-        i1 = min(lq, i0 + block_q)
         for i in range(i0 + cuda.threadIdx.x, i1, cuda.blockDim.x):
             for d in range(dqk):
                 qi[d] = widen(q[b, h, i, d]) * f_scale
             m = float32(-math.inf)
             s_sum = float32(0.0)
-            for kt in range(n_kt):
-                if tile_map[b, h // per, qt, kt] != _COMPUTED:
-                    continue
-                j1 = min(lk, kt * block_k + block_k)
-                if causal:
-                    j1 = min(j1, i + offset + 1)
-                for j in range(kt * block_k, j1):
+            for kt in range(tile_map.shape[3]):
+                j0, j1 = _kept_keys(tile_map, b, map_row, qt, kt, i, block_k, lk, offset,
+                                    causal)
+                for j in range(j0, j1):
                     s = float32(0.0)
                     for d in range(dqk):
                         s += qi[d] * widen(k[b, g, j, d])
@@ -134,16 +150,8 @@ def _make_kernels(dqk: int, dv: int):
         qi = cuda.local.array(dqk, float32)
         doi = cuda.local.array(dv, float32)
         acc = cuda.local.array(dqk, float32)
-        n_hq, lq = q.shape[1], q.shape[2]
-        n_hkv, lk = k.shape[1], k.shape[2]
-        qt, h, b = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
-        g = h // (n_hq // n_hkv)
-        per = n_hq // tile_map.shape[1]
-        n_kt = tile_map.shape[3]
-        offset = lk - lq
+        qt, h, b, g, map_row, i0, i1, lk, offset = _query_tile(q, k, tile_map, block_q)
         f_scale = float32(scale)
-        i0 = qt * block_q
-        i1 = min(lq, i0 + block_q)
         for i in range(i0 + cuda.threadIdx.x, i1, cuda.blockDim.x):
             for d in range(dqk):
                 qi[d] = widen(q[b, h, i, d]) * f_scale
@@ -152,13 +160,10 @@ def _make_kernels(dqk: int, dv: int):
                 doi[d] = widen(dout[b, h, i, d])
             m = lse[b, h, i]
             dl = delta[b, h, i]
-            for kt in range(n_kt):
-                if tile_map[b, h // per, qt, kt] != _COMPUTED:
-                    continue
-                j1 = min(lk, kt * block_k + block_k)
-                if causal:
-                    j1 = min(j1, i + offset + 1)
-                for j in range(kt * block_k, j1):
+            for kt in range(tile_map.shape[3]):
+                j0, j1 = _kept_keys(tile_map, b, map_row, qt, kt, i, block_k, lk, offset,
+                                    causal)
+                for j in range(j0, j1):
                     s = float32(0.0)
                     for d in range(dqk):
                         s += qi[d] * widen(k[b, g, j, d])
