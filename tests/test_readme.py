@@ -25,6 +25,7 @@ README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = {
     "tour": "br.workloads.llm_like(1, 8, 2, 2048, 2048, 64)",
     "gradients": "br.attention_backward(dout, q, k, v, out, saved)",
+    "real model": "bt.configure(model, scale_factor=160.0)",
     "graph": "bg.models.bert_layer(batch=1, seq=128)",
     "graph attention": 'bg.Graph("causal_attention")',
     "int8": "bg.quantize_graph(g, [x])",
