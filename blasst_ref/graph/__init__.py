@@ -36,6 +36,7 @@ from .compiler import CompiledGraph, compile
 from .interpreter import check_feeds, interpret
 from .ir import Graph, GraphError, Node, Tensor, TensorInfo
 from .memory import MemoryPlan, plan_memory
+from . import ops_dynamic as _ops_dynamic  # noqa: F401  (registers the dynamic int8 ops)
 from .onnx_import import OnnxImportError, from_onnx
 from .int8_kernels import int8_backend
 from .ops import OPS

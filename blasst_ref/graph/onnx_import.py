@@ -623,9 +623,9 @@ def _slice(c: _Node):
              "steps": tuple(int(s) for s in steps)}
     x = c.const(0)
     if x is not None:
-        from .tensor_ops import _slices
+        from .tensor_ops import slice_index
 
-        return [_contiguous(x[_slices(x.ndim, attrs)])]
+        return [_contiguous(x[slice_index(x.ndim, attrs)])]
     return [c.emit("Slice", [0], attrs)]
 
 

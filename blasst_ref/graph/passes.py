@@ -330,6 +330,17 @@ def _dequantized_activation(g: Graph, producers, t: str):
     return node.inputs[0], float(node.attrs["scale"]), int(node.attrs["zero_point"])
 
 
+def _dynamic_activation(g: Graph, producers, t: str):
+    """``x`` if ``t = DequantizeRows(*DynamicQuantizeRows(x))`` (float32 ``x``), else None."""
+    node = producers.get(t)
+    if node is None or node.op != "DequantizeRows":
+        return None
+    quant = producers.get(node.inputs[0])
+    if quant is None or quant.op != "DynamicQuantizeRows" or quant.outputs != node.inputs:
+        return None
+    return quant.inputs[0]
+
+
 def _dequantized_weight(g: Graph, producers, t: str):
     """``(s8 constant (K, N), per-column scales)`` if ``t`` is a symmetric Dequantize of a
     constant int8 ``(K, N)`` weight, per tensor or per output channel (axis 1), else None."""
@@ -352,6 +363,9 @@ def lower_int8(g: Graph) -> Graph:
     ``FusedMatMul``; a following per-tensor u8 ``Quantize`` that is the product's only
     reader is folded in too (the kernel requantizes before the store). The Dequantize
     nodes left without readers are pruned away: the float weights never exist at run time.
+
+    Dynamic activations: ``DequantizeRows(DynamicQuantizeRows(x)) x Dequantize(s8 constant
+    weight) -> MatMul -> post-ops`` becomes one ``QMatMulDynamic`` on the float ``x``.
     """
     users = g.consumers()
     producers = g.producers()
@@ -361,6 +375,14 @@ def lower_int8(g: Graph) -> Graph:
             continue
         act = _dequantized_activation(g, producers, node.inputs[0])
         wq = _dequantized_weight(g, producers, node.inputs[1])
+        dyn = _dynamic_activation(g, producers, node.inputs[0])
+        if dyn is not None and wq is not None:
+            attrs = dict(node.attrs) if node.op == "FusedMatMul" else \
+                {"act": "none", "has_bias": False, "has_residual": False}
+            attrs["w_scale"] = np.array(wq[1])
+            replace[node.name] = [Node("QMatMulDynamic", (dyn, wq[0], *node.inputs[2:]),
+                                       node.outputs, attrs, node.name)]
+            continue
         if act is None or wq is None:
             continue
         a_u8, a_scale, a_zp = act

@@ -33,9 +33,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ops import OpDef, _broadcast, _desc, _err, _require_float, _same_dtype, register
+from .ops import OpDef, register
+from .ops import broadcast_shape as _broadcast
+from .ops import describe_tensor as _desc
+from .ops import op_error as _err
+from .ops import require_float as _require_float
+from .ops import same_dtype as _same_dtype
 
-__all__ = ["COMPARISONS", "LOGIC"]
+__all__ = ["COMPARISONS", "LOGIC", "slice_index"]
 
 def _axis(op, node, rank, axis):
     axis = int(axis)
@@ -125,7 +130,8 @@ def _slice_attrs(inputs, attrs, node):
     return {"axes": axes, "starts": starts, "ends": ends, "steps": steps}
 
 
-def _slices(rank, attrs):
+def slice_index(rank, attrs):
+    """The numpy index of a ``Slice`` node's attributes on a tensor of ``rank``."""
     index = [slice(None)] * rank
     for a, s, e, st in zip(attrs["axes"], attrs["starts"], attrs["ends"], attrs["steps"]):
         # ONNX clamps out-of-range bounds exactly as Python's slicing does
@@ -134,14 +140,16 @@ def _slices(rank, attrs):
 
 
 def _slice_infer(inputs, attrs, node):
-    probe = np.empty(inputs[0].shape, dtype=np.uint8)[_slices(len(inputs[0].shape), attrs)]
+    rank = len(inputs[0].shape)
+    probe = np.empty(inputs[0].shape, dtype=np.uint8)[slice_index(rank, attrs)]
     if probe.size == 0:
         raise _err(node, "Slice", f"slicing {_desc(inputs[0])} with {attrs} leaves nothing")
     return [(probe.shape, inputs[0].dtype)]
 
 
 register(OpDef("Slice", (1, 1), _slice_infer,
-               lambda arrs, a: [np.ascontiguousarray(arrs[0][_slices(arrs[0].ndim, a)])],
+               lambda arrs, a: [np.ascontiguousarray(arrs[0][slice_index(arrs[0].ndim,
+                                                                            a)])],
                _slice_attrs, doc="x[starts:ends:steps] along axes"))
 
 
