@@ -31,6 +31,7 @@ import numpy as np
 from ..cpu import _blas_single_threaded
 from . import kernels as K
 from . import ops as _ops
+from . import export_fusion as X
 from . import passes as P
 from .interpreter import check_feeds
 from .ir import Graph, GraphError, Node
@@ -112,6 +113,10 @@ def compile(graph: Graph, *, fuse: bool = True, fold_constants: bool = True,
         run("fold_constants", P.fold_constants)
     if fuse:
         block_q, block_k = attention_block
+        run("fuse_gelu_erf", X.fuse_gelu_erf)
+        run("fuse_layernorm", X.fuse_layernorm)
+        run("fuse_export_attention", lambda g: X.fuse_export_attention(
+            g, float(attention_thresh), block_q, block_k))
         run("fuse_attention", lambda g: P.fuse_attention(g, float(attention_thresh),
                                                          block_q, block_k))
         run("fuse_matmul", P.fuse_matmul)
@@ -402,6 +407,19 @@ def _make_step(node: Node, g: Graph, attention_backend: str) -> Callable[[dict],
                                  return_stats=True)
             np.copyto(env[out], o)
             env[_STATS][node.name] = stats
+        return step
+
+    if op == "MaskedAttention":
+        def step(env):
+            q, k, v, mask = (np.ascontiguousarray(env[i]) for i in ins)
+            o, stats = X.masked_attention(q, k, v, mask, scale=attrs["scale"],
+                                          thresh=attrs["thresh"],
+                                          zero_nan_rows=attrs["zero_nan_rows"],
+                                          block_q=attrs["block_q"], block_k=attrs["block_k"],
+                                          backend=attention_backend)
+            np.copyto(env[out], o)
+            if stats is not None:
+                env[_STATS][node.name] = stats
         return step
 
     evaluate = _ops.get(op).evaluate
