@@ -32,10 +32,11 @@ import warnings
 from dataclasses import dataclass
 
 from . import attention
-from .bench.attention import cpu_available, cuda_available, find_threshold
+from .bench.backends import cpu_available, cuda_available, to_device
 from .bench.machine import machine_info
 from .bench.oracle import dense_oracle, rel_l2
 from .bench.timing import Variant, measure
+from .calibrate import find_threshold
 
 
 @dataclass(frozen=True)
@@ -130,9 +131,7 @@ def run_case(case: DemoCase, *, repeat: int,
     plans.append(("reference", f"{group}/1 (1 kv group)", sub, exact_sub, {}))
     if case_uses_cuda():
         try:
-            from .bench.attention import _to_device
-
-            dev, sync, to_host = _to_device((q, k, v))
+            dev, sync, to_host = to_device((q, k, v))
             plans.append(("cuda", f"{case.hq}/{case.hkv}", tuple(dev), exact_full,
                           dict(sync=sync, _to_host=to_host)))
         except Exception as exc:  # pragma: no cover - needs a GPU

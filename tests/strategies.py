@@ -8,8 +8,8 @@ Tests describe *what* they check; this module describes *which inputs* they chec
   ``block_q``/``block_k`` -- any positive size, most of which do not divide the lengths. The
   number of tiles is bounded (the reference backend visits tiles in a Python loop), so that
   the whole suite stays fast.
-* :func:`make_inputs` builds fresh random ``q, k, v`` from a seed with a numpy ``Generator``
-  (never zeros, never a constant); :func:`inputs` draws the seed and the peakedness.
+* :func:`cases` draws a problem, a seed and the peakedness, and builds fresh ``q, k, v``
+  with :func:`helpers.random_qkv` (never zeros, never a constant).
 * "Peaked" inputs: random Gaussian q/k give almost uniform attention, where no tile is ever
   negligible and ``thresh > 0`` would skip nothing (and so test nothing). Peaked inputs scale
   the queries up (sharper softmax) and plant an *attention sink* -- the first keys of every kv
@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from helpers import random_qkv
 from hypothesis import strategies as st
 
 from blasst_ref import tiling
@@ -78,6 +79,12 @@ class Problem:
         return (self.batch, self.hq, self.lq, self.dv)
 
     @property
+    def sizes(self) -> tuple[int, ...]:
+        """``(batch, hq, hkv, lq, lk, dqk, dv)``: the shape arguments of
+        :func:`helpers.random_qkv`."""
+        return (self.batch, self.hq, self.hkv, self.lq, self.lk, self.dqk, self.dv)
+
+    @property
     def blocks(self) -> dict:
         """``block_q``/``block_k`` as keyword arguments of ``attention()``."""
         return {"block_q": self.block_q, "block_k": self.block_k}
@@ -94,28 +101,6 @@ class Case:
     seed: int
     q_scale: float
     sink: float
-
-
-def make_inputs(problem: Problem, dtype, seed: int, q_scale: float = 1.0, sink: float = 0.0):
-    """Fresh ``q, k, v`` for ``problem`` in ``dtype``, from ``numpy.random.default_rng(seed)``.
-
-    ``q_scale`` multiplies the queries (the scaled scores' spread grows with it). ``sink > 0``
-    plants an attention sink: the first ``n_sink`` keys of each kv head and every query of its
-    group get a shared unit direction ``u``, so that the sink keys' scaled scores rise by about
-    ``sink`` above the rest. Values are standard normal. Nothing is ever all zeros."""
-    rng = np.random.default_rng(seed)
-    p = problem
-    q = rng.standard_normal(p.q_shape) * q_scale
-    k = rng.standard_normal(p.k_shape)
-    v = rng.standard_normal(p.v_shape)
-    if sink > 0:
-        n_sink = min(p.lk, int(rng.integers(1, 4)))
-        u = rng.standard_normal((p.batch, p.hkv, 1, p.dqk))
-        u /= np.linalg.norm(u, axis=-1, keepdims=True)
-        amp = math.sqrt(sink * math.sqrt(p.dqk))  # amp**2 * scale == sink
-        k[:, :, :n_sink] += amp * u
-        q += amp * np.repeat(u, p.group, axis=1)
-    return tuple(np.ascontiguousarray(x.astype(dtype)) for x in (q, k, v))
 
 
 def seeds():
@@ -202,9 +187,9 @@ def problems(
     return Problem(b, hq, hkv_, lq_, lk, dqk_, dv_, causal_, block_q, block_k)
 
 
-#: Ranges of the peaked inputs' knobs (see :func:`make_inputs`). A sink of 6 already lifts the
-#: sink keys ~3 natural-log units (a factor 20) above typical scores; 24 makes the heads very
-#: peaked. q_scale spreads the other scores, which works against the sink.
+#: Ranges of the peaked inputs' knobs (see :func:`helpers.random_qkv`). A sink of 6 already
+#: lifts the sink keys ~3 natural-log units (a factor 20) above typical scores; 24 makes the
+#: heads very peaked. q_scale spreads the other scores, which works against the sink.
 PEAK_Q_SCALE = (1.0, 4.0)
 PEAK_SINK = (6.0, 24.0)
 
@@ -227,7 +212,7 @@ def cases(draw, dtype, peaked: bool | None = None, problem=None, **problem_kwarg
         peaked = draw(st.booleans())
     q_scale, sink = draw(peaks()) if peaked else (1.0, 0.0)
     seed = draw(seeds())
-    q, k, v = make_inputs(p, dtype, seed, q_scale, sink)
+    q, k, v = random_qkv(seed, *p.sizes, dtype=dtype, q_scale=q_scale, sink=sink)
     return Case(p, q, k, v, seed, q_scale, sink)
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import strategies as S
 from conftest import HOST_BACKENDS
+from helpers import random_qkv, rel_err
 from hypothesis import event, given, note, target
 from hypothesis import strategies as st
 
@@ -57,11 +58,6 @@ def run(backend, case, thresh, **kw):
 def oracle(case):
     p = case.problem
     return dense_attention(case.q, case.k, case.v, causal=p.causal)
-
-
-def rel_err(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-300)
 
 
 def visible_keys(lq, lk, causal):
@@ -491,7 +487,7 @@ def test_peaked_inputs_make_tiles_skip():
     ]
 
     def sparsity(p, seed, **peak):
-        q, k, v = S.make_inputs(p, np.float64, seed, **peak)
+        q, k, v = random_qkv(seed, *p.sizes, dtype=np.float64, **peak)
         _, stats = attention(q, k, v, 0.05, causal=p.causal, backend="reference",
                              return_stats=True, **p.blocks)
         return stats.sparsity
@@ -509,7 +505,7 @@ def test_peaked_inputs_make_tiles_skip():
 def test_auto_backend_on_host_arrays_is_cpu():
     """``backend="auto"`` with numpy inputs runs the CPU kernels (DESIGN.md §3)."""
     p = S.Problem(1, 2, 1, 40, 50, 16, 8, True, 16, 16)
-    q, k, v = S.make_inputs(p, np.float32, 3)
+    q, k, v = random_qkv(3, *p.sizes, dtype=np.float32)
     out, stats = attention(q, k, v, 0.01, causal=True, return_stats=True, **p.blocks)
     assert stats.backend == "cpu"
     out_cpu, stats_cpu = attention(q, k, v, 0.01, causal=True, backend="cpu", return_stats=True,

@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 
 import blasst_ref
 from blasst_ref.calibrate import (
-    FIT_RANGE, Calibration, CalibrationPoint, calibrate, default_thresholds, fit_law, main,
+    FIT_RANGE, Calibration, CalibrationPoint, calibrate, default_thresholds, find_threshold,
+    fit_law, main,
 )
+from blasst_ref.bench.backends import cpu_available
 from blasst_ref.workloads import llm_like
 
 BACKEND = "reference"  # small sizes: the numpy oracle is fast enough and needs no JIT
@@ -208,3 +210,25 @@ def test_bad_input_is_named(prefill_cal):
         prefill_cal.threshold(0, 0.5)
     with pytest.raises(ValueError, match="not in the table"):
         prefill_cal.measured_threshold(777, 0.5)
+
+
+# ---------------------------------------------------------------------------------------
+# find_threshold: one input, one target sparsity
+
+#: the search makes tens of calls at L=512: the Numba kernels when they import
+SEARCH_BACKEND = "cpu" if cpu_available()[0] else "reference"
+
+
+def test_find_threshold_reaches_target():
+    q, k, v = llm_like(1, 4, 2, 512, 512, 32, seed=1, peakedness=2.0)
+    cache: dict = {}
+    for target in (0.5, 0.75):
+        res = find_threshold(q, k, v, target, causal=True, backend=SEARCH_BACKEND, tol=0.03,
+                             cache=cache)
+        assert res.reached and abs(res.sparsity - target) <= 0.03, res
+        assert 0 < res.thresh < 1
+        _, stats = blasst_ref.attention(q, k, v, res.thresh, causal=True,
+                                        backend=SEARCH_BACKEND, return_stats=True)
+        assert stats.sparsity == pytest.approx(res.sparsity)  # the search reports what it saw
+    with pytest.raises(ValueError):
+        find_threshold(q, k, v, 1.0, causal=True, backend=SEARCH_BACKEND)

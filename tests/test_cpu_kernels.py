@@ -11,24 +11,14 @@ import math
 
 import numpy as np
 import pytest
+from helpers import random_qkv, rel_err
 
 from blasst_ref import dense_attention, tiling
 from blasst_ref.cpu import blasst_attention, pack_k_tiles
-from blasst_ref.cpu._math import exp_array_f32
+from blasst_ref.numba_utils import exp_array_f32
 from blasst_ref.reference import blasst_attention_reference
 
 TOL = {np.float32: 2e-5, np.float64: 1e-12}
-
-
-def _inputs(rng, b, hq, hkv, lq, lk, d, dv, dtype, peak=1.0):
-    q = (rng.standard_normal((b, hq, lq, d)) * peak).astype(dtype)
-    k = (rng.standard_normal((b, hkv, lk, d)) * peak).astype(dtype)
-    v = rng.standard_normal((b, hkv, lk, dv)).astype(dtype)
-    return q, k, v
-
-
-def _rel(a, b):
-    return np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -48,7 +38,7 @@ def _rel(a, b):
 def test_poisoned_output_is_fully_written_and_matches_reference(shape, causal, thresh, dtype):
     b, hq, hkv, lq, lk, d, dv, bq, bk = shape
     rng = np.random.default_rng(abs(hash((shape, causal, thresh))) % 2**32)
-    q, k, v = _inputs(rng, b, hq, hkv, lq, lk, d, dv, dtype, peak=2.0)
+    q, k, v = random_qkv(rng, b, hq, hkv, lq, lk, d, dv, dtype=dtype, q_scale=2.0, k_scale=2.0)
     scale = 1 / math.sqrt(d)
     out = np.full((b, hq, lq, dv), np.nan, dtype)
     got, tile_map = blasst_attention(q, k, v, thresh, causal, scale, bq, bk, out=out)
@@ -58,15 +48,15 @@ def test_poisoned_output_is_fully_written_and_matches_reference(shape, causal, t
     ref = blasst_attention_reference(q, k, v, thresh, causal=causal, scale=scale,
                                      block_q=bq, block_k=bk)
     np.testing.assert_array_equal(tile_map, ref.tile_map)
-    assert _rel(out, ref.out.astype(np.float64)) < TOL[dtype]
+    assert rel_err(out, ref.out.astype(np.float64)) < TOL[dtype]
     if thresh == 0.0:
-        assert _rel(out, dense_attention(q, k, v, causal=causal)) < TOL[dtype]
+        assert rel_err(out, dense_attention(q, k, v, causal=causal)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("lq", [1, 3, 100])
 def test_skip_test_compiled_out_equals_thresh_zero(lq):
     rng = np.random.default_rng(lq)
-    q, k, v = _inputs(rng, 1, 4, 2, lq, 150, 16, 16, np.float32)
+    q, k, v = random_qkv(rng, 1, 4, 2, lq, 150, 16, dtype=np.float32)
     a, map_a = blasst_attention(q, k, v, 0.0, True, 0.25, 32, 16)
     b_, map_b = blasst_attention(q, k, v, 0.0, True, 0.25, 32, 16, skip_test=False)
     np.testing.assert_array_equal(a, b_)
@@ -76,12 +66,13 @@ def test_skip_test_compiled_out_equals_thresh_zero(lq):
 
 def test_skip_test_compiled_out_never_skips():
     rng = np.random.default_rng(7)
-    q, k, v = _inputs(rng, 1, 2, 2, 64, 256, 16, 16, np.float32, peak=3.0)
+    q, k, v = random_qkv(rng, 1, 2, 2, 64, 256, 16, dtype=np.float32, q_scale=3.0,
+                         k_scale=3.0)
     _, with_test = blasst_attention(q, k, v, 0.5, False, 0.25, 32, 16)
     out, without = blasst_attention(q, k, v, 0.5, False, 0.25, 32, 16, skip_test=False)
     assert (with_test == 2).any(), "the input should let thresh=0.5 skip something"
     assert (without == 1).all()
-    assert _rel(out, dense_attention(q, k, v)) < TOL[np.float32]
+    assert rel_err(out, dense_attention(q, k, v)) < TOL[np.float32]
 
 
 def test_exp_f32_accuracy_and_special_values():

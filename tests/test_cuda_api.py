@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 import pytest
+from helpers import random_qkv, rel_err
 from numba import cuda
 
 import blasst_ref as br
@@ -21,17 +22,6 @@ SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 def _host(x):
     return x.copy_to_host() if hasattr(x, "copy_to_host") else np.asarray(x)
-
-
-def _problem(rng, b, hq, hkv, lq, lk, d, dv, dtype=np.float32, peak=1.0):
-    q = (rng.standard_normal((b, hq, lq, d)) * peak).astype(dtype)
-    k = (rng.standard_normal((b, hkv, lk, d)) * peak).astype(dtype)
-    v = rng.standard_normal((b, hkv, lk, dv)).astype(dtype)
-    return q, k, v
-
-
-def _rel(a, b):
-    return np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
 
 
 @pytest.mark.parametrize(
@@ -44,7 +34,8 @@ def _rel(a, b):
 def test_numba_device_arrays_in_and_out(shape, causal):
     b, hq, hkv, lq, lk, d, dv = shape
     rng = np.random.default_rng(lq)
-    q, k, v = _problem(rng, b, hq, hkv, lq, lk, d, dv, peak=2.0)
+    q, k, v = random_qkv(rng, b, hq, hkv, lq, lk, d, dv, q_scale=2.0, k_scale=2.0,
+                         dtype=np.float32)
     dq, dk, dv_ = (cuda.to_device(x) for x in (q, k, v))
     out, stats = br.attention(dq, dk, dv_, 0.05, causal=causal, backend="auto",
                               block_q=8, block_k=8, return_stats=True)
@@ -52,22 +43,22 @@ def test_numba_device_arrays_in_and_out(shape, causal):
     assert hasattr(out, "copy_to_host"), "a Numba array in gives a Numba array out"
     ref = br.blasst_attention_reference(q, k, v, 0.05, causal=causal, block_q=8, block_k=8)
     np.testing.assert_array_equal(stats.tile_map, ref.tile_map)
-    assert _rel(_host(out), ref.out.astype(np.float64)) < 1e-5
+    assert rel_err(_host(out), ref.out.astype(np.float64)) < 1e-5
 
 
 def test_three_d_in_three_d_out_exact_at_thresh_zero():
     rng = np.random.default_rng(1)
-    q, k, v = _problem(rng, 1, 2, 1, 12, 12, 8, 8)
+    q, k, v = random_qkv(rng, 1, 2, 1, 12, 12, 8, 8, dtype=np.float32)
     out = br.attention(*(cuda.to_device(x[0]) for x in (q, k, v)), causal=True,
                        backend="cuda", block_q=8, block_k=8)
     host = _host(out)
     assert host.shape == (2, 12, 8)
-    assert _rel(host, br.dense_attention(q[0], k[0], v[0], causal=True)) < 1e-5
+    assert rel_err(host, br.dense_attention(q[0], k[0], v[0], causal=True)) < 1e-5
 
 
 def test_non_contiguous_input_is_a_clear_error():
     rng = np.random.default_rng(2)
-    q, k, v = _problem(rng, 1, 2, 2, 16, 16, 8, 8)
+    q, k, v = random_qkv(rng, 1, 2, 2, 16, 16, 8, 8, dtype=np.float32)
     dq = cuda.to_device(np.concatenate([q, q], axis=3))[:, :, :, ::2]
     with pytest.raises(ValueError, match="q is not C-contiguous"):
         br.attention(dq, cuda.to_device(k), cuda.to_device(v), backend="cuda")
@@ -75,7 +66,7 @@ def test_non_contiguous_input_is_a_clear_error():
 
 def test_host_and_device_mixed_is_a_clear_error():
     rng = np.random.default_rng(3)
-    q, k, v = _problem(rng, 1, 2, 2, 16, 16, 8, 8)
+    q, k, v = random_qkv(rng, 1, 2, 2, 16, 16, 8, 8, dtype=np.float32)
     with pytest.raises(TypeError, match="must all be host .* or all CUDA arrays"):
         br.attention(cuda.to_device(q), k, v, backend="auto")
 
@@ -92,12 +83,12 @@ def _torch_cuda():
 def test_torch_tensors_in_place_and_torch_out(dtype):
     torch = _torch_cuda()
     rng = np.random.default_rng(4)
-    q, k, v = _problem(rng, 2, 8, 2, 300, 300, 64, 64, np.float32)
+    q, k, v = random_qkv(rng, 2, 8, 2, 300, 300, 64, 64, dtype=np.float32)
     tq, tk, tv = (torch.from_numpy(x).to("cuda", getattr(torch, dtype)) for x in (q, k, v))
     out = br.attention(tq, tk, tv, causal=True)
     assert isinstance(out, torch.Tensor) and out.is_cuda and out.dtype == tq.dtype
     want = br.dense_attention(*(t.float().cpu().numpy() for t in (tq, tk, tv)), causal=True)
-    assert _rel(out.float().cpu().numpy(), want) < (2e-3 if dtype == "float16" else 1e-5)
+    assert rel_err(out.float().cpu().numpy(), want) < (2e-3 if dtype == "float16" else 1e-5)
 
 
 def test_cupy_arrays_in_and_cupy_out():
@@ -105,10 +96,10 @@ def test_cupy_arrays_in_and_cupy_out():
     if SIMULATOR:
         pytest.skip("CuPy arrays need a real GPU (the simulator has none): run on the GPU machine")
     rng = np.random.default_rng(5)
-    q, k, v = _problem(rng, 1, 4, 4, 1, 5000, 128, 128)
+    q, k, v = random_qkv(rng, 1, 4, 4, 1, 5000, 128, 128, dtype=np.float32)
     out = br.attention(*(cupy.asarray(x) for x in (q, k, v)), causal=True)
     assert isinstance(out, cupy.ndarray)
-    assert _rel(cupy.asnumpy(out), br.dense_attention(q, k, v, causal=True)) < 1e-5
+    assert rel_err(cupy.asnumpy(out), br.dense_attention(q, k, v, causal=True)) < 1e-5
 
 
 @pytest.mark.parametrize("lq,d", [(300, 128), (1, 128), (40, 24), (1, 24)],
@@ -118,14 +109,15 @@ def test_torch_bfloat16_in_and_out(lq, d):
     on the fast path (v2 shapes, D = 128) and the general one (v1 shapes, D = 24)."""
     torch = _torch_cuda()
     rng = np.random.default_rng(6)
-    q, k, v = _problem(rng, 2, 8, 2, lq, 600, d, d, peak=2.0)
+    q, k, v = random_qkv(rng, 2, 8, 2, lq, 600, d, d, dtype=np.float32, q_scale=2.0,
+                         k_scale=2.0)
     tq, tk, tv = (torch.from_numpy(x).to("cuda", torch.bfloat16) for x in (q, k, v))
     out, stats = br.attention(tq, tk, tv, 0.0, causal=True, return_stats=True)
     assert isinstance(out, torch.Tensor) and out.dtype == torch.bfloat16
     assert tuple(out.shape) == (2, 8, lq, d)
     exact = [t.float().cpu().numpy() for t in (tq, tk, tv)]  # the bf16-rounded inputs
     want = br.dense_attention(*exact, causal=True)
-    assert _rel(out.float().cpu().numpy(), want) < 1e-2  # bf16 output rounding: 2^-9
+    assert rel_err(out.float().cpu().numpy(), want) < 1e-2  # bf16 output rounding: 2^-9
     # skipping: the decisions of float32 inputs holding the same (bf16) values
     _, st32 = br.attention(*(torch.from_numpy(x).cuda() for x in exact), 0.2, causal=True,
                            return_stats=True)
@@ -151,7 +143,8 @@ def test_fast_path_equals_general_path(lq):
     import blasst_ref.cuda as bc
 
     rng = np.random.default_rng(7)
-    q, k, v = _problem(rng, 2, 8, 2, lq, 3000, 128, 128, np.float16, peak=2.0)
+    q, k, v = random_qkv(rng, 2, 8, 2, lq, 3000, 128, 128, dtype=np.float16, q_scale=2.0,
+                         k_scale=2.0)
     tq, tk, tv = (torch.from_numpy(x).cuda() for x in (q, k, v))
     for thresh in (0.0, 0.05, 0.2):
         lt = 1.0 / np.sqrt(128)

@@ -22,6 +22,7 @@ import os
 import numba
 import numpy as np
 import pytest
+from helpers import random_qkv, rel_err
 
 from blasst_ref import reference, tiling, workloads
 
@@ -48,11 +49,6 @@ THREADS = 32 if SIM else None
 VERSIONS = [1, 2]
 #: relative L2 tolerance of out vs the float64 oracle / the float32 reference
 TOL = {np.float32: 1e-5, np.float16: 2e-3}
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 @pytest.fixture
@@ -99,13 +95,6 @@ def run_decode(q, k, v, thresh, causal, block_k, *, scale=None, threads=THREADS,
     return out.copy_to_host(), tile_map.copy_to_host()
 
 
-def _inputs(rng, b, hq, hkv, lq, lk, dqk, dv, dtype):
-    q = rng.standard_normal((b, hq, lq, dqk)).astype(dtype)
-    k = rng.standard_normal((b, hkv, lk, dqk)).astype(dtype)
-    v = rng.standard_normal((b, hkv, lk, dv)).astype(dtype)
-    return q, k, v
-
-
 def _assert_maps_agree(got, ref):
     """tile maps equal, except tiles whose reference margin lies within rounding of 0."""
     near = np.abs(np.nan_to_num(ref.margin, nan=np.inf)) < 1e-3
@@ -144,13 +133,13 @@ def test_dense_matches_oracle(case, version, monkeypatch):
     if min_split is not None:
         monkeypatch.setattr(tiling, "MIN_TILES_PER_SPLIT", min_split)
     assert tiling.decode_num_splits(lk, bk) > 1  # the merge is exercised
-    q, k, v = _inputs(np.random.default_rng(lk + lq), b, hq, hkv, lq, lk, dqk, dv, dtype)
+    q, k, v = random_qkv(lk + lq, b, hq, hkv, lq, lk, dqk, dv, dtype=dtype)
     if version == 2 and not _v2_applies(q, k, v, bk):
         return _assert_v2_refused(q, k, v, causal, bk)
     out, tile_map = run_decode(q, k, v, 0.0, causal, bk, version=version)
     expect = reference.dense_attention(q, k, v, causal=causal)
     assert out.dtype == dtype and not np.isnan(out).any()
-    assert _rel(out, expect) < TOL[dtype]
+    assert rel_err(out, expect) < TOL[dtype]
     k_tiles = tiling.causal_k_tiles(0, lq, lq, lk, bk) if causal else tiling.num_tiles(lk, bk)
     assert (tile_map[..., :k_tiles] == reference.COMPUTED).all()
     assert (tile_map[..., k_tiles:] == reference.NOT_VISITED).all()
@@ -164,13 +153,13 @@ def test_head_dim_chunks_and_streamed_q(monkeypatch):
     else:
         shape = (1, 2, 1, 2, 35, 20, 12, 8)
     b, hq, hkv, lq, lk, dqk, dv, bk = shape
-    q, k, v = _inputs(np.random.default_rng(1), b, hq, hkv, lq, lk, dqk, dv, np.float32)
+    q, k, v = random_qkv(1, b, hq, hkv, lq, lk, dqk, dv, dtype=np.float32)
     expect = reference.dense_attention(q, k, v, causal=True)
     out, _ = run_decode(q, k, v, 0.0, True, bk, chunk=8)  # v1: Q resident, 3 chunks of 8
-    assert _rel(out, expect) < 1e-5
+    assert rel_err(out, expect) < 1e-5
     monkeypatch.setattr(cuda_decode, "plan", lambda *a, **kw: (8, 8))
     out, _ = run_decode(q, k, v, 0.0, True, bk, version=1)  # v1: Q re-staged per chunk
-    assert _rel(out, expect) < 1e-5
+    assert rel_err(out, expect) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------
@@ -180,7 +169,7 @@ def test_head_dim_chunks_and_streamed_q(monkeypatch):
 def _peaked(rng, b, hq, hkv, lq, lk, d, dtype, period):
     """Random q, k, v plus a bright key at the start of every ``period`` keys (each split-KV
     chunk's first, dense, tile then holds a large running max), and a dimmer one mid-way."""
-    q, k, v = _inputs(rng, b, hq, hkv, lq, lk, d, d, np.float64)
+    q, k, v = random_qkv(rng, b, hq, hkv, lq, lk, d)
     group = hq // hkv
     k *= 0.3
     for g in range(hkv):
@@ -228,7 +217,7 @@ def test_skips_like_reference(case, version, monkeypatch):
     excused = _assert_maps_agree(tile_map, ref)
     assert not np.isnan(out).any()
     tol = TOL[dtype] if not excused else 1e-2
-    assert _rel(out, ref.out) < tol
+    assert rel_err(out, ref.out) < tol
 
 
 # ---------------------------------------------------------------------------------------
@@ -251,7 +240,7 @@ def test_nan_score_never_skips_and_propagates(version, monkeypatch):
     np.testing.assert_array_equal(tile_map, ref.tile_map)
     np.testing.assert_array_equal(np.isnan(out), np.isnan(ref.out))
     assert np.isnan(out[0, 2:]).all() and not np.isnan(out[0, :2]).any()
-    assert _rel(out[0, :2], ref.out[0, :2]) < 1e-5
+    assert rel_err(out[0, :2], ref.out[0, :2]) < 1e-5
 
 
 def test_rows_without_keys_are_zero(monkeypatch):
@@ -259,10 +248,10 @@ def test_rows_without_keys_are_zero(monkeypatch):
     row sees nothing of the splits past its causal horizon (weight 0 in the merge)."""
     monkeypatch.setattr(tiling, "MIN_TILES_PER_SPLIT", 1)
     b, hq, hkv, lq, lk, d, bk = 1, 2, 1, 5, 3, 8, 2
-    q, k, v = _inputs(np.random.default_rng(5), b, hq, hkv, lq, lk, d, d, np.float32)
+    q, k, v = random_qkv(5, b, hq, hkv, lq, lk, d, dtype=np.float32)
     out, tile_map = run_decode(q, k, v, 0.0, True, bk)
     expect = reference.dense_attention(q, k, v, causal=True)
     assert (out[:, :, :2] == 0).all()  # rows 0, 1: i + Lk - Lq < 0
-    assert _rel(out, expect) < 1e-5
+    assert rel_err(out, expect) < 1e-5
     ref = reference.blasst_attention_reference(q, k, v, 0.0, causal=True, block_k=bk)
     np.testing.assert_array_equal(tile_map, ref.tile_map)

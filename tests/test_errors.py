@@ -11,17 +11,15 @@ import math
 import numpy as np
 import pytest
 from conftest import HOST_BACKENDS
+from helpers import random_qkv
 
 import blasst_ref
 from blasst_ref import attention, threshold_for
 
 
 def _qkv(b=1, hq=4, hkv=2, lq=20, lk=24, dqk=8, dv=8, dtype=np.float32, seed=0):
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((b, hq, lq, dqk)).astype(dtype)
-    k = rng.standard_normal((b, hkv, lk, dqk)).astype(dtype)
-    v = rng.standard_normal((b, hkv, lk, dv)).astype(dtype)
-    return q, k, v
+    """A small valid problem (GQA 4/2) for the error tests to break one argument of."""
+    return random_qkv(seed, b, hq, hkv, lq, lk, dqk, dv, dtype=dtype)
 
 
 class FakeCudaArray:

@@ -8,6 +8,8 @@ MatMul chains, find the attention pattern, pack each weight once -- so those are
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -17,22 +19,8 @@ import blasst_ref
 from blasst_ref import graph as bg
 from blasst_ref.graph import kernels, passes
 
+from helpers import assert_outputs_close, record_calls, rel_err
 from strategies import random_graphs
-
-
-def rel_err(a, b) -> float:
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def assert_outputs_close(got: dict, want: dict, tol: float = 2e-5):
-    assert set(got) == set(want)
-    for name in want:
-        assert got[name].shape == want[name].shape, name
-        assert got[name].dtype == want[name].dtype, name
-        assert np.all(np.isfinite(got[name]) == np.isfinite(want[name])), name
-        assert rel_err(got[name], want[name]) <= tol, (name, rel_err(got[name], want[name]))
 
 
 def mlp_graph(batch=8, sizes=(13, 24, 16), seed=0, relu_last=True) -> bg.Graph:
@@ -50,9 +38,7 @@ def mlp_graph(batch=8, sizes=(13, 24, 16), seed=0, relu_last=True) -> bg.Graph:
 
 
 def feeds_for(g: bg.Graph, seed=1) -> dict:
-    rng = np.random.default_rng(seed)
-    return {n: rng.standard_normal(g.tensors[n].shape).astype(g.tensors[n].dtype)
-            for n in g.inputs}
+    return bg.models.example_inputs(g, seed=seed)
 
 
 SWITCHES = [dict(), dict(fuse=False), dict(fold_constants=False),
@@ -86,12 +72,108 @@ def test_each_pass_keeps_the_interpreter_result():
     want = bg.interpret(g, **x)
     cg = bg.compile(g)
     names = [s.name for s in cg.stages]
-    assert names == ["input", "prune", "fold_constants", "fuse_attention", "fuse_matmul",
-                     "lower_int8", "merge_layout_ops", "pack_weights"]
+    assert names == ["input", "prune", "fold_constants", "fuse_gelu_erf", "fuse_layernorm",
+                     "fuse_export_attention", "fuse_attention", "fuse_matmul", "lower_int8",
+                     "merge_layout_ops", "pack_weights"]
     cg = bg.compile(g, matmul_kernel="blas")
     assert cg.stages[-1].name == "merge_layout_ops"
     for stage in cg.stages:
         assert_outputs_close(bg.interpret(stage.graph, **x), want)
+
+
+# ----------------------------------------------------------------------------- passes
+def _int8_graph() -> bg.Graph:
+    g = bg.models.mlp([13, 32, 16, 8], 6)
+    return bg.quantize_graph(g, [bg.models.example_inputs(g, seed=100 + i) for i in range(2)])
+
+
+#: graphs on which every pass finds something to do: MLP chains (folding, MatMul fusion,
+#: packing), attention (attention fusion leaves a K transpose to merge), a QDQ MLP (int8)
+PASS_GRAPHS = {
+    "mlp": lambda: mlp_graph(sizes=(13, 24, 16, 8)),
+    "bert": lambda: MODEL_GRAPHS["bert"](),
+    "llm-gqa": lambda: MODEL_GRAPHS["llm-gqa"](),
+    "int8-mlp": _int8_graph,
+}
+
+
+def test_pass_order_is_one_list():
+    """The passes run in the order of passes.PIPELINE, which the module docstring lists."""
+    documented = re.findall(r"^\d+\. :func:`(\w+)`", passes.__doc__, re.M)
+    assert documented == list(passes.PIPELINE)
+    assert [s.name for s in bg.compile(mlp_graph()).stages] == ["input", "prune",
+                                                                 *passes.PIPELINE]
+
+
+@pytest.mark.parametrize("graph", sorted(PASS_GRAPHS))
+@pytest.mark.parametrize("name", passes.PIPELINE)
+def test_each_pass_can_be_switched_off(graph, name):
+    g = PASS_GRAPHS[graph]()
+    feeds = bg.models.example_inputs(g, seed=5)
+    want = bg.interpret(g, **feeds)
+    cg = bg.compile(g, passes={name: False}, check=True)
+    assert name not in [s.name for s in cg.stages]
+    assert [s.name for s in cg.stages][2:] == [p for p in passes.PIPELINE if p != name]
+    tol = 1e-3 if graph == "int8-mlp" else 5e-5  # a requantized value may move one step
+    assert_outputs_close(cg(**feeds), want, tol=tol)
+
+
+def test_switching_a_pass_off_changes_the_kernels():
+    g = MODEL_GRAPHS["bert"]()
+    assert "Attention" in bg.compile(g).graph.count_ops()
+    ops = bg.compile(g, passes={"fuse_attention": False}).graph.count_ops()
+    assert "Attention" not in ops and "Softmax" in ops
+    assert "QMatMul" not in bg.compile(_int8_graph(), passes={"lower_int8": False}) \
+        .graph.count_ops()
+    # a single switch wins over the group switch it belongs to
+    ops = bg.compile(g, fuse=False, passes={"fuse_attention": True}).graph.count_ops()
+    assert "Attention" in ops and ops["Add"] == bg.compile(g, fuse=False).graph \
+        .count_ops()["Add"]  # the bias and residual adds stay unfused
+
+
+def test_unknown_pass_names_are_a_clear_error():
+    g = mlp_graph()
+    with pytest.raises(ValueError, match="unknown pass 'fuse_atention'.*fuse_attention"):
+        bg.compile(g, passes={"fuse_atention": False})
+    with pytest.raises(TypeError, match=r"passes\['fuse_matmul'\] must be True or False"):
+        bg.compile(g, passes={"fuse_matmul": "no"})
+    with pytest.raises(TypeError, match="passes must be a mapping"):
+        bg.compile(g, passes=["fuse_matmul"])
+
+
+# ----------------------------------------------------------------------------- the op table
+def test_an_op_is_described_once_by_its_opdef(monkeypatch):
+    """A new op needs one OpDef: its shape rule, numpy meaning and compiled kernel live
+    there, and compile() uses that kernel with no other change."""
+    from blasst_ref.graph import ops
+
+    calls = []
+
+    def square_kernel(node, graph, options):
+        x, out = node.inputs[0], node.outputs[0]
+
+        def step(env):
+            calls.append(node.name)
+            np.multiply(env[x], env[x], out=env[out])
+        return step
+
+    relu = ops.get("Relu")
+    square = ops.OpDef("Square", (1, 1), relu.infer_fn,
+                       lambda arrays, attrs: [arrays[0] * arrays[0]], elementwise=True,
+                       kernel=square_kernel, onnx=None)
+    monkeypatch.setitem(ops.OPS, "Square", square)
+    g = bg.Graph("square")
+    g.output("y", g.exp(g.op("Square", g.input("x", (4, 8)))))
+    feeds = feeds_for(g)
+    cg = bg.compile(g)
+    assert_outputs_close(cg(**feeds), bg.interpret(g, **feeds))
+    assert calls == [n.name for n in cg.graph.nodes if n.op == "Square"] and calls
+    # without a kernel the op runs its numpy meaning, copied into its planned buffer
+    monkeypatch.setitem(ops.OPS, "Square", ops.OpDef("Square", (1, 1), relu.infer_fn,
+                                                     square.evaluate, elementwise=True))
+    calls.clear()
+    assert_outputs_close(bg.compile(g)(**feeds), bg.interpret(g, **feeds))
+    assert not calls
 
 
 @pytest.mark.parametrize("kernel,op", [("blas", "FusedMatMul"), ("packed", "PackedMatMul")])
@@ -136,17 +218,10 @@ def test_a_matmul_result_read_twice_is_not_fused_away():
 
 
 def test_weights_are_packed_once_at_compile_time_never_per_call(monkeypatch):
-    calls = []
-    real = kernels.pack_weight
-
-    def counting(w, *args, **kwargs):
-        calls.append(w.shape)
-        return real(w, *args, **kwargs)
-
-    monkeypatch.setattr(kernels, "pack_weight", counting)
+    calls = record_calls(monkeypatch, kernels, "pack_weight")
     g = mlp_graph(sizes=(13, 24, 16, 8))
     cg = bg.compile(g, matmul_kernel="packed")
-    assert sorted(calls) == sorted([(13, 24), (24, 16), (16, 8)])
+    assert sorted(args[0].shape for args in calls) == sorted([(13, 24), (24, 16), (16, 8)])
     x = feeds_for(g)
     for _ in range(3):
         cg(**x)

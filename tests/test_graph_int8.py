@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import record_calls, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blasst_ref import graph as bg
 from blasst_ref.graph import ops
 from blasst_ref.graph.quantize import activation_params, quantize_graph, weight_params
-
-
-def rel_err(a, b) -> float:
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 # ----------------------------------------------------------------------------- Q/DQ semantics
@@ -199,17 +194,10 @@ def test_compiled_int8_graph_equals_its_qdq_interpretation(model):
 def test_int8_weights_are_packed_once_at_compile_time(monkeypatch):
     from blasst_ref.graph import int8_kernels as Q8
 
-    calls = []
-    real = Q8.pack_int8_weight
-
-    def counting(w, *args, **kwargs):
-        calls.append(w.shape)
-        return real(w, *args, **kwargs)
-
-    monkeypatch.setattr(Q8, "pack_int8_weight", counting)
+    calls = record_calls(monkeypatch, Q8, "pack_int8_weight")
     g = bg.models.mlp([13, 32, 16, 8], 16)
     cg = bg.compile(quantize_graph(g, _samples(g)))
-    assert sorted(calls) == sorted([(13, 32), (32, 16), (16, 8)])
+    assert sorted(args[0].shape for args in calls) == sorted([(13, 32), (32, 16), (16, 8)])
     feeds = bg.models.example_inputs(g, seed=1)
     for _ in range(3):
         cg(**feeds)

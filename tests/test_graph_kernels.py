@@ -16,6 +16,7 @@ import math
 import numpy as np
 import pytest
 import scipy.special
+from helpers import rel_err
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -69,14 +70,6 @@ def act_ref(y, act):
     if act == K.ACT_EXP:
         return np.exp(y)
     raise AssertionError(act)
-
-
-def rel_err(got, ref):
-    got = np.asarray(got, np.float64)
-    ref = np.asarray(ref, np.float64)
-    assert np.all(np.isfinite(got)), "non-finite output (an unwritten, NaN-poisoned element?)"
-    den = np.linalg.norm(ref)
-    return np.linalg.norm(got - ref) / (den if den > 0 else 1.0)
 
 
 def poisoned(shape, dtype):

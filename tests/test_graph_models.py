@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import rel_err
 from scipy.special import erf
 
 import blasst_ref
@@ -21,12 +22,6 @@ from blasst_ref import graph as bg
 from blasst_ref.graph import models
 
 TOL = 1e-5
-
-
-def rel_err(a, b) -> float:
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 # ---------------------------------------------------------------------------- float64 refs

@@ -4,7 +4,8 @@ Each op is checked on a small hand-written ONNX graph with Hypothesis-drawn shap
 random data: the imported graph, run by the interpreter and compiled, must give what ONNX
 Runtime gives on the same model (bit for bit for integers and booleans, within float32
 rounding for floats). Operands are drawn both as run-time inputs and as initializers, so
-that both the import-time folding and the emitted IR op are exercised. The imported tiny
+that both the import-time folding and the emitted IR op are exercised; the imported graph
+is also exported again (``to_onnx``) and run in ONNX Runtime. The imported tiny
 BERT (a randomly initialised ``transformers.BertModel`` exported with ``torch.onnx.export``)
 is in ``tests/test_onnx_bert.py``.
 """
@@ -24,6 +25,7 @@ ort = pytest.importorskip("onnxruntime", reason="optional extra: pip install 'bl
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from blasst_ref import graph as bg  # noqa: E402
+from blasst_ref.graph.onnx_export import run_onnxruntime  # noqa: E402
 from blasst_ref.graph.onnx_import import SUPPORTED_OPS, OnnxImportError  # noqa: E402
 
 _ELEM = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "bool": TensorProto.BOOL}
@@ -74,8 +76,11 @@ def check(case: Case, tol: float = 1e-6, atol: float = 0.0):
     want = dict(zip(case.outputs, sess.run(None, case.feeds)))
     shapes = {n: a.shape for n, a in case.feeds.items()} if case.dynamic else None
     g = bg.from_onnx(model, input_shapes=shapes)
+    # and back: the imported graph exported again runs the same in ONNX Runtime
+    again = run_onnxruntime(g, case.feeds)
     for how, got in (("interpret", bg.interpret(g, **case.feeds)),
-                     ("compiled", bg.compile(g)(**case.feeds))):
+                     ("compiled", bg.compile(g)(**case.feeds)),
+                     ("re-exported", again)):
         for name, w in want.items():
             v = got[name]
             assert v.shape == w.shape, (how, name, v.shape, w.shape)

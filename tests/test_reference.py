@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import strategies as S
+from helpers import rel_err
 from hypothesis import given
 from hypothesis import strategies as st
 from scipy.special import softmax
@@ -19,11 +20,6 @@ from scipy.special import softmax
 from blasst_ref import dense_attention, reference
 
 RTOL64 = 1e-12  # float64 throughout: only summation order differs between formulations
-
-
-def _rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300)
 
 
 def _loop_attention(q, k, v, causal, scale=None):
@@ -53,7 +49,7 @@ def test_dense_matches_per_row_softmax_loop(case, custom_scale):
     want = _loop_attention(case.q, case.k, case.v, p.causal, scale)
     assert got.shape == p.out_shape
     assert got.dtype == np.float64
-    assert _rel_err(got, want) <= RTOL64
+    assert rel_err(got, want) <= RTOL64
 
 
 @given(S.cases(np.float64, phase="prefill", causal=False, max_lq=40, max_lk=40))
@@ -64,7 +60,7 @@ def test_dense_gqa_reads_kv_head_h_over_group(case):
     for h in range(p.hq):
         g = h // p.group
         want = dense_attention(case.q[:, h:h + 1], case.k[:, g:g + 1], case.v[:, g:g + 1])
-        assert _rel_err(got[:, h:h + 1], want) <= RTOL64
+        assert rel_err(got[:, h:h + 1], want) <= RTOL64
 
 
 @given(st.integers(1, 40), st.integers(1, 16), S.seeds())
@@ -76,7 +72,7 @@ def test_causal_equal_lengths_is_tril_mask(length, d, seed):
     s = np.where(np.tril(np.ones((length, length), bool)), s, -np.inf)
     want = softmax(s, axis=-1) @ v
     got = dense_attention(q, k, v, causal=True)
-    assert _rel_err(got, want) <= RTOL64
+    assert rel_err(got, want) <= RTOL64
 
 
 @given(st.integers(1, 30), st.integers(0, 40), st.integers(1, 12), S.seeds())
@@ -92,10 +88,10 @@ def test_causal_is_bottom_right_aligned(lq, extra, d, seed):
     for i in range(lq):
         n = i + extra + 1
         want = dense_attention(q[:, :, i:i + 1], k[:, :, :n], v[:, :, :n])
-        assert _rel_err(got[:, :, i:i + 1], want) <= RTOL64
+        assert rel_err(got[:, :, i:i + 1], want) <= RTOL64
     # and the last row sees every key: it equals non-causal attention
     full = dense_attention(q[:, :, -1:], k, v)
-    assert _rel_err(got[:, :, -1:], full) <= RTOL64
+    assert rel_err(got[:, :, -1:], full) <= RTOL64
 
 
 @given(st.integers(2, 40), st.integers(1, 30), st.integers(1, 12), S.seeds())
@@ -112,7 +108,7 @@ def test_causal_rows_that_see_no_key_are_zeros(lq, lk, d, seed):
     assert np.all(got[:, :, :blind] == 0.0)
     assert np.all(np.isfinite(got))
     want = dense_attention(q[:, :, blind:], k, v, causal=True)
-    assert _rel_err(got[:, :, blind:], want) <= RTOL64
+    assert rel_err(got[:, :, blind:], want) <= RTOL64
 
 
 @given(S.cases(np.float64, batch=1))

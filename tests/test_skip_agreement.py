@@ -18,6 +18,7 @@ import math
 import numpy as np
 import pytest
 import strategies as S
+from helpers import rel_err
 from hypothesis import event, given, note, target
 from hypothesis import strategies as st
 
@@ -27,11 +28,6 @@ MARGIN_TOL = {np.float64: 1e-9, np.float32: 1e-5, np.float16: 1e-5}
 REL_TOL = {np.float64: 1e-11, np.float32: 1e-5, np.float16: 2e-3}  # see test_attention_properties
 
 DTYPES = [pytest.param(d, id=np.dtype(d).name) for d in S.HOST_DTYPES]
-
-
-def _rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300)
 
 
 def _score_magnitude(case):
@@ -71,7 +67,7 @@ def _check_agreement(case, thresh, dtype, block_q, block_k):
     else:
         assert (st_c.skipped_tiles, st_c.visited_tiles) == (st_r.skipped_tiles, st_r.visited_tiles)
         np.testing.assert_array_equal(st_c.per_head, st_r.per_head)
-        assert _rel_err(out_c, out_r) <= REL_TOL[dtype]
+        assert rel_err(out_c, out_r) <= REL_TOL[dtype]
     target(st_r.sparsity, label="sparsity")  # steer towards inputs where tiles are skipped
     event("some tiles skipped" if st_r.skipped_tiles else "no tile skipped")
 

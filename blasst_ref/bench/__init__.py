@@ -3,17 +3,19 @@
 Subcommands, one module each, listed in :data:`SUBCOMMANDS`:
 
 * ``attention`` (:mod:`.attention`): BLASST attention, dense and sparse, against PyTorch SDPA;
-  ``--preset issue2`` reproduces the measurements of issue #2.
+  ``--preset cpu`` reproduces the CPU tables of docs/BENCHMARKS.md.
 * ``graph`` (:mod:`.graph`): compiled model graphs against the op-by-op interpreter and
-  ONNX Runtime; ``--preset issue5`` reproduces the measurements of issue #5.
+  ONNX Runtime; ``--preset dlrm-bert`` reproduces its tables in docs/BENCHMARKS.md.
 * ``int8`` (:mod:`.int8`): the u8 x s8 ``QMatMul`` kernel and int8 MLP graphs against
-  float32, with the fraction of the VNNI peak; ``--preset issue6``.
+  float32, with the fraction of the VNNI peak; ``--preset matmul-dlrm``.
 
 To add one (e.g. ``graph``, ``int8``): write ``blasst_ref/bench/<name>.py`` with
 ``register(subparsers)`` — it adds its parser and ``set_defaults(func=run, parser=p)`` — and
 ``run(args) -> int``, then add ``"<name>"`` to :data:`SUBCOMMANDS`. Shared pieces:
 :mod:`.machine` (the machine line every table starts with), :mod:`.timing` (warm-up, then
-interleaved repeats, median), :mod:`.oracle` (a memory-bounded float64 dense result).
+interleaved repeats, median), :mod:`.oracle` (a memory-bounded float64 dense result),
+:mod:`.flops` (FLOP and byte counts), :mod:`.backends` (which backends run here),
+:mod:`.torch_peers` (PyTorch SDPA as a peer).
 """
 
 #: Subcommand modules of ``python -m blasst_ref.bench``, in help order. Imported lazily.

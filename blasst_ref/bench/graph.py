@@ -15,7 +15,8 @@ encoder layer, an LLM block) this times, on the same random inputs, in one inter
   when ``onnxruntime`` is installed (``pip install 'blasst_ref[onnx]'``).
 
 It also prints the memory plan: the arena's peak against the naive sum of intermediates.
-``--preset issue5`` runs the cases of issue #5.
+``--preset dlrm-bert`` runs DLRM's bottom and top MLPs at batch 32, 128 and 512 and a BERT
+layer at L=384, batch 1 and 8: the tables of docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import numpy as np
 from . import machine as machine_mod
 from .timing import Variant, measure
 
-#: model name -> builder(batch) of the graph; sizes are issue #5's.
+#: model name -> (builder in :mod:`blasst_ref.graph.models`, its arguments) at a batch and
+#: sequence length.
 MODELS = {
     "dlrm-bottom": lambda b, seq: ("dlrm_bottom_mlp", dict(batch=b)),
     "dlrm-top": lambda b, seq: ("dlrm_top_mlp", dict(batch=b)),
@@ -39,7 +41,7 @@ MODELS = {
 }
 
 PRESETS = {
-    "issue5": [("dlrm-bottom", b, None) for b in (32, 128, 512)]
+    "dlrm-bert": [("dlrm-bottom", b, None) for b in (32, 128, 512)]
     + [("dlrm-top", b, None) for b in (32, 128, 512)]
     + [("bert", b, 384) for b in (1, 8)],
     "quick": [("dlrm-bottom", 32, None), ("dlrm-top", 32, None), ("bert", 1, 64)],
@@ -126,10 +128,12 @@ def register(subparsers) -> argparse.ArgumentParser:
         "graph", help="time compiled graphs against the op-by-op interpreter (and ORT)",
         description=__doc__.split("\n\n")[0].split(": ", 1)[-1],
         epilog="examples:\n"
-               "  python -m blasst_ref.bench graph --preset issue5\n"
+               "  python -m blasst_ref.bench graph --preset dlrm-bert\n"
                "  python -m blasst_ref.bench graph --model bert --batch 1 --seq 128\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="fixed cases (issue5: issue #5's)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="fixed cases: dlrm-bert (the tables of docs/BENCHMARKS.md), "
+                        "quick (seconds)")
     p.add_argument("--model", choices=sorted(MODELS), nargs="+", default=None)
     p.add_argument("--batch", type=int, nargs="+", default=[32])
     p.add_argument("--seq", type=int, default=384, help="sequence length (bert, llm)")

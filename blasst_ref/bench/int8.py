@@ -43,8 +43,8 @@ from . import machine as machine_mod
 from .timing import Variant, measure
 
 PRESETS = {
-    "issue6": [("matmul", 1024), ("matmul", 4096), ("dlrm-bottom", 128), ("dlrm-bottom", 512),
-               ("dlrm-top", 128), ("dlrm-top", 512)],
+    "matmul-dlrm": [("matmul", 1024), ("matmul", 4096), ("dlrm-bottom", 128),
+                    ("dlrm-bottom", 512), ("dlrm-top", 128), ("dlrm-top", 512)],
     "quick": [("matmul", 512), ("dlrm-bottom", 128)],
 }
 
@@ -255,10 +255,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "int8", help="time the u8 x s8 QMatMul kernel and int8 MLP graphs against float32",
         description=__doc__.split("\n\n")[0].split(": ", 1)[-1],
-        epilog="examples:\n  python -m blasst_ref.bench int8 --preset issue6\n"
+        epilog="examples:\n  python -m blasst_ref.bench int8 --preset matmul-dlrm\n"
                "  python -m blasst_ref.bench int8 --size 1024 2048\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="fixed cases: matmul-dlrm (1024^3 and 4096^3 layers, DLRM MLPs at "
+                        "batch 128 and 512: the tables of docs/BENCHMARKS.md), quick")
     p.add_argument("--size", type=int, nargs="+", default=None, help="M = N = K of matmuls")
     p.add_argument("--mlp", nargs="+", default=[], metavar="MODEL:BATCH",
                    help="e.g. dlrm-top:512")

@@ -169,3 +169,26 @@ def calls_needed(variants: list[Variant], repeat: int) -> int:
         timed = max(0, cap - (1 if v.warm_is_timed else 0))
         total += 1 + timed
     return total
+
+
+#: a GPU sample lasts about this long (:func:`back_to_back`)
+GPU_SAMPLE_MS = 5.0
+
+
+def back_to_back(call, sync, target_ms: float = GPU_SAMPLE_MS):
+    """``(timed_fn, n)``: ``timed_fn`` makes ``n`` back-to-back calls (no synchronisation
+    between them) so that one sample lasts about ``target_ms``; divide its time by ``n``.
+    Also serves as the warm-up (compilation) of ``call``."""
+    call()
+    sync()
+    t0 = time.perf_counter()
+    call()
+    sync()
+    one = (time.perf_counter() - t0) * 1e3
+    n = int(min(200, max(1, round(target_ms / max(one, 1e-3)))))
+
+    def timed():
+        for _ in range(n):
+            call()
+
+    return timed, n

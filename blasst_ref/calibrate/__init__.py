@@ -20,6 +20,9 @@ each length, only the *smallest* threshold of a run of thresholds that all give 
 sparsity (a plateau says nothing about how sparsity grows with the threshold, and its many
 points would pull the line towards it).
 
+For one input rather than a law, :func:`find_threshold` (:mod:`.search`) bisects for the
+threshold that skips a target share of its tiles (the benchmarks' ``auto:S`` thresholds).
+
 Run as a program for a calibration on :func:`blasst_ref.workloads.llm_like` inputs::
 
     python -m blasst_ref.calibrate --phase prefill --lengths 1024 2048 4096 8192 \\
@@ -40,8 +43,10 @@ import numpy as np
 from .. import tiling
 from ..api import attention, threshold_for
 from ..reference import dense_attention
+from .search import ThresholdSearch, find_threshold
 
-__all__ = ["Calibration", "CalibrationPoint", "calibrate", "default_thresholds", "FIT_RANGE"]
+__all__ = ["Calibration", "CalibrationPoint", "calibrate", "default_thresholds", "FIT_RANGE",
+           "ThresholdSearch", "find_threshold"]
 
 #: Sparsities that enter the fit (inclusive).
 FIT_RANGE = (0.05, 0.98)

@@ -6,43 +6,27 @@ The kernels are plain ``@njit(parallel=True)`` functions in :mod:`.prefill` and
 calls BLAS on small tiles; a multi-threaded BLAS underneath would oversubscribe the cores).
 
 The kernels are compiled with ``cache=True`` (CI and first calls skip the compile). Numba's
-cache checks the kernel's own file only: after editing ``_math.py`` or ``_online.py``, whose
-functions are inlined into the kernels, delete ``blasst_ref/cpu/__pycache__``.
+cache checks the kernel's own file only: after editing ``_online.py`` or
+:mod:`blasst_ref.numba_utils`, whose functions are inlined into the kernels, delete
+``blasst_ref/cpu/__pycache__``.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 
 import numpy as np
 
 from .. import tiling
+from ..numba_utils import blas_single_threaded
+from ._online import fold_row
 from .decode import decode_merge_kernel, decode_split_kernel
 from .prefill import pack_k_tiles, prefill_kernel
 
 __all__ = [
-    "blasst_attention", "decode_merge_kernel", "decode_split_kernel", "pack_k_tiles",
-    "prefill_kernel",
+    "blasst_attention", "decode_merge_kernel", "decode_split_kernel", "fold_row",
+    "pack_k_tiles", "prefill_kernel",
 ]
-
-_controller = None
-_controller_lock = threading.Lock()
-
-
-def _blas_single_threaded():
-    """Context manager limiting BLAS libraries to one thread (threadpoolctl)."""
-    global _controller
-    with _controller_lock:
-        if _controller is None:
-            # Numba's np.dot calls scipy's BLAS: load it before threadpoolctl takes its
-            # inventory of loaded libraries, or the limit would miss it.
-            import scipy.linalg.cython_blas  # noqa: F401
-            from threadpoolctl import ThreadpoolController
-
-            _controller = ThreadpoolController()
-    return _controller.limit(limits=1, user_api="blas")
-
 
 def blasst_attention(q, k, v, thresh, causal, scale, block_q, block_k, *, skip_test=True,
                      out=None):
@@ -77,7 +61,7 @@ def blasst_attention(q, k, v, thresh, causal, scale, block_q, block_k, *, skip_t
     skip_test = True if skip_test else None  # None: a kernel compiled without the test
     n_kt = tiling.num_tiles(lk, block_k)
 
-    with _blas_single_threaded():
+    with blas_single_threaded():
         if tiling.is_decode(lq):
             split_tiles = tiling.decode_split_tiles(lk, block_k)
             n_splits = tiling.decode_num_splits(lk, block_k)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._math import FASTMATH, exp
+from ..numba_utils import FASTMATH, exp
 from ._online import fold_row, rows_agree_to_skip
 from .prefill import COMPUTED, SKIPPED
 

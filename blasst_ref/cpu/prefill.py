@@ -8,7 +8,7 @@ fast on a CPU core:
   on contiguous tiles; K is packed once per call into transposed tiles
   (:func:`pack_k_tiles`). At the default 128 x 64 tiles Q, one K tile, one V tile and S fit
   in a core's L2;
-* the softmax loop is vectorised (``_math.exp`` is a polynomial LLVM can vectorise);
+* the softmax loop is vectorised (``numba_utils.exp`` is a polynomial LLVM can vectorise);
 * the skip test costs ``block_q`` compares per tile, against ``block_q * block_k`` exps and
   ``2 * block_q * block_k * (Dqk + Dv)`` FLOPs that a skip saves (everything but ``Q K^T``:
   hence the ideal speedup ``2 / (2 - s)`` at sparsity ``s``);
@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._math import FASTMATH
+from ..numba_utils import FASTMATH
 from ._online import fold_row, rows_agree_to_skip
 
 COMPUTED = np.int8(1)

@@ -16,15 +16,19 @@
 Modules, one job each:
 
 * :mod:`.ir` -- the graph: tensors, nodes, the builder, shape inference;
-* :mod:`.ops` -- every op's shape rule and numpy meaning (fused ops included);
+* :mod:`.ops` -- every op described once, in its ``OpDef``: shape rule, numpy meaning
+  (fused ops included), compiled kernel and ONNX form;
 * :mod:`.interpreter` -- the oracle: op by op, in numpy;
 * :mod:`.passes` -- constant folding, attention fusion (-> :func:`blasst_ref.attention`),
-  MatMul post-op fusion, layout merging, weight packing; each ``Graph -> Graph``;
+  MatMul post-op fusion, int8 lowering, layout merging, weight packing; each
+  ``Graph -> Graph``, in the order of ``passes.PIPELINE``, each switchable;
 * :mod:`.memory` -- liveness, best-fit arena placement, in-place reuse;
 * :mod:`.kernels` -- the Numba CPU kernels of the fused ops;
-* :mod:`.compiler` -- ``compile``: passes + plan + kernels -> a callable;
+* :mod:`.steps` -- how the compiled graph runs each op (the ``OpDef``'s kernel);
+* :mod:`.compiler` -- ``compile``: passes + plan + steps -> a callable;
 * :mod:`.models` -- reference graphs: DLRM MLPs, a BERT layer, an LLM block;
 * :mod:`.onnx_export` -- export to ONNX and run ONNX Runtime (optional extra ``onnx``);
+  :mod:`.onnx_forms` -- each op's ONNX form (the ``OpDef``'s ``onnx``);
 * :mod:`.onnx_import` -- ``from_onnx``: real models (BERT/MiniLM exports) into the IR;
 * :mod:`.tensor_ops` -- the ops imported models add (Gather, Cast, Where, Expand, ...);
 * :mod:`.quantize` -- post-training static quantization (``quantize_graph``);

@@ -7,14 +7,9 @@ one preallocated arena at the planner's offsets, made once here; graph outputs a
 arrays on every call (a returned array is never overwritten by a later call). A call is
 then: check the feeds, walk the steps, return the outputs.
 
-The kernels: ``PackedMatMul`` -> :func:`.kernels.matmul_packed` (blocked, on weights packed
-at compile time, post-ops before the store); ``FusedMatMul`` on two activations -> numpy's
-matmul and :func:`.kernels.matmul_epilogue`; ``LayerNorm`` and last-axis ``Softmax`` ->
-their Numba kernels; ``QMatMul`` -> :class:`.int8_kernels.QMatMulPlan` (u8 x s8 -> s32,
-built once here); a per-tensor float32 ``Quantize`` to u8/s8 -> :func:`.int8_kernels.quantize`'s
-one-pass kernel; ``Attention`` -> :func:`blasst_ref.attention`; element-wise ops -> numpy
-ufuncs writing straight into their planned buffer; anything else -> the op's numpy meaning,
-copied into its buffer.
+Which kernel runs an op is part of the op's ``OpDef`` (:attr:`.ops.OpDef.kernel`, a step
+builder of :mod:`.steps`, whose docstring lists them); an op without one runs its numpy
+meaning, copied into its buffer.
 
 A compiled graph keeps state (the arena), so one instance must not run two calls at once.
 """
@@ -23,16 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..cpu import _blas_single_threaded
-from . import kernels as K
+from ..numba_utils import blas_single_threaded
 from . import ops as _ops
-from . import export_fusion as X
 from . import passes as P
+from . import steps as S
 from .interpreter import check_feeds
 from .ir import Graph, GraphError, Node
 from . import memory as _memory
@@ -40,11 +34,9 @@ from .memory import MemoryPlan
 
 __all__ = ["CompiledGraph", "compile"]
 
-_ACT_CODES = {"none": K.ACT_NONE, "relu": K.ACT_RELU, "gelu": K.ACT_GELU,
-              "gelu_tanh": K.ACT_GELU_TANH, "tanh": K.ACT_TANH, "exp": K.ACT_EXP}
-_STATS = "__attention_stats__"  # env key: AttentionStats of this call, per Attention node
-_UFUNCS = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide,
-           "Tanh": np.tanh, "Exp": np.exp}
+#: the passes that ``fuse=False`` switches off
+FUSION_PASSES = ("fuse_gelu_erf", "fuse_layernorm", "fuse_export_attention",
+                 "fuse_attention", "fuse_matmul", "lower_int8", "merge_layout_ops")
 
 
 @dataclass(frozen=True)
@@ -60,8 +52,14 @@ def compile(graph: Graph, *, fuse: bool = True, fold_constants: bool = True,
             int8: bool = True,
             attention_thresh: float = 0.0, attention_backend: str = "cpu",
             attention_block: tuple[int | None, int | None] = (None, None),
+            passes: Mapping[str, bool] | None = None,
             check: bool = False) -> CompiledGraph:
     """Compile ``graph`` into a callable :class:`CompiledGraph`.
+
+    The passes run in the order of :data:`.passes.PIPELINE` (``fold_constants``,
+    ``fuse_gelu_erf``, ``fuse_layernorm``, ``fuse_export_attention``, ``fuse_attention``,
+    ``fuse_matmul``, ``lower_int8``, ``merge_layout_ops``, ``pack_weights``); ``fuse``, ``fold_constants``, ``int8`` and ``matmul_kernel`` switch
+    groups of them, ``passes`` any one.
 
     Args:
         graph: the graph to compile (left unchanged: passes build new graphs).
@@ -87,6 +85,10 @@ def compile(graph: Graph, *, fuse: bool = True, fold_constants: bool = True,
             :func:`blasst_ref.attention`).
         attention_block: ``(block_q, block_k)`` tile sizes of the fused attention
             (``None``: :mod:`blasst_ref.tiling`'s defaults); smaller tiles skip more.
+        passes: ``{pass name: on}`` for single passes, applied after the switches above
+            (``{"fuse_attention": False}`` keeps the attention unfused;
+            ``{"lower_int8": True}`` with ``fuse=False`` runs the int8 lowering alone). An
+            unknown name is a ValueError that lists the passes.
         check: also verify the memory plan (no two live buffers overlap) now.
 
     Returns:
@@ -103,33 +105,44 @@ def compile(graph: Graph, *, fuse: bool = True, fold_constants: bool = True,
                          f"got {attention_backend!r}")
     if not graph.outputs:
         raise GraphError(f"graph {graph.name!r} has no outputs: declare them with g.output()")
+    enabled = {name: True for name in P.PIPELINE}
+    enabled["fold_constants"] = bool(fold_constants)
+    if not fuse:
+        enabled.update(dict.fromkeys(FUSION_PASSES, False))
+    if not int8:
+        enabled["lower_int8"] = False
+    enabled["pack_weights"] = matmul_kernel == "packed"
+    enabled.update(_check_passes(passes))
+    block_q, block_k = attention_block
+    attention = dict(thresh=float(attention_thresh), block_q=block_q, block_k=block_k)
+    pass_args = {"fuse_attention": attention, "fuse_export_attention": attention}
     stages = [Stage("input", graph)]
-
-    def run(name: str, fn: Callable[[Graph], Graph]):
-        stages.append(Stage(name, fn(stages[-1].graph)))
-
-    run("prune", Graph.prune)
-    if fold_constants:
-        run("fold_constants", P.fold_constants)
-    if fuse:
-        block_q, block_k = attention_block
-        run("fuse_gelu_erf", X.fuse_gelu_erf)
-        run("fuse_layernorm", X.fuse_layernorm)
-        run("fuse_export_attention", lambda g: X.fuse_export_attention(
-            g, float(attention_thresh), block_q, block_k))
-        run("fuse_attention", lambda g: P.fuse_attention(g, float(attention_thresh),
-                                                         block_q, block_k))
-        run("fuse_matmul", P.fuse_matmul)
-        if int8:
-            run("lower_int8", P.lower_int8)
-        run("merge_layout_ops", P.merge_layout_ops)
-    if matmul_kernel == "packed":
-        run("pack_weights", P.pack_weights)
+    stages.append(Stage("prune", stages[-1].graph.prune()))
+    for name in P.PIPELINE:
+        if enabled[name]:
+            stages.append(Stage(name, getattr(P, name)(stages[-1].graph,
+                                                        **pass_args.get(name, {}))))
     final = stages[-1].graph
     plan = _memory.plan_memory(final, enabled=plan_memory, inplace=inplace)
     if check:
         _memory.check_plan(final, plan)
     return CompiledGraph(graph, final, plan, stages, attention_backend)
+
+
+def _check_passes(passes) -> dict[str, bool]:
+    """``passes`` of :func:`compile` as a dict, or a clear error."""
+    if passes is None:
+        return {}
+    if not isinstance(passes, Mapping):
+        raise TypeError(f"passes must be a mapping {{pass name: bool}}, got "
+                        f"{type(passes).__name__}")
+    for name, on in passes.items():
+        if name not in P.PIPELINE:
+            raise ValueError(f"passes: unknown pass {name!r}; the passes are "
+                             f"{', '.join(P.PIPELINE)}")
+        if not isinstance(on, (bool, np.bool_)):
+            raise TypeError(f"passes[{name!r}] must be True or False, got {on!r}")
+    return {name: bool(on) for name, on in passes.items()}
 
 
 class CompiledGraph:
@@ -153,7 +166,8 @@ class CompiledGraph:
         self.arena = np.empty(plan.peak_bytes, dtype=np.uint8)
         self._arena_views = {name: _view(self.arena, plan.offsets[name], graph.tensors[name])
                              for name in plan.offsets}
-        self._steps = [_make_step(node, graph, attention_backend) for node in graph.nodes]
+        options = S.StepOptions(attention_backend=attention_backend)
+        self._steps = [_make_step(node, graph, options) for node in graph.nodes]
         self.step_names = [f"{n.op} {n.name}" for n in graph.nodes]
         # graph outputs (and what they view) are fresh arrays on every call; views of
         # inputs/constants are "borrowed" and copied on the way out
@@ -171,7 +185,7 @@ class CompiledGraph:
         # With the packed matmul kernel every parallel loop is a Numba one: BLAS is kept to
         # one thread for the whole call, so that its idle pool threads never spin against
         # Numba's on the same cores (see docs/BENCHMARKS.md, "graph").
-        self._threads = _blas_single_threaded if "PackedMatMul" in graph.count_ops() \
+        self._threads = blas_single_threaded if "PackedMatMul" in graph.count_ops() \
             else contextlib.nullcontext
         #: ``{Attention node name: AttentionStats}`` of the last call (skip statistics).
         self.attention_stats: dict = {}
@@ -191,7 +205,7 @@ class CompiledGraph:
         for name in self._fresh_each_call:
             info = g.tensors[name]
             env[name] = np.empty(info.shape, dtype=info.dtype)
-        env[_STATS] = {}
+        env[S.STATS_KEY] = {}
         clock = time.perf_counter
         with self._threads():
             for i, step in enumerate(self._steps):
@@ -203,7 +217,7 @@ class CompiledGraph:
         else:
             self.first_times[:] = self.times
         self.calls += 1
-        self.attention_stats = env[_STATS]
+        self.attention_stats = env[S.STATS_KEY]
         # an output that is (a view of) an input or a constant must not hand out the
         # caller's or the graph's own array
         return {pub: env[t].copy() if t in self._borrowed else env[t]
@@ -266,166 +280,8 @@ def _view(arena: np.ndarray, offset: int, info) -> np.ndarray:
     return np.ndarray(info.shape, dtype=info.dtype, buffer=arena, offset=offset)
 
 
-def _rows(a: np.ndarray) -> np.ndarray:
-    """``(..., N)`` as a C-contiguous ``(M, N)`` view (a copy only if not contiguous)."""
-    return np.ascontiguousarray(a).reshape(-1, a.shape[-1]) if a.ndim != 2 else \
-        np.ascontiguousarray(a)
-
-
-def _make_step(node: Node, g: Graph, attention_backend: str) -> Callable[[dict], None]:
-    """The closure that runs ``node`` with arrays from the environment."""
-    ins, out, attrs, op = node.inputs, node.outputs[0], node.attrs, node.op
-    out_shape = g.tensors[out].shape
-
-    if op == "PackedMatMul":
-        panels = g.constants[ins[1]]
-        pw = K.PackedWeight(panels, panels.shape[1], attrs["n"], panels.shape[2])
-        act = _ACT_CODES[attrs["act"]]
-        nb, nr = attrs["has_bias"], attrs["has_residual"]
-
-        def step(env):
-            a = env[ins[0]]
-            bias = env[ins[2]].reshape(-1) if nb else None
-            res = _rows(env[ins[-1]]) if nr else None
-            K.matmul_packed(_rows(a), pw, bias, act, res, env[out].reshape(-1, pw.n))
-        return step
-
-    if op == "FusedMatMul":
-        # The product through BLAS (multi-threaded, straight into the planned buffer), then
-        # bias, activation and residual in one serial Numba pass over it (see
-        # kernels.matmul_epilogue's `parallel`) -- instead of numpy's one pass and one new
-        # array per post-op.
-        act = _ACT_CODES[attrs["act"]]
-        nb, nr = attrs["has_bias"], attrs["has_residual"]
-        b_is_weight = ins[1] in g.constants and len(g.tensors[ins[1]].shape) == 2
-        n = out_shape[-1]
-
-        def step(env):
-            o = env[out]
-            res = env[ins[-1]] if nr else None
-            a, b = env[ins[0]], env[ins[1]]
-            if b_is_weight:  # (..., K) @ (K, N) is one 2-D product over the rows
-                a = _rows(a)
-            # the product must not land on the residual before the epilogue has read it
-            y = np.matmul(a, b) if nr and np.shares_memory(o, res) else \
-                np.matmul(a, b, out=o.reshape(a.shape[:-1] + (n,)))
-            bias = env[ins[2]].reshape(-1) if nb else None
-            K.matmul_epilogue(y.reshape(-1, n), bias, act, _rows(res) if nr else None,
-                              o.reshape(-1, n), parallel=False)
-        return step
-
-    if op == "QMatMul":
-        # u8 x s8 -> s32 (VNNI where the CPU has it), compensation, rescale, post-ops and
-        # requantization in one kernel; the weight is packed for vpdpbusd here, once.
-        from . import int8_kernels as Q8
-
-        pw = Q8.pack_int8_weight(g.constants[ins[1]], attrs["w_scale"])
-        nb, nr = attrs["has_bias"], attrs["has_residual"]
-        plan = Q8.QMatMulPlan(pw, attrs["a_scale"], attrs["a_zero_point"],
-                              g.constants[ins[2]].reshape(-1) if nb else None,
-                              _ACT_CODES[attrs["act"]], attrs["out_scale"],
-                              attrs["out_zero_point"])
-        n = out_shape[-1]
-        if nr:
-            def step(env):
-                plan(_rows(env[ins[0]]), residual=_rows(env[ins[-1]]),
-                     out=env[out].reshape(-1, n))
-            return step
-
-        def step(env):  # the common case, kept to one call
-            plan(_rows(env[ins[0]]), None, env[out].reshape(-1, n))
-        return step
-
-    if op == "Quantize" and attrs["axis"] is None and attrs["dtype"] in ("uint8", "int8") \
-            and g.tensors[ins[0]].dtype == "float32":
-        # per-tensor float32 -> u8/s8 (an int8 graph's entry): one compiled pass, bit for
-        # bit ops.quantize_array, instead of numpy's five passes and temporaries
-        from . import int8_kernels as Q8
-
-        lo, hi = _ops.INT_RANGES[attrs["dtype"]]
-        scale, zp = np.float32(attrs["scale"]), int(attrs["zero_point"])
-
-        def step(env):
-            Q8._quantize_run(np.ascontiguousarray(env[ins[0]]).reshape(-1),
-                             env[out].reshape(-1), scale, zp, lo, hi)
-        return step
-
-    if op == "MatMul":
-        if ins[1] in g.constants and len(g.tensors[ins[1]].shape) == 2:
-            n = out_shape[-1]
-            # (..., K) @ (K, N): one 2-D BLAS call over all rows, not one per batch index
-            return lambda env: np.matmul(_rows(env[ins[0]]), env[ins[1]],
-                                         out=env[out].reshape(-1, n))
-        return lambda env: np.matmul(env[ins[0]], env[ins[1]], out=env[out])
-
-    if op == "LayerNorm":
-        eps = attrs["eps"]
-
-        def step(env):
-            o = env[out]
-            K.layernorm(_rows(env[ins[0]]), env[ins[1]], env[ins[2]], eps,
-                        o.reshape(-1, o.shape[-1]))
-        return step
-
-    if op == "Softmax" and attrs["axis"] == len(out_shape) - 1:
-        def step(env):
-            o = env[out]
-            K.softmax_lastaxis(_rows(env[ins[0]]), o.reshape(-1, o.shape[-1]))
-        return step
-
-    if op == "Relu":
-        return lambda env: np.maximum(env[ins[0]], env[ins[0]].dtype.type(0), out=env[out])
-
-    if op == "Gelu" and attrs["approximate"] == "none":
-        def step(env):
-            K.gelu(env[ins[0]].reshape(-1), env[out].reshape(-1))
-        return step
-
-    if op in _UFUNCS:
-        ufunc = _UFUNCS[op]
-        return lambda env: ufunc(*(env[i] for i in ins), out=env[out])
-
-    if op == "Reshape":
-        shape = attrs["shape"]
-
-        def step(env):
-            env[out] = env[ins[0]].reshape(shape)
-        return step
-
-    if op == "Transpose":
-        perm = attrs["perm"]
-        return lambda env: np.copyto(env[out], np.transpose(env[ins[0]], perm))
-
-    if op == "Attention":
-        from ..api import attention
-
-        def step(env):
-            q, k, v = (np.ascontiguousarray(env[i]) for i in ins)
-            o, stats = attention(q, k, v, attrs["thresh"], causal=attrs["causal"],
-                                 scale=attrs["scale"], block_q=attrs["block_q"],
-                                 block_k=attrs["block_k"], backend=attention_backend,
-                                 return_stats=True)
-            np.copyto(env[out], o)
-            env[_STATS][node.name] = stats
-        return step
-
-    if op == "MaskedAttention":
-        def step(env):
-            q, k, v, mask = (np.ascontiguousarray(env[i]) for i in ins)
-            o, stats = X.masked_attention(q, k, v, mask, scale=attrs["scale"],
-                                          thresh=attrs["thresh"],
-                                          zero_nan_rows=attrs["zero_nan_rows"],
-                                          block_q=attrs["block_q"], block_k=attrs["block_k"],
-                                          backend=attention_backend)
-            np.copyto(env[out], o)
-            if stats is not None:
-                env[_STATS][node.name] = stats
-        return step
-
-    evaluate = _ops.get(op).evaluate
-
-    def step(env):  # any other op: its numpy meaning, copied into the planned buffer
-        for name, value in zip(node.outputs, evaluate([env[i] for i in ins], attrs)):
-            np.copyto(env[name], np.asarray(value).reshape(g.tensors[name].shape),
-                      casting="unsafe")
-    return step
+def _make_step(node: Node, g: Graph, options: S.StepOptions) -> Callable[[dict], None]:
+    """The closure that runs ``node``: its ``OpDef``'s kernel, else its numpy meaning."""
+    opdef = _ops.get(node.op, node.name)
+    step = opdef.kernel(node, g, options) if opdef.kernel is not None else None
+    return step if step is not None else S.evaluate_step(node, g, opdef.evaluate)

@@ -34,7 +34,8 @@ from .ir import Graph, Node
 from .ops import OpDef, op_error, register, softmax_array
 
 __all__ = ["MASKED", "fuse_export_attention", "fuse_gelu_erf", "fuse_layernorm",
-           "masked_attention", "masked_attention_array"]
+           "key_padding", "masked_attention", "masked_attention_array",
+           "masked_attention_step"]
 
 #: Mask entries at or below this are "masked" for the key-padding path: exp(-1e4) is 0 in
 #: float32 and float64 alike next to any kept score of a sane model.
@@ -42,15 +43,17 @@ MASKED = -1e4
 
 
 # ---------------------------------------------------------------------------- helpers
-def _consumers(g: Graph):
-    return g.consumers()
-
-
 def _only_reader(g: Graph, users, t: str) -> Node | None:
-    """The single node reading ``t``, if exactly one does and ``t`` is not an output."""
-    if t in g.outputs.values() or len(users[t]) != 1:
-        return None
-    return users[t][0]
+    # passes imports this module for its PIPELINE: import it at call time, not at import
+    from .passes import single_consumer
+
+    return single_consumer(g, users, t)
+
+
+def _rewrite(g: Graph, replace: dict, new_constants: dict | None = None) -> Graph:
+    from .passes import rewrite
+
+    return rewrite(g, replace, new_constants)
 
 
 def _scalar(g: Graph, name: str) -> float | None:
@@ -74,26 +77,12 @@ def _scalar_operand(g: Graph, node: Node, target: float, tol: float = 1e-6):
     return None
 
 
-def _rewrite(g: Graph, replace: dict, new_constants: dict | None = None) -> Graph:
-    """``g`` with nodes replaced (``None`` drops one) and ``new_constants`` added, pruned
-    (as :func:`.passes.rewrite`)."""
-    out = g.rebuild()
-    for name, value in {**g.constants, **(new_constants or {})}.items():
-        out.constant(name, value)
-    for node in g.nodes:
-        for n in (replace[node.name] or []) if node.name in replace else [node]:
-            out.append(n)
-    for pub, t in g.outputs.items():
-        out.output(pub, t)
-    return out.prune()
-
-
 # ---------------------------------------------------------------------------- GELU
 def fuse_gelu_erf(g: Graph) -> Graph:
     """``x * (erf(x / sqrt 2) + 1) * 0.5`` (any order of the products, ``x * (1/sqrt 2)``
     for the division) -> ``Gelu(x)``: the form ``torch.onnx.export`` writes for
     ``nn.GELU()`` / Hugging Face's ``gelu`` below opset 20."""
-    users = _consumers(g)
+    users = g.consumers()
     producers = g.producers()
     replace: dict = {}
     for erf in g.nodes:
@@ -153,7 +142,7 @@ def fuse_layernorm(g: Graph) -> Graph:
     """``u = mean(x); d = x - u; y = d / sqrt(mean(d^2) + eps) * gamma + beta`` over the last
     axis (``Pow(d, 2)`` or ``d * d``; ``gamma``/``beta`` constants of the last axis' size,
     each optional) -> ``LayerNorm(x, gamma, beta, eps)``."""
-    users = _consumers(g)
+    users = g.consumers()
     producers = g.producers()
     fresh = g.name_generator()
     replace: dict = {}
@@ -264,9 +253,29 @@ def _masked_eval(arrays, attrs):
     return [masked_attention_array(q, k, v, mask, attrs["scale"], attrs["zero_nan_rows"])]
 
 
+def masked_attention_step(node, g, options):
+    """The compiled step of ``MaskedAttention`` (the op's kernel, :mod:`.steps` style):
+    :func:`masked_attention`, its skip statistics into ``env[STATS_KEY]``."""
+    from .steps import STATS_KEY
+
+    ins, out, attrs = node.inputs, node.outputs[0], node.attrs
+
+    def step(env):
+        q, k, v, mask = (np.ascontiguousarray(env[i]) for i in ins)
+        o, stats = masked_attention(q, k, v, mask, scale=attrs["scale"],
+                                    thresh=attrs["thresh"], zero_nan_rows=attrs["zero_nan_rows"],
+                                    block_q=attrs["block_q"], block_k=attrs["block_k"],
+                                    backend=options.attention_backend)
+        np.copyto(env[out], o)
+        if stats is not None:
+            env[STATS_KEY][node.name] = stats
+    return step
+
+
 register(OpDef("MaskedAttention", (4, 4), _masked_infer, _masked_eval, _masked_attrs,
                doc="softmax(q k^T scale + mask) v: attention with a run-time additive mask "
-                   "(BLASST over each sequence's unmasked keys when it pads keys)"))
+                   "(BLASST over each sequence's unmasked keys when it pads keys)",
+               kernel=masked_attention_step))
 
 
 def key_padding(mask: np.ndarray):
@@ -344,7 +353,7 @@ def fuse_export_attention(g: Graph, thresh: float = 0.0, block_q: int | None = N
     ``Kt (B, H, D, Lk)``, ``V (B, H, Lk, Dv)``; the scale is ``c1 * c2 * c`` (or ``/ c``).
     Intermediates must have no other reader. Masks that are constants are left to
     :func:`.passes.fuse_attention`, which knows causal ones."""
-    users = _consumers(g)
+    users = g.consumers()
     producers = g.producers()
     fresh = g.name_generator()
     replace: dict = {}

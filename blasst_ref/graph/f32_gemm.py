@@ -51,7 +51,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from ..cpu._math import FASTMATH, exp
+from ..numba_utils import FASTMATH, exp
 
 __all__ = ["KC", "MR", "ROW_BLOCK", "COL_BLOCK", "PackedF32Weight", "available", "backend",
            "gemm", "pack"]

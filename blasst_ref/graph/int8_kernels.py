@@ -1,5 +1,5 @@
 """int8 matmul kernels for the graph executor: u8 x s8 -> s32, the form of ``vpdpbusd``
-(DESIGN.md §7, "int8 for Xeon"; issue #6).
+(DESIGN.md §7, "int8 for Xeon").
 
 What is here (the kernel layer only; the lowering pass that finds Dequantize -> MatMul ->
 Quantize and calls these lives in the passes):
@@ -90,13 +90,13 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .kernels import ACT_NONE, _activate, _check_act, _check_out
+from .kernels import ACT_NONE, activate, check_act, check_out
 
 __all__ = [
     "BACKENDS", "DynamicQMatMulPlan", "MAX_K", "PackedInt8Weight", "QMatMulPlan",
     "asm_of_kernel", "auto_threads", "available_int8_backends", "int8_backend",
     "pack_int8_weight", "qmatmul", "qmatmul_dynamic", "qmatmul_s32", "quantize",
-    "quantize_rows",
+    "quantize_rows", "quantize_unchecked",
     "vnni_peak_macs_per_cycle",
 ]
 
@@ -527,7 +527,7 @@ def _epilogue_tile(c, ldc, mr, nc, r0, n0, n, p, outf, outq, outi, res, fbuf):
         if has_bias:
             for j in range(nc):
                 fbuf[j] += b[j]
-        _activate(fbuf, nc, act)
+        activate(fbuf, nc, act)
         if has_res:
             for j in range(ncu):
                 fbuf[j] += res[ob + j]
@@ -893,7 +893,7 @@ def qmatmul_s32(a_u8, pw, out=None, *, threads=None) -> np.ndarray:
     (``threads``: None picks :func:`auto_threads`, 1 runs on the calling thread)."""
     pw = _check_pw(pw)
     a = _check_a(a_u8, pw)
-    out = _check_out(out, (a.shape[0], pw.n), np.int32)
+    out = check_out(out, (a.shape[0], pw.n), np.int32)
     _launch(a, pw, 0, outi=out, threads=_check_threads(threads))
     return out
 
@@ -922,7 +922,7 @@ class QMatMulPlan:
         self.a_scale = _check_scalar_scale("a_scale", a_scale)
         self.a_zero_point = _check_int("a_zero_point", a_zero_point, 0, 255)
         self.bias = _check_f32("bias", bias, (pw.n,))
-        self.act = _check_act(act)
+        self.act = check_act(act)
         self.threads = _check_threads(threads)
         if out_scale is None:
             if out_zero_point not in (0, None):
@@ -962,12 +962,12 @@ class QMatMulPlan:
         residual = _check_f32("residual", residual, (m, n))
         p = self._p if residual is None else self._params(residual)
         if self.out_scale is None:
-            out = _check_out(out, (m, n), np.float32)
+            out = check_out(out, (m, n), np.float32)
             if np.may_share_memory(out, a_u8):
                 raise ValueError("out must not overlap a_u8")
             _run(a, pw, p, self.schedule(m), outf=out)
         else:
-            out = _check_out(out, (m, n), np.uint8)
+            out = check_out(out, (m, n), np.uint8)
             if np.may_share_memory(out, a_u8):
                 raise ValueError("out must not overlap a_u8")
             if residual is not None and np.may_share_memory(out, residual):
@@ -1063,15 +1063,19 @@ def quantize(x, scale, zero_point, dtype="uint8", out=None, *, threads=None) -> 
     scale = _check_scalar_scale("scale", scale)
     lo, hi = _QRANGE[dtype]
     zp = _check_int("zero_point", zero_point, lo, hi)
-    out = _check_out(out, x.shape, np.dtype(dtype))
+    out = check_out(out, x.shape, np.dtype(dtype))
     threads = _check_threads(threads)
-    _quantize_run(np.ascontiguousarray(x).reshape(-1), out.reshape(-1), scale, zp, lo, hi,
+    quantize_unchecked(np.ascontiguousarray(x).reshape(-1), out.reshape(-1), scale, zp, lo, hi,
                   threads)
     return out
 
 
-def _quantize_run(xf, of, scale, zp, lo, hi, threads=None):
-    """:func:`quantize` on flat, checked arrays (the compiled graph calls this)."""
+def quantize_unchecked(xf, of, scale, zp, lo, hi, threads=None):
+    """:func:`quantize` without its argument checks, for a caller that checked once: ``xf``
+    a flat C-contiguous float32 array, ``of`` a flat array of ``xf``'s size and the target
+    dtype, ``lo``/``hi`` that dtype's range, ``scale`` finite and > 0, ``zp`` in
+    ``[lo, hi]``; ``threads`` as for :func:`quantize`. The compiled graph's ``Quantize``
+    step calls this on every run."""
     n = xf.size
     cap = _num_threads()
     nt = (1 if n < QUANT_SERIAL_ELEMS else cap) if threads is None else min(threads, cap)
@@ -1164,7 +1168,7 @@ class DynamicQMatMulPlan:
     def __init__(self, pw, bias=None, act=ACT_NONE, *, threads=None):
         self.pw = _check_pw(pw)
         self.bias = _check_f32("bias", bias, (pw.n,))
-        self.act = _check_act(act)
+        self.act = check_act(act)
         self.threads = _check_threads(threads)
         self._sched = {}
 
@@ -1177,7 +1181,7 @@ class DynamicQMatMulPlan:
                              f"{getattr(x, 'shape', '')}")
         m, n = x.shape[0], pw.n
         residual = _check_f32("residual", residual, (m, n))
-        out = _check_out(out, (m, n), np.float32)
+        out = check_out(out, (m, n), np.float32)
         if np.may_share_memory(out, x):
             raise ValueError("out must not overlap x")
         q, rscale, rzp = quantize_rows(x, threads=self.threads)

@@ -17,11 +17,11 @@ decide *what* to fuse, these kernels decide *how* a fused op runs fast on a CPU:
 Activation codes (``act``) are small ints so that one compiled kernel serves them all: the
 switch sits outside the inner loops (one branch per row segment, the loops vectorise).
 
-All kernels keep IEEE NaN/inf semantics (``_math.FASTMATH`` has no 'nnan'/'ninf'), accept
+All kernels keep IEEE NaN/inf semantics (``numba_utils.FASTMATH`` has no 'nnan'/'ninf'), accept
 float32 and float64 (one dtype per call) and compute in the input dtype except where noted
 (layernorm's statistics and softmax's row sum accumulate in float64).
 
-Numba's cache checks a kernel's own file only: after editing ``blasst_ref/cpu/_math.py``
+Numba's cache checks a kernel's own file only: after editing ``blasst_ref/numba_utils.py``
 (whose ``exp`` is inlined here), delete ``blasst_ref/graph/__pycache__``.
 """
 
@@ -34,13 +34,12 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ..cpu import _blas_single_threaded
-from ..cpu._math import FASTMATH, exp
+from ..numba_utils import FASTMATH, blas_single_threaded, exp
 
 __all__ = [
     "ACT_NONE", "ACT_RELU", "ACT_GELU", "ACT_GELU_TANH", "ACT_TANH", "ACT_EXP", "ACT_NAMES",
     "PANEL", "ROW_BLOCK", "PackedWeight", "pack_weight", "matmul_packed", "matmul_epilogue",
-    "layernorm", "softmax_lastaxis", "gelu",
+    "layernorm", "softmax_lastaxis", "gelu", "activate", "check_act", "check_out",
 ]
 
 ACT_NONE, ACT_RELU, ACT_GELU, ACT_GELU_TANH, ACT_TANH, ACT_EXP = 0, 1, 2, 3, 4, 5
@@ -74,7 +73,7 @@ _GELU_TANH_C = 0.044715
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _activate(c, n, act):
+def activate(c, n, act):
     """Apply activation ``act`` to ``c[:n]`` in place (``c`` 1-D, contiguous).
 
     One branch on ``act``, then a plain loop per activation, so that each loop vectorises
@@ -118,7 +117,7 @@ def _finish_segment(c, nc, bias, n0, act, residual, i, out):
         b = bias[n0:n0 + nc]
         for j in range(nc):
             c[j] += b[j]
-    _activate(c, nc, act)
+    activate(c, nc, act)
     if residual is not None:
         res = residual[i, n0:n0 + nc]
         for j in range(nc):
@@ -274,10 +273,10 @@ def matmul_packed(a, pw, bias=None, act=ACT_NONE, residual=None, out=None, *, ro
     n = pw.n
     bias = _check_optional("bias", bias, (n,), a.dtype)
     residual = _check_optional("residual", residual, (m, n), a.dtype)
-    out = _check_out(out, (m, n), a.dtype)
+    out = check_out(out, (m, n), a.dtype)
     if np.may_share_memory(out, a):
         raise ValueError("out must not overlap a (a is read while out is written)")
-    act = _check_act(act)
+    act = check_act(act)
     if row_block is not None and (isinstance(row_block, bool) or int(row_block) < 1):
         raise ValueError(f"row_block must be a positive int, got {row_block!r}")
     if m == 0:
@@ -289,7 +288,7 @@ def matmul_packed(a, pw, bias=None, act=ACT_NONE, residual=None, out=None, *, ro
     else:
         # each thread calls BLAS on its own block: a multi-threaded BLAS underneath would
         # oversubscribe the cores
-        with _blas_single_threaded():
+        with blas_single_threaded():
             _matmul_packed_par(a, pw.panels, n, bias, act, residual, out, mb)
     return out
 
@@ -352,8 +351,8 @@ def matmul_epilogue(y, bias=None, act=ACT_NONE, residual=None, out=None, *, para
     m, n = y.shape
     bias = _check_optional("bias", bias, (n,), y.dtype)
     residual = _check_optional("residual", residual, (m, n), y.dtype)
-    out = _check_out(out, (m, n), y.dtype)
-    act = _check_act(act)
+    out = check_out(out, (m, n), y.dtype)
+    act = check_act(act)
     if y.size:
         (_epilogue_kernel if parallel else _epilogue_serial)(y, bias, act, residual, out, _SEG)
     return out
@@ -404,7 +403,7 @@ def layernorm(x, gamma, beta, eps=1e-5, out=None):
     eps = float(eps)
     if not eps >= 0.0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    out = _check_out(out, (m, n), x.dtype)
+    out = check_out(out, (m, n), x.dtype)
     if x.size:
         _layernorm_kernel(x, gamma, beta, eps, out)
     return out
@@ -460,7 +459,7 @@ def _softmax_kernel(x, out):
 def softmax_lastaxis(x, out=None):
     """Softmax over the last axis of ``x`` ``(M, N)``; ``out`` ``(M, N)`` may alias ``x``."""
     x = _check_array("x", x, ndim=2)
-    out = _check_out(out, x.shape, x.dtype)
+    out = check_out(out, x.shape, x.dtype)
     if x.size:
         _softmax_kernel(x, out)
     return out
@@ -476,7 +475,7 @@ def _act_kernel(x, act, out, seg):
         c = np.empty(nc, x.dtype)
         for j in range(nc):
             c[j] = x[n0 + j]
-        _activate(c, nc, act)
+        activate(c, nc, act)
         for j in range(nc):
             out[n0 + j] = c[j]
 
@@ -488,7 +487,7 @@ def gelu(x, out=None, *, approximate=False):
     ``True``: the tanh form ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``.
     """
     x = _check_array("x", x, ndim=None)
-    out = _check_out(out, x.shape, x.dtype)
+    out = check_out(out, x.shape, x.dtype)
     if x.size:
         act = ACT_GELU_TANH if approximate else ACT_GELU
         _act_kernel(x.reshape(-1), act, out.reshape(-1), _SEG)
@@ -521,7 +520,7 @@ def _check_optional(name, x, shape, dtype):
     return None if x is None else _check_array(name, x, ndim=len(shape), dtype=dtype, shape=shape)
 
 
-def _check_out(out, shape, dtype, name="out"):
+def check_out(out, shape, dtype, name="out"):
     """``out`` checked (a C-contiguous, writeable array of ``shape``/``dtype``), or a new one."""
     if out is None:
         return np.empty(shape, dtype)
@@ -535,7 +534,8 @@ def _check_out(out, shape, dtype, name="out"):
     return out
 
 
-def _check_act(act):
+def check_act(act):
+    """``act`` as an int if it is one of the ``ACT_*`` codes, else a ValueError."""
     if isinstance(act, bool) or not isinstance(act, (int, np.integer)) or not 0 <= act < len(ACT_NAMES):
         raise ValueError(f"act must be one of the ACT_* codes 0..{len(ACT_NAMES) - 1} "
                          f"({', '.join(ACT_NAMES)}), got {act!r}")

@@ -12,26 +12,9 @@
 ``onnx`` and ``onnxruntime`` are an optional extra (``pip install 'blasst_ref[onnx]'``),
 imported only when a function here is called.
 
-Op mapping (default opset 20; 17 to 19 work too, with GELU decomposed):
-
-===============================  ================================================
-IR op                            ONNX
-===============================  ================================================
-MatMul, Add, Sub, Mul, Div       the same ops (numpy broadcasting in both)
-Relu, Tanh, Exp                  the same ops
-Gelu(approximate)                ``Gelu`` (opset 20); below 20, ``0.5 x (1 + Erf(x /
-                                 sqrt 2))`` or the tanh form from basic ops. float64
-                                 erf-GELU runs in float32 between two ``Cast``s (ORT's
-                                 CPU provider has no float64 ``Erf``)
-Softmax(axis)                    ``Softmax(axis)`` (opset >= 13: along one axis)
-LayerNorm(eps)                   ``LayerNormalization(axis=-1, epsilon=eps)``
-Transpose(perm)                  ``Transpose(perm)``
-Reshape(shape)                   ``Reshape`` with an int64 shape initializer
-Quantize(scale, zp, dtype, axis) ``QuantizeLinear`` (float32 in; a ``Cast`` first
-                                 otherwise), ``y_zero_point`` of ``dtype``
-Dequantize(scale, zp, axis)      ``DequantizeLinear`` (float32 out; a ``Cast`` after
-                                 for float16/float64)
-===============================  ================================================
+Each op's ONNX form lives with its ``OpDef`` (:attr:`~.ops.OpDef.onnx`); the forms, and the
+table of which IR op becomes which ONNX op, are in :mod:`.onnx_forms` (default opset 20;
+17 to 19 work too, with GELU decomposed).
 
 Constants become initializers under their own names; inputs keep their names (so feeds
 need no renaming); each graph output is an ONNX output under its public name (an
@@ -43,24 +26,22 @@ ONNX form here: export the graph *before* compiling it. They raise
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
+from . import ops as _ops
 from .interpreter import check_feeds
 from .ir import Graph, GraphError
 
-__all__ = ["DEFAULT_OPSET", "SUPPORTED_OPS", "UnsupportedOpError", "onnxruntime_session",
-           "run_onnxruntime", "to_onnx"]
+__all__ = ["DEFAULT_OPSET", "SUPPORTED_OPS", "OnnxBuilder", "UnsupportedOpError",
+           "onnxruntime_session", "run_onnxruntime", "to_onnx"]
 
 #: The default ONNX opset: 20 has ``Gelu``; onnx >= 1.15 and onnxruntime >= 1.17 know it.
 DEFAULT_OPSET = 20
 #: The lowest opset accepted: 17 has ``LayerNormalization``.
 MIN_OPSET = 17
 
-#: IR ops :func:`to_onnx` can export.
-SUPPORTED_OPS = ("MatMul", "Add", "Sub", "Mul", "Div", "Relu", "Gelu", "Tanh", "Exp",
-                 "Softmax", "LayerNorm", "Transpose", "Reshape", "Quantize", "Dequantize")
+#: IR ops :func:`to_onnx` can export: those whose ``OpDef`` has an ONNX form.
+SUPPORTED_OPS = tuple(name for name, opdef in _ops.OPS.items() if opdef.onnx is not None)
 
 _INSTALL = "pip install 'blasst_ref[onnx]'"
 
@@ -92,8 +73,13 @@ def _elem_type(onnx, dtype: str) -> int:
     return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
-class _Builder:
-    """Collects ONNX nodes and initializers with names that do not clash with the graph's."""
+class OnnxBuilder:
+    """Collects ONNX nodes and initializers with names that do not clash with the graph's:
+    what an op's ONNX form (:mod:`.onnx_forms`) writes to.
+
+    Attributes:
+        graph: the graph being exported. onnx: the ``onnx`` module.
+    """
 
     def __init__(self, graph: Graph, onnx, helper, numpy_helper, reserved):
         self.graph = graph
@@ -105,6 +91,7 @@ class _Builder:
         self._n = 0
 
     def fresh(self, base: str) -> str:
+        """A new tensor name ``base__onnxN`` that clashes with nothing in the model."""
         while True:
             name = f"{base}__onnx{self._n}"
             self._n += 1
@@ -113,106 +100,23 @@ class _Builder:
                 return name
 
     def const(self, base: str, value: np.ndarray) -> str:
+        """A new initializer holding ``value``; returns its name."""
         name = self.fresh(base)
         self.initializers.append(self.numpy_helper.from_array(np.asarray(value), name))
         return name
 
     def node(self, op: str, inputs, outputs, name: str, **attrs):
+        """Append the ONNX node ``op(inputs) -> outputs`` with attributes ``attrs``."""
         self.nodes.append(self.helper.make_node(op, list(inputs), list(outputs), name=name,
                                                 **attrs))
 
     def tensor(self, name: str) -> str:
+        """The ONNX name of the graph's tensor ``name``."""
         return self.rename.get(name, name)
 
-
-def _gelu_nodes(b: _Builder, x: str, y: str, dtype: str, approximate: str, name: str):
-    """GELU from basic ops, for opsets below 20."""
-    def c(base, v):
-        return b.const(f"{name}.{base}", np.asarray(v, dtype=dtype))
-
-    t = [b.fresh(f"{name}.t") for _ in range(6)]
-    if approximate == "tanh":
-        # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-        b.node("Mul", [x, x], [t[0]], f"{name}.x2")
-        b.node("Mul", [t[0], x], [t[1]], f"{name}.x3")
-        b.node("Mul", [t[1], c("k", 0.044715)], [t[2]], f"{name}.kx3")
-        b.node("Add", [x, t[2]], [t[3]], f"{name}.inner")
-        b.node("Mul", [t[3], c("s", math.sqrt(2.0 / math.pi))], [t[4]], f"{name}.scaled")
-        b.node("Tanh", [t[4]], [t[5]], f"{name}.tanh")
-    else:
-        # 0.5 x (1 + erf(x / sqrt 2))
-        b.node("Div", [x, c("sqrt2", math.sqrt(2.0))], [t[4]], f"{name}.div")
-        b.node("Erf", [t[4]], [t[5]], f"{name}.erf")
-    one_plus = b.fresh(f"{name}.onep")
-    half_x = b.fresh(f"{name}.halfx")
-    b.node("Add", [t[5], c("one", 1.0)], [one_plus], f"{name}.add1")
-    b.node("Mul", [x, c("half", 0.5)], [half_x], f"{name}.half")
-    b.node("Mul", [half_x, one_plus], [y], f"{name}.out")
-
-
-def _quant_param_arrays(attrs, zp_dtype):
-    scale = np.asarray(attrs["scale"], np.float32)
-    zp = np.asarray(attrs["zero_point"]).astype(zp_dtype)
-    if attrs["axis"] is None:
-        scale, zp = scale.reshape(()), zp.reshape(())
-    return scale, zp
-
-
-def _export_node(b: _Builder, node, opset: int):
-    g = b.graph
-    op, attrs = node.op, node.attrs
-    ins = [b.tensor(i) for i in node.inputs]
-    outs = [b.tensor(o) for o in node.outputs]
-    name = node.name
-    out_dtype = g.tensors[node.outputs[0]].dtype
-    if op in ("MatMul", "Add", "Sub", "Mul", "Div", "Relu", "Tanh", "Exp"):
-        b.node(op, ins, outs, name)
-    elif op == "Gelu" and out_dtype == "float64" and attrs["approximate"] == "none":
-        # ONNX Runtime's CPU provider has no float64 Erf: this GELU runs in float32
-        x32, y32 = b.fresh(f"{name}.x32"), b.fresh(f"{name}.y32")
-        b.node("Cast", ins, [x32], f"{name}.cast_in", to=b.onnx.TensorProto.FLOAT)
-        if opset >= 20:
-            b.node("Gelu", [x32], [y32], name, approximate="none")
-        else:
-            _gelu_nodes(b, x32, y32, "float32", "none", name)
-        b.node("Cast", [y32], outs, f"{name}.cast_out", to=b.onnx.TensorProto.DOUBLE)
-    elif op == "Gelu":
-        if opset >= 20:
-            b.node("Gelu", ins, outs, name, approximate=attrs["approximate"])
-        else:
-            _gelu_nodes(b, ins[0], outs[0], out_dtype, attrs["approximate"], name)
-    elif op == "Softmax":
-        b.node("Softmax", ins, outs, name, axis=int(attrs["axis"]))
-    elif op == "LayerNorm":
-        b.node("LayerNormalization", ins, outs, name, axis=-1, epsilon=float(attrs["eps"]))
-    elif op == "Transpose":
-        b.node("Transpose", ins, outs, name, perm=[int(p) for p in attrs["perm"]])
-    elif op == "Reshape":
-        shape = b.const(f"{name}.shape", np.asarray(attrs["shape"], np.int64))
-        b.node("Reshape", [ins[0], shape], outs, name)
-    elif op == "Quantize":
-        x = ins[0]
-        if g.tensors[node.inputs[0]].dtype != "float32":
-            x = b.fresh(f"{name}.f32")
-            b.node("Cast", [ins[0]], [x], f"{name}.cast", to=b.onnx.TensorProto.FLOAT)
-        scale, zp = _quant_param_arrays(attrs, attrs["dtype"])
-        kw = {} if attrs["axis"] is None else {"axis": int(attrs["axis"])}
-        b.node("QuantizeLinear", [x, b.const(f"{name}.scale", scale),
-                                  b.const(f"{name}.zero_point", zp)], outs, name, **kw)
-    elif op == "Dequantize":
-        in_dtype = g.tensors[node.inputs[0]].dtype
-        scale, zp = _quant_param_arrays(attrs, in_dtype)
-        kw = {} if attrs["axis"] is None else {"axis": int(attrs["axis"])}
-        y = outs[0] if out_dtype == "float32" else b.fresh(f"{name}.f32")
-        b.node("DequantizeLinear", [ins[0], b.const(f"{name}.scale", scale),
-                                    b.const(f"{name}.zero_point", zp)], [y], name, **kw)
-        if y != outs[0]:
-            b.node("Cast", [y], outs, f"{name}.cast", to=_elem_type(b.onnx, out_dtype))
-    else:
-        raise UnsupportedOpError(
-            f"to_onnx: op {op!r} (node {name!r}) has no ONNX export; supported ops: "
-            f"{', '.join(SUPPORTED_OPS)}. Fused ops come from compiler passes: export the "
-            "graph before compiling it")
+    def elem_type(self, dtype: str) -> int:
+        """The ONNX element type of a numpy dtype name."""
+        return _elem_type(self.onnx, dtype)
 
 
 def to_onnx(graph: Graph, *, opset: int | None = None, name: str | None = None):
@@ -237,8 +141,9 @@ def to_onnx(graph: Graph, *, opset: int | None = None, name: str | None = None):
     opset = DEFAULT_OPSET if opset is None else int(opset)
     if opset < MIN_OPSET:
         raise ValueError(f"opset must be >= {MIN_OPSET} (LayerNormalization), got {opset}")
-    for node in graph.nodes:  # fail before building anything
-        if node.op not in SUPPORTED_OPS:
+    forms = [_ops.get(node.op, node.name).onnx for node in graph.nodes]
+    for node, form in zip(graph.nodes, forms):  # fail before building anything
+        if form is None:
             raise UnsupportedOpError(
                 f"to_onnx: op {node.op!r} (node {node.name!r}) has no ONNX export; supported "
                 f"ops: {', '.join(SUPPORTED_OPS)}. Fused ops come from compiler passes: "
@@ -249,7 +154,7 @@ def to_onnx(graph: Graph, *, opset: int | None = None, name: str | None = None):
         if pub in graph.inputs and tname != pub:
             raise GraphError(f"to_onnx: output {pub!r} has the name of an input but is "
                              f"tensor {tname!r}; ONNX names outputs and inputs in one space")
-    b = _Builder(graph, onnx, helper, numpy_helper, reserved=public)
+    b = OnnxBuilder(graph, onnx, helper, numpy_helper, reserved=public)
     # Internal tensors whose names a public output takes are renamed (inputs never are).
     for tname in graph.tensors:
         if tname in graph.outputs and tname not in graph.inputs and \
@@ -261,8 +166,8 @@ def to_onnx(graph: Graph, *, opset: int | None = None, name: str | None = None):
               for n in graph.inputs]
     for cname, value in graph.constants.items():
         b.initializers.append(numpy_helper.from_array(np.asarray(value), b.tensor(cname)))
-    for node in graph.nodes:
-        _export_node(b, node, opset)
+    for node, form in zip(graph.nodes, forms):
+        form(b, node, opset)
     outputs = []
     for pub, tname in graph.outputs.items():
         info = graph.tensors[tname]

@@ -1,4 +1,4 @@
-"""The op set of the graph IR: for every op, its shape/dtype rule and its numpy meaning.
+"""The op set of the graph IR: every op described once, in one :class:`OpDef` each.
 
 Each op is an :class:`OpDef` in the registry :data:`OPS`:
 
@@ -10,7 +10,10 @@ Each op is an :class:`OpDef` in the registry :data:`OPS`:
   the compiled kernels are tested against it;
 * ``elementwise`` (the output has the shape of an input and element ``i`` depends only on
   element ``i`` of each input: the memory planner may write it in place of an input that
-  dies there) and ``view`` (the output is a view of input 0: a reshape costs nothing).
+  dies there) and ``view`` (the output is a view of input 0: a reshape costs nothing);
+* ``kernel``: how the compiled graph runs it, a step builder of :mod:`.steps` (none: its
+  numpy meaning, copied into its planned buffer);
+* ``onnx``: its ONNX form, a function of :mod:`.onnx_forms` (none: it cannot be exported).
 
 The fused ops that passes create (``FusedMatMul``, ``PackedMatMul``, ``Attention``) are
 ops like any other, with a numpy meaning, so a graph after any pass still runs in the
@@ -24,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from . import onnx_forms, steps
 
 __all__ = ["OPS", "OpDef", "get", "quantize_array", "dequantize_array", "gelu_array"]
 
@@ -42,7 +47,8 @@ def _desc(t) -> str:
 
 @dataclass(frozen=True)
 class OpDef:
-    """An op: its arity, attribute normaliser, shape rule and numpy evaluation."""
+    """An op: its arity, attribute normaliser, shape rule, numpy evaluation, compiled kernel
+    and ONNX form."""
 
     name: str
     n_inputs: tuple[int, int]
@@ -56,6 +62,13 @@ class OpDef:
     #: take when that input dies at this node (the compiled kernel is correct when its
     #: output aliases them). Default: every input of an element-wise op, none otherwise.
     inplace: Callable | None = None
+    #: ``kernel(node, graph, options)`` -> ``step(env)``: how the compiled graph runs this
+    #: op (:mod:`.steps`). ``None``, or a kernel that returns None for a node's attributes:
+    #: :func:`.steps.evaluate_step`, the numpy meaning copied into the planned buffer.
+    kernel: Callable | None = None
+    #: ``onnx(builder, node, opset)``: appends the op's ONNX form (:mod:`.onnx_forms`);
+    #: ``None``: no ONNX form (the fused ops that compiler passes create).
+    onnx: Callable | None = None
 
     def inplace_inputs(self, attrs, n_inputs: int) -> tuple[int, ...]:
         """Indices of the inputs that the output may overwrite (see :attr:`inplace`)."""
@@ -78,7 +91,7 @@ OPS: dict[str, OpDef] = {}
 
 
 def register(opdef: OpDef) -> OpDef:
-    """Add an op to :data:`OPS` (the [int8] lowering registers its fused ops this way)."""
+    """Add an op to :data:`OPS` (the int8 lowering registers its fused ops this way)."""
     OPS[opdef.name] = opdef
     return opdef
 
@@ -129,7 +142,8 @@ def _binary(name, fn, doc):
     def evaluate(arrays, attrs):
         return [fn(arrays[0], arrays[1])]
 
-    register(OpDef(name, (2, 2), infer, evaluate, elementwise=True, doc=doc))
+    register(OpDef(name, (2, 2), infer, evaluate, elementwise=True, doc=doc,
+                   kernel=steps.ufunc(fn), onnx=onnx_forms.same_op))
 
 
 _binary("Add", np.add, "a + b (numpy broadcasting)")
@@ -150,7 +164,7 @@ def gelu_array(x: np.ndarray, approximate: str = "none") -> np.ndarray:
     return (0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))).astype(x.dtype, copy=False)
 
 
-def _unary(name, fn, doc, normalize=None):
+def _unary(name, fn, doc, normalize=None, *, kernel, onnx=onnx_forms.same_op):
     def infer(inputs, attrs, node):
         _require_float(name, node, inputs)
         return [(inputs[0].shape, inputs[0].dtype)]
@@ -158,7 +172,8 @@ def _unary(name, fn, doc, normalize=None):
     def evaluate(arrays, attrs):
         return [fn(arrays[0], attrs)]
 
-    register(OpDef(name, (1, 1), infer, evaluate, normalize, elementwise=True, doc=doc))
+    register(OpDef(name, (1, 1), infer, evaluate, normalize, elementwise=True, doc=doc,
+                   kernel=kernel, onnx=onnx))
 
 
 def _gelu_attrs(inputs, attrs, node):
@@ -168,11 +183,11 @@ def _gelu_attrs(inputs, attrs, node):
     return {"approximate": approx}
 
 
-_unary("Relu", lambda x, a: np.maximum(x, x.dtype.type(0)), "max(x, 0)")
+_unary("Relu", lambda x, a: np.maximum(x, x.dtype.type(0)), "max(x, 0)", kernel=steps.relu)
 _unary("Gelu", lambda x, a: gelu_array(x, a["approximate"]), "GELU (erf, or tanh form)",
-       _gelu_attrs)
-_unary("Tanh", lambda x, a: np.tanh(x), "tanh(x)")
-_unary("Exp", lambda x, a: np.exp(x), "exp(x)")
+       _gelu_attrs, kernel=steps.gelu, onnx=onnx_forms.gelu)
+_unary("Tanh", lambda x, a: np.tanh(x), "tanh(x)", kernel=steps.ufunc(np.tanh))
+_unary("Exp", lambda x, a: np.exp(x), "exp(x)", kernel=steps.ufunc(np.exp))
 
 
 # ---------------------------------------------------------------------------- MatMul
@@ -197,7 +212,8 @@ def _matmul_infer(inputs, attrs, node):
 
 
 register(OpDef("MatMul", (2, 2), _matmul_infer, lambda a, attrs: [np.matmul(a[0], a[1])],
-               doc="(..., M, K) @ (..., K, N), batch dims broadcast"))
+               doc="(..., M, K) @ (..., K, N), batch dims broadcast",
+               kernel=steps.matmul, onnx=onnx_forms.same_op))
 
 
 # ---------------------------------------------------------------------------- Softmax
@@ -221,7 +237,8 @@ def softmax_array(x: np.ndarray, axis: int) -> np.ndarray:
 register(OpDef("Softmax", (1, 1),
                lambda i, a, n: (_require_float("Softmax", n, i), [(i[0].shape, i[0].dtype)])[1],
                lambda arrs, a: [softmax_array(arrs[0], a["axis"])], _axis_attrs("Softmax"),
-               doc="safe softmax along axis", inplace=lambda a, n: (0,)))
+               doc="safe softmax along axis", inplace=lambda a, n: (0,),
+               kernel=steps.softmax, onnx=onnx_forms.softmax))
 
 
 # ---------------------------------------------------------------------------- LayerNorm
@@ -254,7 +271,7 @@ def layernorm_array(x, gamma, beta, eps):
 register(OpDef("LayerNorm", (3, 3), _layernorm_infer,
                lambda a, attrs: [layernorm_array(a[0], a[1], a[2], attrs["eps"])],
                _layernorm_attrs, doc="(x - mean) / sqrt(var + eps) * gamma + beta, last axis",
-               inplace=lambda a, n: (0,)))
+               inplace=lambda a, n: (0,), kernel=steps.layernorm, onnx=onnx_forms.layernorm))
 
 
 # ---------------------------------------------------------------------------- layout ops
@@ -271,7 +288,8 @@ def _transpose_attrs(inputs, attrs, node):
 register(OpDef("Transpose", (1, 1),
                lambda i, a, n: [(tuple(i[0].shape[p] for p in a["perm"]), i[0].dtype)],
                lambda arrs, a: [np.ascontiguousarray(np.transpose(arrs[0], a["perm"]))],
-               _transpose_attrs, doc="permute axes"))
+               _transpose_attrs, doc="permute axes",
+               kernel=steps.transpose, onnx=onnx_forms.transpose))
 
 
 def _reshape_attrs(inputs, attrs, node):
@@ -292,7 +310,7 @@ def _reshape_attrs(inputs, attrs, node):
 
 register(OpDef("Reshape", (1, 1), lambda i, a, n: [(a["shape"], i[0].dtype)],
                lambda arrs, a: [arrs[0].reshape(a["shape"])], _reshape_attrs, view=True,
-               doc="reshape in C order (a view)"))
+               doc="reshape in C order (a view)", kernel=steps.reshape, onnx=onnx_forms.reshape))
 
 
 # ---------------------------------------------------------------------------- int8
@@ -392,11 +410,13 @@ def _dequantize_infer(inputs, attrs, node):
 register(OpDef("Quantize", (1, 1), _quantize_infer,
                lambda a, t: [quantize_array(a[0], t["scale"], t["zero_point"], t["dtype"],
                                             t["axis"])],
-               _quantize_attrs, doc="float -> u8/s8: saturate(round_half_even(x/s) + zp)"))
+               _quantize_attrs, doc="float -> u8/s8: saturate(round_half_even(x/s) + zp)",
+               kernel=steps.quantize, onnx=onnx_forms.quantize))
 register(OpDef("Dequantize", (1, 1), _dequantize_infer,
                lambda a, t: [dequantize_array(a[0], t["scale"], t["zero_point"], t["dtype"],
                                               t["axis"])],
-               _dequantize_attrs, doc="u8/s8/s32 -> float: (q - zp) * s"))
+               _dequantize_attrs, doc="u8/s8/s32 -> float: (q - zp) * s",
+               onnx=onnx_forms.dequantize))
 
 
 # ---------------------------------------------------------------------------- fused ops
@@ -472,7 +492,7 @@ def _fused_matmul_eval(arrays, attrs):
 register(OpDef("FusedMatMul", (2, 4), _fused_matmul_infer, _fused_matmul_eval,
                _fused_matmul_attrs,
                doc="act(a @ b + bias) + residual: MatMul with its post-op chain",
-               inplace=_residual_inplace))
+               inplace=_residual_inplace, kernel=steps.fused_matmul))
 
 
 def unpack_panels(panels: np.ndarray, n: int) -> np.ndarray:
@@ -506,7 +526,8 @@ def _packed_eval(arrays, attrs):
 
 register(OpDef("PackedMatMul", (2, 4), _packed_infer, _packed_eval, _packed_attrs,
                doc="FusedMatMul on a constant weight packed at compile time into "
-                   "(ceil(N/panel), K, panel) panels", inplace=_residual_inplace))
+                   "(ceil(N/panel), K, panel) panels", inplace=_residual_inplace,
+               kernel=steps.packed_matmul))
 
 
 def _attention_attrs(inputs, attrs, node):
@@ -548,7 +569,8 @@ def _attention_eval(arrays, attrs):
 
 register(OpDef("Attention", (3, 3), _attention_infer, _attention_eval, _attention_attrs,
                doc="blasst_ref.attention(q, k, v, thresh, causal, scale): "
-                   "MatMul -> scale -> (mask) -> Softmax -> MatMul in one BLASST call"))
+                   "MatMul -> scale -> (mask) -> Softmax -> MatMul in one BLASST call",
+               kernel=steps.attention))
 
 
 # ---------------------------------------------------------------------------- int8 (fused)
@@ -627,9 +649,10 @@ def _qmatmul_eval(arrays, attrs):
 
 register(OpDef("QMatMul", (2, 4), _qmatmul_infer, _qmatmul_eval, _qmatmul_attrs,
                doc="u8 x s8 -> s32 matmul with zero-point compensation, rescale, post-ops "
-                   "and optional u8 requantisation (the [int8] lowering of Dequantize -> "
+                   "and optional u8 requantisation (the int8 lowering of Dequantize -> "
                    "MatMul -> post-ops -> Quantize)",
-               inplace=lambda attrs, n: ()))
+               inplace=lambda attrs, n: (), kernel=steps.qmatmul))
+
 
 
 # ---------------------------------------------------------------------------- for op modules

@@ -34,7 +34,8 @@ import numpy as np
 from .ops import (FLOATS, OpDef, apply_activation, fused_matmul_attrs, matmul_shape,
                   op_error, register)
 
-__all__ = ["dequantize_rows_array", "qmatmul_dynamic_array", "quantize_rows_array"]
+__all__ = ["dequantize_rows_array", "qmatmul_dynamic_array", "qmatmul_dynamic_step",
+           "quantize_rows_array"]
 
 
 def quantize_rows_array(x: np.ndarray):
@@ -145,9 +146,31 @@ def _qmatmul_dynamic_eval(arrays, attrs):
     return [qmatmul_dynamic_array(x, w, bias, residual, attrs)]
 
 
+def qmatmul_dynamic_step(node, g, options):
+    """The compiled step of ``QMatMulDynamic``: the weight packed for the VNNI kernel and a
+    :class:`~.int8_kernels.DynamicQMatMulPlan` built once, here."""
+    from . import int8_kernels as Q8
+    from .steps import ACT_CODES
+
+    ins, out, attrs = node.inputs, node.outputs[0], node.attrs
+    pw = Q8.pack_int8_weight(g.constants[ins[1]], attrs["w_scale"])
+    nb, nr = attrs["has_bias"], attrs["has_residual"]
+    plan = Q8.DynamicQMatMulPlan(pw, g.constants[ins[2]].reshape(-1) if nb else None,
+                                 ACT_CODES[attrs["act"]])
+    n = pw.n
+
+    def rows(a):
+        return np.ascontiguousarray(a).reshape(-1, a.shape[-1])
+
+    def step(env):
+        res = rows(env[ins[-1]]) if nr else None
+        plan(rows(env[ins[0]]), res, env[out].reshape(-1, n))
+    return step
+
+
 register(OpDef("QMatMulDynamic", (2, 4), _qmatmul_dynamic_infer, _qmatmul_dynamic_eval,
                _qmatmul_dynamic_attrs,
                doc="float32 rows quantized to u8 at run time (per-row scale), u8 x s8 -> "
                    "s32, per-row rescale and compensation, post-ops (the int8 lowering of "
                    "DequantizeRows(DynamicQuantizeRows(x)) @ Dequantize(w) -> post-ops)",
-               inplace=lambda attrs, n: ()))
+               inplace=lambda attrs, n: (), kernel=qmatmul_dynamic_step))

@@ -1,19 +1,28 @@
 """Compiler passes: each a pure function ``Graph -> Graph`` (DESIGN.md §7).
 
-In the order :func:`blasst_ref.graph.compile` runs them:
+In the order :func:`blasst_ref.graph.compile` runs them, which :data:`PIPELINE` defines
+(each can be switched off: ``compile(g, passes={"fuse_attention": False})``):
 
 1. :func:`fold_constants` -- a node whose inputs are all constants is evaluated once, now,
    and becomes a constant (e.g. a weight transposed in the model definition).
-2. :func:`fuse_attention` -- ``MatMul(Q, Kᵀ) -> scale -> (causal mask add) -> Softmax ->
+2. :func:`fuse_gelu_erf` -- the erf form of GELU that exports write becomes ``Gelu``
+   (:mod:`.export_fusion`, as the next two).
+3. :func:`fuse_layernorm` -- a LayerNorm written as ``ReduceMean/Sub/Pow/.../Div`` becomes
+   ``LayerNorm``.
+4. :func:`fuse_export_attention` -- attention as exports write it (the scale split over Q
+   and K, an additive padding mask computed at run time, SDPA's NaN guard) becomes one
+   ``MaskedAttention``: BLASST over each sequence's unmasked keys.
+5. :func:`fuse_attention` -- ``MatMul(Q, Kᵀ) -> scale -> (causal mask add) -> Softmax ->
    MatMul(·, V)`` becomes one ``Attention`` node: one call of :func:`blasst_ref.attention`
    with the compile-time threshold, instead of a ``(B, H, L, L)`` score tensor.
-3. :func:`fuse_matmul` -- ``MatMul`` and its post-op chain (bias add, activation, residual
+6. :func:`fuse_matmul` -- ``MatMul`` and its post-op chain (bias add, activation, residual
    add) become one ``FusedMatMul``: the post-ops run on the product while it is in cache.
-4. :func:`merge_layout_ops` -- ``Transpose∘Transpose`` and ``Reshape∘Reshape`` collapse
+7. :func:`lower_int8` -- ``Dequantize -> MatMul -> post-ops -> Quantize`` with u8
+   activations and constant s8 weights becomes one ``QMatMul`` (u8 x s8 -> s32, DESIGN §7);
+   with per-row dynamic activations, one ``QMatMulDynamic``.
+8. :func:`merge_layout_ops` -- ``Transpose∘Transpose`` and ``Reshape∘Reshape`` collapse
    into one (attention fusion leaves such pairs on the K path).
-5. :func:`lower_int8` -- ``Dequantize -> MatMul -> post-ops -> Quantize`` with u8
-   activations and constant s8 weights becomes one ``QMatMul`` (u8 x s8 -> s32, DESIGN §7).
-6. :func:`pack_weights` -- constant-weight preprocessing: a ``FusedMatMul`` on a constant
+9. :func:`pack_weights` -- constant-weight preprocessing: a ``FusedMatMul`` on a constant
    ``(K, N)`` weight becomes a ``PackedMatMul`` on the weight packed into the panels
    :func:`blasst_ref.graph.kernels.pack_weight` lays out, once, at compile time.
 
@@ -29,10 +38,18 @@ from collections.abc import Callable
 import numpy as np
 
 from . import ops as _ops
+from .export_fusion import fuse_export_attention, fuse_gelu_erf, fuse_layernorm
 from .ir import Graph, Node
 
-__all__ = ["fold_constants", "fuse_attention", "fuse_matmul", "lower_int8",
-           "merge_layout_ops", "pack_weights", "rewrite"]
+__all__ = ["PIPELINE", "fold_constants", "fuse_attention", "fuse_export_attention",
+           "fuse_gelu_erf", "fuse_layernorm", "fuse_matmul", "lower_int8",
+           "merge_layout_ops", "pack_weights", "rewrite", "single_consumer"]
+
+#: The passes, by function name, in the order :func:`blasst_ref.graph.compile` runs them
+#: (the module docstring lists them in this order; a test checks that the two agree).
+PIPELINE = ("fold_constants", "fuse_gelu_erf", "fuse_layernorm", "fuse_export_attention",
+            "fuse_attention", "fuse_matmul", "lower_int8",
+            "merge_layout_ops", "pack_weights")
 
 ACTIVATION_OPS = {"Relu": "relu", "Tanh": "tanh", "Exp": "exp"}
 
@@ -56,8 +73,9 @@ def rewrite(g: Graph, replace: dict[str, list[Node] | None],
     return out.prune()
 
 
-def _single_consumer(g: Graph, users, tensor: str) -> Node | None:
-    """The only node that reads ``tensor``, if exactly one does and it is not an output."""
+def single_consumer(g: Graph, users, tensor: str) -> Node | None:
+    """The only node that reads ``tensor``, if exactly one does and it is not a graph output
+    (``users`` is ``g.consumers()``): the condition for fusing that node into its producer."""
     if tensor in g.outputs.values() or len(users[tensor]) != 1:
         return None
     return users[tensor][0]
@@ -131,13 +149,13 @@ def fuse_attention(g: Graph, thresh: float = 0.0, block_q: int | None = None,
     for sm in g.nodes:
         if sm.op != "Softmax" or sm.attrs["axis"] != len(g.tensors[sm.inputs[0]].shape) - 1:
             continue
-        pv = _single_consumer(g, users, sm.outputs[0])
+        pv = single_consumer(g, users, sm.outputs[0])
         if pv is None or pv.op != "MatMul" or pv.inputs[0] != sm.outputs[0]:
             continue
         chain = [pv, sm]  # walked backwards from the output; chain[-1] reads t
         t, causal, scale = sm.inputs[0], False, 1.0
         node = producers.get(t)
-        if node is not None and node.op == "Add" and _single_consumer(g, users, t) is sm:
+        if node is not None and node.op == "Add" and single_consumer(g, users, t) is sm:
             masks = [i for i in node.inputs if i in g.constants]
             if len(masks) != 1:
                 continue
@@ -149,7 +167,7 @@ def fuse_attention(g: Graph, thresh: float = 0.0, block_q: int | None = None,
             chain.append(node)
             t, node = other, producers.get(other)
         if node is not None and node.op in ("Mul", "Div") and \
-                _single_consumer(g, users, t) is chain[-1]:
+                single_consumer(g, users, t) is chain[-1]:
             consts = [i for i in node.inputs if _scalar_constant(g, i) is not None]
             if not consts or (node.op == "Div" and node.inputs[1] != consts[0]):
                 continue
@@ -158,7 +176,7 @@ def fuse_attention(g: Graph, thresh: float = 0.0, block_q: int | None = None,
             other = node.inputs[1] if node.inputs[0] == consts[0] else node.inputs[0]
             chain.append(node)
             t, node = other, producers.get(other)
-        if node is None or node.op != "MatMul" or _single_consumer(g, users, t) is not chain[-1]:
+        if node is None or node.op != "MatMul" or single_consumer(g, users, t) is not chain[-1]:
             continue
         chain.append(node)
         q, kt = node.inputs
@@ -235,17 +253,17 @@ def fuse_matmul(g: Graph) -> Graph:
         y, chain = mm.outputs[0], [mm]
         bias = residual = None
         act = "none"
-        nxt = _single_consumer(g, users, y)
+        nxt = single_consumer(g, users, y)
         if nxt is not None and nxt.op == "Add" and (bias := _bias_operand(g, nxt, y)):
             chain.append(nxt)
             y = nxt.outputs[0]
-            nxt = _single_consumer(g, users, y)
+            nxt = single_consumer(g, users, y)
         if nxt is not None and (nxt.op in ACTIVATION_OPS or nxt.op == "Gelu"):
             act = ACTIVATION_OPS.get(nxt.op) or \
                 ("gelu" if nxt.attrs["approximate"] == "none" else "gelu_tanh")
             chain.append(nxt)
             y = nxt.outputs[0]
-            nxt = _single_consumer(g, users, y)
+            nxt = single_consumer(g, users, y)
         if nxt is not None and nxt.op == "Add" and (residual := _residual_operand(g, nxt, y)):
             chain.append(nxt)
             y = nxt.outputs[0]
@@ -261,7 +279,7 @@ def fuse_matmul(g: Graph) -> Graph:
     return rewrite(g, replace) if replace else g
 
 
-# ----------------------------------------------------------------------------- 4. layout
+# ----------------------------------------------------------------------------- 5. layout
 def merge_layout_ops(g: Graph) -> Graph:
     """``Transpose(Transpose(x, p1), p2)`` -> ``Transpose(x, p1[p2])`` and
     ``Reshape(Reshape(x))`` -> ``Reshape(x)`` when the inner result has no other reader:
@@ -274,7 +292,7 @@ def merge_layout_ops(g: Graph) -> Graph:
             continue
         inner = producers.get(node.inputs[0])
         if inner is None or inner.op != node.op or inner.name in replace or \
-                _single_consumer(g, users, inner.outputs[0]) is not node:
+                single_consumer(g, users, inner.outputs[0]) is not node:
             continue
         if node.op == "Transpose":
             p1, p2 = inner.attrs["perm"], node.attrs["perm"]
@@ -289,7 +307,7 @@ def merge_layout_ops(g: Graph) -> Graph:
     return rewrite(g, replace) if replace else g
 
 
-# ----------------------------------------------------------------------------- 5. packing
+# ----------------------------------------------------------------------------- 6. packing
 def pack_weights(g: Graph, pack: Callable | None = None) -> Graph:
     """Constant-weight preprocessing: ``FusedMatMul(a, W)`` with ``W`` a constant ``(K, N)``
     becomes ``PackedMatMul(a, panels)`` with ``panels = pack(W).panels``, computed here,
@@ -320,7 +338,7 @@ def pack_weights(g: Graph, pack: Callable | None = None) -> Graph:
     return rewrite(g, replace, new) if replace else g
 
 
-# ----------------------------------------------------------------------------- int8
+# ----------------------------------------------------------------------------- 4. int8
 def _dequantized_activation(g: Graph, producers, t: str):
     """``(u8 tensor, scale, zero point)`` if ``t = Dequantize(u8, per tensor)``, else None."""
     node = producers.get(t)
@@ -356,7 +374,7 @@ def _dequantized_weight(g: Graph, producers, t: str):
 
 
 def lower_int8(g: Graph) -> Graph:
-    """The [int8] lowering (DESIGN.md §7): ``Dequantize(u8 activation) x Dequantize(s8
+    """The int8 lowering (DESIGN.md §7): ``Dequantize(u8 activation) x Dequantize(s8
     constant weight) -> MatMul -> post-ops [-> Quantize(u8)]`` becomes one ``QMatMul``.
 
     Runs after :func:`fuse_matmul`, so the post-ops are already gathered in a
@@ -392,7 +410,7 @@ def lower_int8(g: Graph) -> Graph:
         attrs.update(a_scale=a_scale, a_zero_point=a_zp, w_scale=np.array(w_scale),
                      out_scale=None, out_zero_point=0)
         out = node.outputs[0]
-        quant = _single_consumer(g, users, out)
+        quant = single_consumer(g, users, out)
         if quant is not None and quant.op == "Quantize" and quant.attrs["axis"] is None and \
                 quant.attrs["dtype"] == "uint8":
             attrs.update(out_scale=float(quant.attrs["scale"]),

@@ -59,7 +59,7 @@ from . import ops_dynamic as _ops_dynamic  # noqa: F401  (registers DynamicQuant
 from .interpreter import trace
 from .ir import Graph, GraphError, Node
 from .ops import quantize_array
-from .passes import _single_consumer, rewrite
+from .passes import rewrite, single_consumer
 
 __all__ = ["activation_params", "quantize_graph", "weight_params"]
 
@@ -168,7 +168,7 @@ def quantize_graph(g: Graph, samples, weights: str = "per_channel",
         d_w = w_s8.astype(np.float64) * w_scale - g.constants[w]
         shift = (row_sum[a] / rows[a]) @ d_w                       # (N,): mean of a @ dW
         y = node.outputs[0]
-        add = _single_consumer(g, users, y)
+        add = single_consumer(g, users, y)
         bias = None if add is None or add.op != "Add" else next(
             (t for t in add.inputs if t != y and t in g.constants
              and g.constants[t].shape == shift.shape), None)

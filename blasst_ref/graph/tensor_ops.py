@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import onnx_forms
 from .ops import OpDef, register
 from .ops import broadcast_shape as _broadcast
 from .ops import describe_tensor as _desc
@@ -40,13 +41,59 @@ from .ops import op_error as _err
 from .ops import require_float as _require_float
 from .ops import same_dtype as _same_dtype
 
-__all__ = ["COMPARISONS", "LOGIC", "slice_index"]
+__all__ = ["COMPARISONS", "LOGIC", "OP_NAMES", "slice_index"]
 
 def _axis(op, node, rank, axis):
     axis = int(axis)
     if not -rank <= axis < rank:
         raise _err(node, op, f"axis {axis} out of range for rank {rank}")
     return axis % rank
+
+
+# ---------------------------------------------------------------------------- ONNX forms
+# Each op here is the ONNX op of the same name; these write its attributes back (the
+# forms of :mod:`.onnx_forms`), so that an imported graph exports again with to_onnx.
+def _io(b, node):
+    return [b.tensor(i) for i in node.inputs], [b.tensor(o) for o in node.outputs]
+
+
+def _onnx_gather(b, node, opset):
+    ins, outs = _io(b, node)
+    b.node("Gather", ins, outs, node.name, axis=int(node.attrs["axis"]))
+
+
+def _onnx_cast(b, node, opset):
+    ins, outs = _io(b, node)
+    to = b.helper.np_dtype_to_tensor_dtype(np.dtype(node.attrs["dtype"]))
+    b.node("Cast", ins, outs, node.name, to=int(to))
+
+
+def _onnx_expand(b, node, opset):
+    ins, outs = _io(b, node)
+    shape = b.const(f"{node.name}.shape", np.asarray(node.attrs["shape"], np.int64))
+    b.node("Expand", [ins[0], shape], outs, node.name)
+
+
+def _onnx_slice(b, node, opset):
+    ins, outs = _io(b, node)
+    bounds = [b.const(f"{node.name}.{k}", np.asarray(node.attrs[k], np.int64))
+              for k in ("starts", "ends", "axes", "steps")]
+    b.node("Slice", [ins[0], *bounds], outs, node.name)
+
+
+def _onnx_concat(b, node, opset):
+    ins, outs = _io(b, node)
+    b.node("Concat", ins, outs, node.name, axis=int(node.attrs["axis"]))
+
+
+def _onnx_reduce_mean(b, node, opset):
+    ins, outs = _io(b, node)
+    axes, keep = [int(a) for a in node.attrs["axes"]], int(node.attrs["keepdims"])
+    if opset >= 18:  # axes became an input
+        b.node("ReduceMean", [ins[0], b.const(f"{node.name}.axes", np.asarray(axes, np.int64))],
+               outs, node.name, keepdims=keep)
+    else:
+        b.node("ReduceMean", ins, outs, node.name, axes=axes, keepdims=keep)
 
 
 # ---------------------------------------------------------------------------- Gather
@@ -69,7 +116,8 @@ def _gather_eval(arrays, attrs):
 
 
 register(OpDef("Gather", (2, 2), _gather_infer, _gather_eval, _gather_attrs,
-               doc="np.take(data, indices, axis): embedding lookups, picking a token"))
+               doc="np.take(data, indices, axis): embedding lookups, picking a token",
+               onnx=_onnx_gather))
 
 
 # ---------------------------------------------------------------------------- Cast
@@ -84,7 +132,7 @@ def _cast_attrs(inputs, attrs, node):
 
 register(OpDef("Cast", (1, 1), lambda i, a, n: [(i[0].shape, a["dtype"])],
                lambda arrs, a: [arrs[0].astype(a["dtype"])], _cast_attrs,
-               doc="x.astype(dtype)", inplace=lambda a, n: ()))
+               doc="x.astype(dtype)", inplace=lambda a, n: (), onnx=_onnx_cast))
 
 
 # ---------------------------------------------------------------------------- Where
@@ -98,7 +146,7 @@ def _where_infer(inputs, attrs, node):
 
 register(OpDef("Where", (3, 3), _where_infer,
                lambda arrs, a: [np.where(arrs[0], arrs[1], arrs[2])],
-               doc="np.where(cond, x, y) with broadcasting"))
+               doc="np.where(cond, x, y) with broadcasting", onnx=onnx_forms.same_op))
 
 
 # ---------------------------------------------------------------------------- Expand
@@ -114,7 +162,7 @@ def _expand_attrs(inputs, attrs, node):
 
 register(OpDef("Expand", (1, 1), lambda i, a, n: [(a["shape"], i[0].dtype)],
                lambda arrs, a: [np.broadcast_to(arrs[0], a["shape"]).copy()], _expand_attrs,
-               doc="broadcast x to a static shape (ONNX Expand)"))
+               doc="broadcast x to a static shape (ONNX Expand)", onnx=_onnx_expand))
 
 
 # ---------------------------------------------------------------------------- Slice
@@ -150,7 +198,7 @@ def _slice_infer(inputs, attrs, node):
 register(OpDef("Slice", (1, 1), _slice_infer,
                lambda arrs, a: [np.ascontiguousarray(arrs[0][slice_index(arrs[0].ndim,
                                                                             a)])],
-               _slice_attrs, doc="x[starts:ends:steps] along axes"))
+               _slice_attrs, doc="x[starts:ends:steps] along axes", onnx=_onnx_slice))
 
 
 # ---------------------------------------------------------------------------- Concat
@@ -173,7 +221,7 @@ def _concat_infer(inputs, attrs, node):
 
 register(OpDef("Concat", (1, 1 << 16), _concat_infer,
                lambda arrs, a: [np.concatenate(arrs, axis=a["axis"])], _concat_attrs,
-               doc="np.concatenate(inputs, axis)"))
+               doc="np.concatenate(inputs, axis)", onnx=_onnx_concat))
 
 
 # ---------------------------------------------------------------------------- ReduceMean
@@ -196,7 +244,8 @@ def _reduce_infer(inputs, attrs, node):
 register(OpDef("ReduceMean", (1, 1), _reduce_infer,
                lambda arrs, a: [np.mean(arrs[0], axis=a["axes"], keepdims=a["keepdims"],
                                         dtype=arrs[0].dtype)],
-               _reduce_attrs, doc="mean over axes (keepdims as given)"))
+               _reduce_attrs, doc="mean over axes (keepdims as given)",
+               onnx=_onnx_reduce_mean))
 
 
 # ---------------------------------------------------------------------------- element-wise
@@ -206,7 +255,7 @@ def _float_unary(name, fn, doc):
         return [(inputs[0].shape, inputs[0].dtype)]
 
     register(OpDef(name, (1, 1), infer, lambda arrs, a: [fn(arrs[0])], elementwise=True,
-                   doc=doc))
+                   doc=doc, onnx=onnx_forms.same_op))
 
 
 def _erf(x):
@@ -227,7 +276,7 @@ def _pow_infer(inputs, attrs, node):
 
 register(OpDef("Pow", (2, 2), _pow_infer,
                lambda arrs, a: [np.power(arrs[0], arrs[1].astype(arrs[0].dtype))],
-               elementwise=True, doc="a ** b (numpy broadcasting)"))
+               elementwise=True, doc="a ** b (numpy broadcasting)", onnx=onnx_forms.same_op))
 
 #: comparison ops -> numpy function (bool output)
 COMPARISONS = {"Equal": np.equal, "Less": np.less, "LessOrEqual": np.less_equal,
@@ -242,7 +291,7 @@ def _compare(name, fn):
         return [(_broadcast(name, node, *inputs), "bool")]
 
     register(OpDef(name, (2, 2), infer, lambda arrs, a: [fn(arrs[0], arrs[1])],
-                   doc=f"a {name} b -> bool"))
+                   doc=f"a {name} b -> bool", onnx=onnx_forms.same_op))
 
 
 def _logic(name, fn):
@@ -253,7 +302,8 @@ def _logic(name, fn):
         return [(_broadcast(name, node, *inputs), "bool")]
 
     register(OpDef(name, (2, 2), infer, lambda arrs, a: [fn(arrs[0], arrs[1])],
-                   elementwise=True, doc=f"logical {name.lower()} of bool tensors"))
+                   elementwise=True, doc=f"logical {name.lower()} of bool tensors",
+                   onnx=onnx_forms.same_op))
 
 
 for _name, _fn in COMPARISONS.items():
@@ -269,7 +319,7 @@ def _not_infer(inputs, attrs, node):
 
 
 register(OpDef("Not", (1, 1), _not_infer, lambda arrs, a: [np.logical_not(arrs[0])],
-               elementwise=True, doc="logical not"))
+               elementwise=True, doc="logical not", onnx=onnx_forms.same_op))
 
 
 def _isnan_infer(inputs, attrs, node):
@@ -278,4 +328,8 @@ def _isnan_infer(inputs, attrs, node):
 
 
 register(OpDef("IsNaN", (1, 1), _isnan_infer, lambda arrs, a: [np.isnan(arrs[0])],
-               doc="np.isnan(x) -> bool"))
+               doc="np.isnan(x) -> bool", onnx=onnx_forms.same_op))
+
+#: The ops this module registers.
+OP_NAMES = ("Gather", "Cast", "Where", "Expand", "Slice", "Concat", "ReduceMean", "Sqrt", "Erf",
+            "Neg", "Pow", *COMPARISONS, *LOGIC, "Not", "IsNaN")

@@ -1,0 +1,437 @@
+"""Prefill v3: BLASST flash attention on tensor cores (FlashAttention-2 structure).
+
+What this version does differently from v2 (SIMT, CUDA cores):
+
+* ``S = Q K^T`` and ``O += P V`` run on tensor cores, ``mma.sync.m16n8k16`` with float16 or
+  bfloat16 operands and float32 accumulation (:mod:`.mma`, inline PTX from Numba).
+* A block of ``block_q / 16`` warps; each warp owns 16 query rows. The Q fragments stay in
+  registers for the whole kernel; S, P and O live in registers as mma fragments
+  (:mod:`.fragments`): the online softmax works on the accumulator fragments (row max and
+  sum: two shuffles inside a quad), and P is converted to 16-bit pairs in registers and used
+  directly as the A operand of ``P V`` -- no shared-memory round trip.
+* K and V tiles come through shared memory with ``cp.async`` (K double-buffered: the next
+  tile's K is in flight while this one is scored). Rows are padded by 16 bytes so that the
+  eight row addresses of an ``ldmatrix`` fall in different banks.
+* **The skip vote**: each thread tests its two rows with the skip rule, and one
+  ``bar.red.and`` (``cuda.syncthreads_and``) combines the whole block's vote. **A tile's V
+  is requested only after the vote kept it**: a skipped tile costs its K load and the QK^T
+  product, nothing else -- no exp, no V bytes, no P V.
+* Causal masking is computed only on the tiles that straddle the diagonal (and on a ragged
+  last key tile); fully masked tiles are never visited. Query tiles are scheduled heaviest
+  first (causal), so the long rows do not finish last.
+
+The scores are kept in base-2 units (``s * scale * log2(e)``, then ``ex2.approx``); the skip
+rule is unit-free (``m~ - m < log(thresh)`` with both sides in the same units), so the test
+is the same, ``log(thresh)`` converted once on the host.
+
+Measured: see docs/BENCHMARKS.md ("CUDA: tensor cores"); the kernel is chosen for D in
+{64, 128}, float16 / bfloat16, on a real GPU; the simulator runs it too (:mod:`.mma`'s
+twins), at small sizes.
+"""
+
+from __future__ import annotations
+
+import math
+
+from numba import cuda, float32, uint16, uint32
+
+from .mma import (a_tile_address, b_pair_address, bt_pair_address, cp_async16, cp_async_commit, cp_async_wait_all, exp2_approx, ldmatrix_x4,
+                  ldmatrix_x4_trans, mma_bf16, mma_f16, pack_bf16x2, pack_f16x2, quad_max,
+                  quad_sum, unpack_hi, unpack_lo, warp_all)
+
+__all__ = ["HEAD_DIMS", "KernelShape", "accepts", "make_kernel", "shared_bytes"]
+
+#: head dimensions (Dqk == Dv) the tensor-core kernel is built for
+HEAD_DIMS = (64, 128)
+LOG2E = 1.4426950408889634
+NEG_INF = float32(-math.inf)
+COMPUTED, SKIPPED = 1, 2  # tile map codes
+
+
+class KernelShape:
+    """The compile-time constants of one v3 kernel, and its shared-memory layout.
+
+    ``block_q / 16`` warps, each owning 16 query rows. (Two 16-row slabs per warp would
+    halve the shared-memory reads per FLOP, as FlashAttention-2 does at D = 128; in Numba
+    the loops then exceed what NVVM unrolls, the fragment arrays go to local memory and the
+    kernel spills: measured with ptxas, not taken.)
+
+    Shared memory holds 16-bit elements: the Q tile (``block_q`` rows), two K tiles and two
+    V tiles (``block_k`` rows each), every row padded by 8 elements (16 bytes) so that the
+    eight row addresses of an ``ldmatrix`` fall in different banks."""
+
+    def __init__(self, d: int, dv: int, block_q: int, block_k: int):
+        self.d, self.dv, self.block_q, self.block_k = d, dv, block_q, block_k
+        self.warps = block_q // 16
+        self.threads = 32 * self.warps
+        self.q_row = d + 8
+        self.v_row = dv + 8
+        self.k_off = block_q * self.q_row
+        self.v_off = self.k_off + 2 * block_k * self.q_row
+        self.elements = self.v_off + 2 * block_k * self.v_row
+
+    @property
+    def shared_bytes(self) -> int:
+        return 2 * self.elements
+
+
+def accepts(d: int, dv: int, block_q: int, block_k: int) -> bool:
+    """Whether v3 takes this head dim and tile shape."""
+    if not (d == dv and d in HEAD_DIMS and block_q in (16, 32, 64, 128)
+            and block_k in (32, 64, 128)):
+        return False
+    threads = 2 * block_q
+    return all((rows * d // 8) % threads == 0 for rows in (block_q, block_k))
+
+
+def shared_bytes(d: int, dv: int, block_q: int, block_k: int) -> int:
+    return KernelShape(d, dv, block_q, block_k).shared_bytes
+
+
+@cuda.jit(device=True, inline=True)
+def _max_nan(a, b):
+    return a if (a > b or a != a) else b
+
+
+@cuda.jit(device=True, inline=True)
+def _votes_skip(tile_max, m_ref, log_thresh):
+    return tile_max - m_ref < log_thresh
+
+
+def make_kernel(d: int, dv: int, block_q: int, block_k: int, causal: bool, bf16: bool):
+    """Compile-time specialised v3 kernel (see the module docstring).
+
+    Kernel arguments: ``q, k, v, out`` flat 16-bit arrays (the bits of float16 / bfloat16
+    values) in the layouts ``(B, Hq, Lq, D)``, ``(B, Hkv, Lk, D)``, ``(B, Hkv, Lk, Dv)``,
+    ``(B, Hq, Lq, Dv)``; ``tile_map`` int8 ``(B, Hq, n_q_tiles, n_k_tiles)``; ``lse`` float32
+    ``(B * Hq * Lq,)`` (written when ``write_lse``; natural log of the row's softmax sum, in
+    units of the scaled scores); ``lq, lk, n_hq, group`` (Hq / Hkv); ``scale_log2`` =
+    ``scale * log2(e)``; ``log_thresh2`` = ``log(thresh) * log2(e)`` (``-inf`` for dense);
+    ``n_q_tiles``. Launch: grid ``(n_q_tiles, B * Hq)``, :attr:`KernelShape.threads`
+    threads, dynamic shared memory :attr:`KernelShape.shared_bytes`.
+    """
+    if not accepts(d, dv, block_q, block_k):
+        raise ValueError(f"prefill v3 does not take d={d}, dv={dv}, tiles {block_q}x{block_k}")
+    S = KernelShape(d, dv, block_q, block_k)
+    NT = S.threads
+    KS = d // 16  # k-steps of S = Q K^T
+    NS = block_k // 8  # n-tiles of S (8 keys each)
+    KP = block_k // 16  # k-steps of P V
+    NO = dv // 8  # n-tiles of O
+    QROW, VROW, K_OFF, V_OFF = S.q_row, S.v_row, S.k_off, S.v_off
+    Q_CHUNKS, V_CHUNKS = d // 8, dv // 8  # 16-byte chunks per row
+    Q_ITERS = block_q * Q_CHUNKS // NT
+    K_ITERS = block_k * Q_CHUNKS // NT
+    V_ITERS = block_k * V_CHUNKS // NT
+    CAUSAL = causal
+    # register arrays (their sizes must be literals for Numba)
+    Q_REGS, S_REGS, P_REGS, O_REGS = 4 * KS, 4 * NS, 4 * KP, 4 * NO
+    mma = mma_bf16 if bf16 else mma_f16
+    pack = pack_bf16x2 if bf16 else pack_f16x2
+
+    @cuda.jit(device=True, inline=True)
+    def load_rows(smem, s_off, s_row, gmem, g_off, g_row, valid, chunks, iters, tid):
+        """cp.async ``iters * NT`` 16-byte chunks: rows of ``chunks`` chunks, from global
+        rows of ``g_row`` elements into shared rows of ``s_row``; rows ``>= valid`` are
+        zero-filled (their address clamped to the tile's first row)."""
+        for i in range(iters):
+            c = tid + i * NT
+            r = c // chunks
+            col = (c % chunks) * 8
+            ok = r < valid
+            src = g_off + (r if ok else 0) * g_row + col
+            cp_async16(smem, s_off + r * s_row + col, gmem, src, 16 if ok else 0)
+
+    @cuda.jit(fastmath=False)
+    def kernel(q, k, v, out, tile_map, lse, lq, lk, n_hq, group, scale_log2, log_thresh2,
+               n_qt, write_lse):
+        tid = cuda.threadIdx.x
+        warp = tid // 32
+        lane = tid % 32
+        g = lane // 4
+        t = lane % 4
+        bh = cuda.blockIdx.y
+        b = bh // n_hq
+        h = bh % n_hq
+        kvh = b * (n_hq // group) + h // group
+        qt = n_qt - 1 - cuda.blockIdx.x  # causal: the longest rows first
+        q0 = qt * block_q
+        offset = lk - lq
+        smem = cuda.shared.array(0, uint16)
+        voting = log_thresh2 > NEG_INF  # thresh == 0: nothing can be skipped
+
+        # key tiles this block visits: causal ones beyond its last row's horizon never
+        q_valid = min(block_q, lq - q0)
+        n_kt = (lk + block_k - 1) // block_k
+        if CAUSAL:
+            last_visible = q0 + q_valid - 1 + offset
+            n_kt = 0 if last_visible < 0 else min(n_kt, last_visible // block_k + 1)
+
+        q_base = (bh * lq + q0) * d
+        k_base = kvh * lk * d
+        v_base = kvh * lk * dv
+        load_rows(smem, 0, QROW, q, q_base, d, q_valid, Q_CHUNKS, Q_ITERS, tid)
+        if n_kt > 0:
+            load_rows(smem, K_OFF, QROW, k, k_base, d, min(block_k, lk), Q_CHUNKS, K_ITERS,
+                      tid)
+            if not voting:  # dense: V is never skipped, so it may travel with K
+                load_rows(smem, V_OFF, VROW, v, v_base, dv, min(block_k, lk), V_CHUNKS,
+                          V_ITERS, tid)
+        cp_async_commit()
+        cp_async_wait_all()
+        cuda.syncthreads()
+
+        # Q fragments: registers for the whole kernel
+        qf = cuda.local.array(Q_REGS, uint32)
+        ar, ac = a_tile_address(lane)
+        for ks in range(KS):
+            a0, a1, a2, a3 = ldmatrix_x4(smem, (warp * 16 + ar) * QROW + ks * 16 + ac)
+            qf[4 * ks] = a0
+            qf[4 * ks + 1] = a1
+            qf[4 * ks + 2] = a2
+            qf[4 * ks + 3] = a3
+
+        # this lane's two query rows (g and g + 8 of the warp's 16) and their running state
+        row0 = q0 + warp * 16 + g
+        row1 = row0 + 8
+        m0 = NEG_INF  # running max, base-2 units
+        m1 = NEG_INF
+        l0 = float32(0.0)  # this lane's part of the row sums (quad-reduced at the end)
+        l1 = float32(0.0)
+        o = cuda.local.array(O_REGS, float32)
+        for i in range(O_REGS):
+            o[i] = float32(0.0)
+        s = cuda.local.array(S_REGS, float32)
+        pf = cuda.local.array(P_REGS, uint32)
+        br, bc = b_pair_address(lane)
+        vr, vc = bt_pair_address(lane)
+        synced = True  # this thread's copies have landed and the block has met since
+
+        for kt in range(n_kt):
+            if not synced:
+                cp_async_wait_all()  # K of this tile has landed ...
+                cuda.syncthreads()  # ... for every thread; the buffers we refill are free
+            synced = False
+            j0 = kt * block_k
+            j1 = j0 + block_k
+            if kt + 1 < n_kt:  # prefetch the next K while this one is scored
+                load_rows(smem, K_OFF + ((kt + 1) % 2) * block_k * QROW, QROW, k,
+                          k_base + j1 * d, d, min(block_k, lk - j1), Q_CHUNKS, K_ITERS, tid)
+                cp_async_commit()
+
+            # ---- S = Q K^T on tensor cores -------------------------------------------
+            kb = K_OFF + (kt % 2) * block_k * QROW
+            for i in range(S_REGS):
+                s[i] = float32(0.0)
+            for ks in range(KS):
+                for np2 in range(NS // 2):
+                    b0, b1, b2, b3 = ldmatrix_x4(
+                        smem, kb + (np2 * 16 + br) * QROW + ks * 16 + bc)
+                    i0 = 8 * np2
+                    c0, c1, c2, c3 = mma(qf[4 * ks], qf[4 * ks + 1], qf[4 * ks + 2],
+                                         qf[4 * ks + 3], b0, b1,
+                                         s[i0], s[i0 + 1], s[i0 + 2], s[i0 + 3])
+                    s[i0] = c0
+                    s[i0 + 1] = c1
+                    s[i0 + 2] = c2
+                    s[i0 + 3] = c3
+                    c0, c1, c2, c3 = mma(qf[4 * ks], qf[4 * ks + 1], qf[4 * ks + 2],
+                                         qf[4 * ks + 3], b2, b3,
+                                         s[i0 + 4], s[i0 + 5], s[i0 + 6], s[i0 + 7])
+                    s[i0 + 4] = c0
+                    s[i0 + 5] = c1
+                    s[i0 + 6] = c2
+                    s[i0 + 7] = c3
+
+            # ---- mask the diagonal / ragged tile, row maxima (base 2) -----------------
+            masked = j0 + block_k > lk
+            if CAUSAL:
+                masked = masked or j0 + block_k - 1 > q0 + offset
+            tmax0 = NEG_INF
+            tmax1 = NEG_INF
+            for nt in range(NS):
+                for e in range(4):
+                    x = s[4 * nt + e]
+                    if masked:
+                        col = j0 + nt * 8 + 2 * t + (e % 2)
+                        row = row0 if e < 2 else row1
+                        if col >= lk or (CAUSAL and col > row + offset):
+                            x = NEG_INF
+                            s[4 * nt + e] = x
+                    if e < 2:
+                        tmax0 = _max_nan(tmax0, x)
+                    else:
+                        tmax1 = _max_nan(tmax1, x)
+            # raw scores until here; scale > 0, so scaling the max is the max of the scaled
+            tmax0 = quad_max(tmax0) * scale_log2
+            tmax1 = quad_max(tmax1) * scale_log2
+
+            # ---- the skip vote: every row of the block must agree ---------------------
+            if voting:
+                agree = True
+                if row0 < lq:
+                    agree = _votes_skip(tmax0, m0, log_thresh2)
+                if row1 < lq:
+                    agree = agree and _votes_skip(tmax1, m1, log_thresh2)
+                skip = cuda.syncthreads_and(1 if agree else 0) != 0
+                if tid == 0:
+                    tile_map[b, h, qt, kt] = SKIPPED if skip else COMPUTED
+                if skip:
+                    continue  # no exp, no V load, no P V; m, l, O unchanged
+                # V of a kept tile: requested only now, and it travels during the softmax
+                load_rows(smem, V_OFF + (kt % 2) * block_k * VROW, VROW, v, v_base + j0 * dv,
+                          dv, min(block_k, lk - j0), V_CHUNKS, V_ITERS, tid)
+                cp_async_commit()
+            elif tid == 0:
+                tile_map[b, h, qt, kt] = COMPUTED
+
+            # ---- online softmax on the fragments --------------------------------------
+            mn0 = _max_nan(m0, tmax0)
+            mn1 = _max_nan(m1, tmax1)
+            sh0 = float32(0.0) if mn0 == NEG_INF else mn0  # a row that saw nothing yet
+            sh1 = float32(0.0) if mn1 == NEG_INF else mn1
+            alpha0 = exp2_approx(m0 - sh0)
+            alpha1 = exp2_approx(m1 - sh1)
+            m0 = mn0
+            m1 = mn1
+            l0 *= alpha0
+            l1 *= alpha1
+            if not warp_all(alpha0 == float32(1.0) and alpha1 == float32(1.0)):
+                for nt in range(NO):  # (after the first tiles the max rarely moves)
+                    o[4 * nt] *= alpha0
+                    o[4 * nt + 1] *= alpha0
+                    o[4 * nt + 2] *= alpha1
+                    o[4 * nt + 3] *= alpha1
+            for kp in range(KP):  # P as the A operand of P V: C of n-tiles 2kp, 2kp + 1
+                for half in range(2):
+                    i0 = 4 * (2 * kp + half)
+                    p0 = exp2_approx(s[i0] * scale_log2 - sh0)
+                    p1 = exp2_approx(s[i0 + 1] * scale_log2 - sh0)
+                    p2 = exp2_approx(s[i0 + 2] * scale_log2 - sh1)
+                    p3 = exp2_approx(s[i0 + 3] * scale_log2 - sh1)
+                    l0 += p0 + p1
+                    l1 += p2 + p3
+                    pf[4 * kp + 2 * half] = pack(p0, p1)
+                    pf[4 * kp + 2 * half + 1] = pack(p2, p3)
+
+            cp_async_wait_all()  # V (and the prefetched K) have landed ...
+            cuda.syncthreads()  # ... for every thread, and every warp is done with P V - 1
+            synced = True
+            if not voting and kt + 1 < n_kt:  # dense: the next V travels during this P V
+                load_rows(smem, V_OFF + ((kt + 1) % 2) * block_k * VROW, VROW, v,
+                          v_base + j1 * dv, dv, min(block_k, lk - j1), V_CHUNKS, V_ITERS, tid)
+                cp_async_commit()
+
+            # ---- O += P V on tensor cores ---------------------------------------------
+            vb = V_OFF + (kt % 2) * block_k * VROW
+            for kp in range(KP):
+                for np2 in range(NO // 2):
+                    b0, b1, b2, b3 = ldmatrix_x4_trans(
+                        smem, vb + (kp * 16 + vr) * VROW + np2 * 16 + vc)
+                    i0 = 8 * np2
+                    c0, c1, c2, c3 = mma(pf[4 * kp], pf[4 * kp + 1], pf[4 * kp + 2],
+                                         pf[4 * kp + 3], b0, b1,
+                                         o[i0], o[i0 + 1], o[i0 + 2], o[i0 + 3])
+                    o[i0] = c0
+                    o[i0 + 1] = c1
+                    o[i0 + 2] = c2
+                    o[i0 + 3] = c3
+                    c0, c1, c2, c3 = mma(pf[4 * kp], pf[4 * kp + 1], pf[4 * kp + 2],
+                                         pf[4 * kp + 3], b2, b3,
+                                         o[i0 + 4], o[i0 + 5], o[i0 + 6], o[i0 + 7])
+                    o[i0 + 4] = c0
+                    o[i0 + 5] = c1
+                    o[i0 + 6] = c2
+                    o[i0 + 7] = c3
+
+        # ---- normalise and store ------------------------------------------------------
+        l0 = quad_sum(l0)
+        l1 = quad_sum(l1)
+        inv0 = float32(0.0) if l0 == float32(0.0) else float32(1.0) / l0  # no key: zeros
+        inv1 = float32(0.0) if l1 == float32(0.0) else float32(1.0) / l1
+        for nt in range(NO):
+            col = nt * 8 + 2 * t
+            w0 = pack(o[4 * nt] * inv0, o[4 * nt + 1] * inv0)
+            w1 = pack(o[4 * nt + 2] * inv1, o[4 * nt + 3] * inv1)
+            if row0 < lq:
+                i0 = (bh * lq + row0) * dv + col
+                out[i0] = unpack_lo(w0)
+                out[i0 + 1] = unpack_hi(w0)
+            if row1 < lq:
+                i1 = (bh * lq + row1) * dv + col
+                out[i1] = unpack_lo(w1)
+                out[i1 + 1] = unpack_hi(w1)
+        if write_lse and t == 0:
+            if row0 < lq:
+                lse[bh * lq + row0] = (m0 + math.log2(l0)) / LOG2E if l0 > 0 else NEG_INF
+            if row1 < lq:
+                lse[bh * lq + row1] = (m1 + math.log2(l1)) / LOG2E if l1 > 0 else NEG_INF
+
+    return kernel, S
+
+
+# ---- host side ---------------------------------------------------------------------------
+
+_KERNELS: dict = {}
+
+
+def get_kernel(d, dv, block_q, block_k, causal, bf16):
+    """The compiled-on-demand kernel for these constants (cached per process)."""
+    key = (d, dv, block_q, block_k, bool(causal), bool(bf16))
+    if key not in _KERNELS:
+        _KERNELS[key] = make_kernel(*key)
+    return _KERNELS[key]
+
+
+def prepare(q4, k4, v4, out4, tile_map, log_thresh, causal, scale, block_q, block_k, *,
+            bf16=False, lse=None):
+    """A zero-argument callable that runs v3 on these Numba device arrays (4-D,
+    C-contiguous; float16, or 16-bit integer arrays holding bfloat16 bits when ``bf16``).
+    ``tile_map`` int8 ``(B, Hq, n_q_tiles, n_k_tiles)``; ``lse`` optional float32
+    ``(B, Hq, Lq)``. Everything but the launch is done here, once."""
+    import numpy as np
+
+    n_b, n_hq, lq, d = q4.shape
+    n_hkv, lk, dv = k4.shape[1], k4.shape[2], v4.shape[3]
+    kernel, shape = get_kernel(d, dv, block_q, block_k, causal, bf16)
+    bits = [x.reshape(x.size).view(np.uint16) for x in (q4, k4, v4, out4)]
+    n_qt = -(-lq // block_q)
+    write_lse = lse is not None
+    lse = cuda.device_array(1, np.float32) if lse is None else lse.reshape(lse.size)
+    log_thresh2 = -math.inf if log_thresh == -math.inf else log_thresh * LOG2E
+    args = (*bits, tile_map, lse, np.int64(lq), np.int64(lk), np.int64(n_hq),
+            np.int64(n_hq // n_hkv), np.float32(scale * LOG2E), np.float32(log_thresh2),
+            np.int64(n_qt), bool(write_lse))
+    allow_shared(kernel, args, shape.shared_bytes)
+    configured = kernel[(n_qt, n_b * n_hq), shape.threads, 0, shape.shared_bytes]
+
+    def run():
+        configured(*args)
+
+    return run
+
+
+def launch(q4, k4, v4, out4, tile_map, log_thresh, causal, scale, block_q, block_k, *,
+           bf16=False, lse=None):
+    """Run v3 once (see :func:`prepare`)."""
+    prepare(q4, k4, v4, out4, tile_map, log_thresh, causal, scale, block_q, block_k,
+            bf16=bf16, lse=lse)()
+
+
+def allow_shared(kernel, args, nbytes):
+    """Opt the kernel compiled for ``args`` in to ``nbytes`` of dynamic shared memory (above
+    the default 48 KB); nothing to do on the simulator."""
+    if nbytes <= 48 * 1024 or not mma_hardware():
+        return
+    from numba import typeof
+
+    from ._launch import allow_dynamic_shared, compile_kernel
+
+    _, cufunc = compile_kernel(kernel, tuple(typeof(a) for a in args))
+    allow_dynamic_shared(cufunc, nbytes)
+
+
+def mma_hardware() -> bool:
+    from .mma import HARDWARE
+
+    return HARDWARE

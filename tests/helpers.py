@@ -1,0 +1,94 @@
+"""The helpers every numeric test shares: one error measure and one input builder.
+
+* :func:`rel_err`: ``||got - want|| / ||want||`` in float64, the relative-norm error each
+  test compares against a tolerance chosen per dtype;
+* :func:`random_qkv`: fresh, seeded Gaussian ``q, k, v`` in the layout of
+  :func:`blasst_ref.attention` (never zeros, never a constant), optionally with sharper
+  scores or an attention sink so that ``thresh > 0`` has tiles to skip;
+* :func:`assert_outputs_close`: two runs of a graph (``{output name: array}``) agree;
+* :func:`record_calls`: a spy that counts the calls of a function (e.g. "weights are packed
+  once, at compile time").
+
+Hypothesis strategies (:mod:`strategies`) draw the shapes and seeds and build their inputs
+with :func:`random_qkv` too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def rel_err(got, want) -> float:
+    """Relative error ``||got - want|| / ||want||`` (norms over all elements, in float64).
+
+    ``want`` all zeros: 0 when ``got`` is too, else inf. A NaN in ``got`` (an output element
+    a kernel never wrote, if the test poisoned it) makes the result NaN, and a NaN fails
+    every ``rel_err(...) < tol``."""
+    got = np.asarray(got, np.float64)
+    want = np.asarray(want, np.float64)
+    num = float(np.linalg.norm(got - want))
+    den = float(np.linalg.norm(want))
+    if den > 0:
+        return num / den
+    return 0.0 if num == 0 else math.inf
+
+
+def random_qkv(seed, b: int, hq: int, hkv: int, lq: int, lk: int, dqk: int,
+               dv: int | None = None, *, dtype=np.float64, q_scale: float = 1.0,
+               k_scale: float = 1.0, sink: float = 0.0):
+    """Fresh ``q (b, hq, lq, dqk)``, ``k (b, hkv, lk, dqk)``, ``v (b, hkv, lk, dv)``.
+
+    Args:
+        seed: an int for ``numpy.random.default_rng``, or a ``numpy.random.Generator`` to
+            draw from (q, then k, then v: standard normal).
+        dv: the value dim (default ``dqk``).
+        dtype: of the returned arrays (drawn in float64, then rounded once).
+        q_scale, k_scale: multiply the queries and the keys: the scaled scores' spread grows
+            with ``q_scale * k_scale``, and sharper softmax rows leave more tiles negligible.
+        sink: ``> 0`` plants an attention sink: the first ``n_sink`` (1 to 3) keys of each kv
+            head and every query of its group get a shared unit direction, so that the sink
+            keys' scaled scores rise by about ``sink`` above the rest, as in real LLM heads.
+
+    Returns:
+        ``(q, k, v)``, C-contiguous, of ``dtype``.
+    """
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    dv = dqk if dv is None else dv
+    q = rng.standard_normal((b, hq, lq, dqk)) * q_scale
+    k = rng.standard_normal((b, hkv, lk, dqk)) * k_scale
+    v = rng.standard_normal((b, hkv, lk, dv))
+    if sink > 0:
+        n_sink = min(lk, int(rng.integers(1, 4)))
+        u = rng.standard_normal((b, hkv, 1, dqk))
+        u /= np.linalg.norm(u, axis=-1, keepdims=True)
+        amp = math.sqrt(sink * math.sqrt(dqk))  # amp**2 * scale == sink
+        k[:, :, :n_sink] += amp * u
+        q += amp * np.repeat(u, hq // hkv, axis=1)
+    return tuple(np.ascontiguousarray(x.astype(dtype)) for x in (q, k, v))
+
+
+def assert_outputs_close(got: dict, want: dict, tol: float = 2e-5):
+    """Two runs of one graph agree: the same outputs in the same order, each of the same
+    shape and dtype, finite in the same places, and within ``tol`` in :func:`rel_err`."""
+    assert list(got) == list(want)
+    for name in want:
+        assert got[name].shape == want[name].shape, name
+        assert got[name].dtype == want[name].dtype, name
+        assert np.all(np.isfinite(got[name]) == np.isfinite(want[name])), name
+        assert rel_err(got[name], want[name]) <= tol, (name, rel_err(got[name], want[name]))
+
+
+def record_calls(monkeypatch, owner, name: str) -> list[tuple]:
+    """Wrap ``owner.name`` for the rest of the test so that every call's positional
+    arguments are appended to the returned list (the call itself still runs)."""
+    real = getattr(owner, name)
+    calls: list[tuple] = []
+
+    def recording(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recording)
+    return calls
