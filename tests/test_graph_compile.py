@@ -218,7 +218,7 @@ def test_a_matmul_result_read_twice_is_not_fused_away():
 
 
 def test_weights_are_packed_once_at_compile_time_never_per_call(monkeypatch):
-    calls = record_calls(monkeypatch, kernels, "pack_weight")
+    calls = record_calls(monkeypatch, passes, "default_pack")
     g = mlp_graph(sizes=(13, 24, 16, 8))
     cg = bg.compile(g, matmul_kernel="packed")
     assert sorted(args[0].shape for args in calls) == sorted([(13, 24), (24, 16), (16, 8)])

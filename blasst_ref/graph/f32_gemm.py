@@ -54,10 +54,12 @@ from numba.extending import intrinsic, overload
 from ..numba_utils import FASTMATH, exp
 
 __all__ = ["KC", "MR", "ROW_BLOCK", "COL_BLOCK", "PackedF32Weight", "available", "backend",
-           "gemm", "pack"]
+           "blocks", "gemm", "pack"]
 
 MR = 6
-#: Rows and columns per task; K chunk. ROW_BLOCK is a multiple of MR, COL_BLOCK of NR.
+#: The largest rows and columns per task (a multiple of MR, of NR); the K chunk. A call cuts
+#: its output into equal blocks of at most this size, as many as it takes for every thread
+#: to get the same number of tasks (:func:`blocks`).
 ROW_BLOCK = 96
 COL_BLOCK = 256
 KC = 256
@@ -304,18 +306,18 @@ def _finish_row(c, nc, bias, n0, act, residual, i, out):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _task(tag, t, a, w, n, n_cb, bias, act, residual, out, acc):
-    """Task ``t``: rows ``rb*ROW_BLOCK ..`` x columns ``cb*COL_BLOCK ..`` (column blocks
+def _task(tag, t, a, w, n, n_cb, row_block, col_block, bias, act, residual, out, acc):
+    """Task ``t``: rows ``rb*row_block ..`` x columns ``cb*col_block ..`` (column blocks
     vary fastest: a thread keeps its rows of ``a`` hot); ``acc`` a thread-local
-    ``(ROW_BLOCK, COL_BLOCK)`` float32 block."""
+    ``(row_block, col_block)`` float32 block."""
     n_panels, k, nr = w.shape
     m, lda = a.shape
     rb = t // n_cb
     cb = t % n_cb
-    i0 = rb * ROW_BLOCK
-    i1 = min(m, i0 + ROW_BLOCK)
-    c0 = cb * COL_BLOCK
-    c1 = min(n, c0 + COL_BLOCK)
+    i0 = rb * row_block
+    i1 = min(m, i0 + row_block)
+    c0 = cb * col_block
+    c1 = min(n, c0 + col_block)
     p0 = c0 // nr
     p1 = (c1 + nr - 1) // nr
     ldc = acc.shape[1]
@@ -337,21 +339,44 @@ def _task(tag, t, a, w, n, n_cb, bias, act, residual, out, acc):
 
 
 @njit(parallel=True, cache=True)
-def _run_par(tag, a, w, n, bias, act, residual, out):
-    n_rb = (a.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK
-    n_cb = (n + COL_BLOCK - 1) // COL_BLOCK
+def _run_par(tag, a, w, n, row_block, col_block, bias, act, residual, out):
+    n_rb = (a.shape[0] + row_block - 1) // row_block
+    n_cb = (n + col_block - 1) // col_block
     for t in prange(n_rb * n_cb):
-        acc = np.empty((ROW_BLOCK, COL_BLOCK), np.float32)
-        _task(tag, t, a, w, n, n_cb, bias, act, residual, out, acc)
+        acc = np.empty((row_block, col_block), np.float32)
+        _task(tag, t, a, w, n, n_cb, row_block, col_block, bias, act, residual, out, acc)
 
 
 @njit(cache=True)
-def _run_serial(tag, a, w, n, bias, act, residual, out):
-    n_rb = (a.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK
-    n_cb = (n + COL_BLOCK - 1) // COL_BLOCK
-    acc = np.empty((ROW_BLOCK, COL_BLOCK), np.float32)
+def _run_serial(tag, a, w, n, row_block, col_block, bias, act, residual, out):
+    n_rb = (a.shape[0] + row_block - 1) // row_block
+    n_cb = (n + col_block - 1) // col_block
+    acc = np.empty((row_block, col_block), np.float32)
     for t in range(n_rb * n_cb):
-        _task(tag, t, a, w, n, n_cb, bias, act, residual, out, acc)
+        _task(tag, t, a, w, n, n_cb, row_block, col_block, bias, act, residual, out, acc)
+
+
+def _round_up(x: int, step: int) -> int:
+    return -(-x // step) * step
+
+
+def blocks(m: int, n: int, threads: int) -> tuple[int, int]:
+    """``(row_block, col_block)`` of a call: the output cut into equal blocks (rows in
+    multiples of MR, columns of NR) of at most ROW_BLOCK x COL_BLOCK, and then into more
+    rows until the task count is a multiple of ``threads`` (Numba's static schedule gives
+    each thread the same number of tasks: equal tasks are equal work) -- or until a block
+    is one micro-kernel tall. (M = 128, N = 384 on 2 threads: 4 tasks of 66 x 192, not
+    96 + 32 rows x 256 + 128 columns, whose largest task is six times its smallest.)"""
+    n_cb = -(-n // COL_BLOCK)
+    col_block = _round_up(-(-n // n_cb), NR)
+    n_cb = -(-n // col_block)
+    n_rb = -(-m // ROW_BLOCK)
+    while True:
+        row_block = _round_up(-(-m // n_rb), MR)
+        tasks = -(-m // row_block) * n_cb
+        if threads <= 1 or tasks % threads == 0 or row_block <= MR:
+            return row_block, col_block
+        n_rb += 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -423,8 +448,10 @@ def gemm(a, pw: PackedF32Weight, bias=None, act: int = 0, residual=None, out=Non
         residual = np.ascontiguousarray(residual)
     if m == 0:
         return out
+    threads = numba.get_num_threads()
     if parallel is None:
-        parallel = m * n * pw.k >= SERIAL_MACS and numba.get_num_threads() > 1
-    (_run_par if parallel else _run_serial)(_TAG, a, pw.panels, n, bias, int(act), residual,
-                                            out)
+        parallel = m * n * pw.k >= SERIAL_MACS and threads > 1
+    row_block, col_block = blocks(m, n, threads if parallel else 1)
+    (_run_par if parallel else _run_serial)(_TAG, a, pw.panels, n, row_block, col_block,
+                                            bias, int(act), residual, out)
     return out

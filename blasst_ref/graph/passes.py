@@ -23,8 +23,8 @@ In the order :func:`blasst_ref.graph.compile` runs them, which :data:`PIPELINE` 
 8. :func:`merge_layout_ops` -- ``Transpose∘Transpose`` and ``Reshape∘Reshape`` collapse
    into one (attention fusion leaves such pairs on the K path).
 9. :func:`pack_weights` -- constant-weight preprocessing: a ``FusedMatMul`` on a constant
-   ``(K, N)`` weight becomes a ``PackedMatMul`` on the weight packed into the panels
-   :func:`blasst_ref.graph.kernels.pack_weight` lays out, once, at compile time.
+   ``(K, N)`` weight becomes a ``PackedMatMul`` on the weight packed into column panels,
+   once, at compile time (:func:`default_pack`).
 
 Every pass leaves a graph the interpreter can run (fused ops have a numpy meaning in
 :mod:`.ops`), which is how each is tested. A pass that finds nothing returns an equal graph.
@@ -43,7 +43,7 @@ from .ir import Graph, Node
 
 __all__ = ["PIPELINE", "fold_constants", "fuse_attention", "fuse_export_attention",
            "fuse_gelu_erf", "fuse_layernorm", "fuse_matmul", "lower_int8",
-           "merge_layout_ops", "pack_weights", "rewrite", "single_consumer"]
+           "default_pack", "merge_layout_ops", "pack_weights", "rewrite", "single_consumer"]
 
 #: The passes, by function name, in the order :func:`blasst_ref.graph.compile` runs them
 #: (the module docstring lists them in this order; a test checks that the two agree).
@@ -308,13 +308,28 @@ def merge_layout_ops(g: Graph) -> Graph:
 
 
 # ----------------------------------------------------------------------------- 6. packing
+def default_pack(w: np.ndarray):
+    """The packing :func:`pack_weights` uses for ``w``: ``(P, K, NR)`` panels of
+    :mod:`.f32_gemm` (whose FMA micro-kernel then runs the product) for a float32 weight on
+    an AVX2/AVX-512 CPU, else :func:`blasst_ref.graph.kernels.pack_weight` (blocks of
+    BLAS calls). Both are column panels: ``PackedMatMul`` means the same with either."""
+    from . import f32_gemm
+    from .kernels import pack_weight
+
+    if f32_gemm.available() and w.dtype == np.float32:
+        return f32_gemm.pack(w)
+    return pack_weight(w)
+
+
 def pack_weights(g: Graph, pack: Callable | None = None) -> Graph:
     """Constant-weight preprocessing: ``FusedMatMul(a, W)`` with ``W`` a constant ``(K, N)``
     becomes ``PackedMatMul(a, panels)`` with ``panels = pack(W).panels``, computed here,
-    once (``pack`` defaults to :func:`blasst_ref.graph.kernels.pack_weight`). A plain
-    ``MatMul`` on a constant weight is first made a ``FusedMatMul`` with no post-ops."""
+    once. ``pack`` defaults to :func:`default_pack`: the FMA micro-kernel's panels
+    (:func:`blasst_ref.graph.f32_gemm.pack`) for float32 weights where the CPU has it, else
+    :func:`blasst_ref.graph.kernels.pack_weight`'s. A plain ``MatMul`` on a constant weight
+    is first made a ``FusedMatMul`` with no post-ops."""
     if pack is None:
-        from .kernels import pack_weight as pack
+        pack = default_pack
     fresh = g.name_generator()
     replace: dict[str, list[Node] | None] = {}
     new: dict[str, np.ndarray] = {}
