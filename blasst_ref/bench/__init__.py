@@ -19,4 +19,4 @@ interleaved repeats, median), :mod:`.oracle` (a memory-bounded float64 dense res
 """
 
 #: Subcommand modules of ``python -m blasst_ref.bench``, in help order. Imported lazily.
-SUBCOMMANDS = ("attention", "gemm", "graph", "int8")
+SUBCOMMANDS = ("attention", "gemm", "graph", "int8", "minilm")

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "encode", "export", "input_shapes", "load_minilm",
-           "mean_pooling", "minilm_dir", "tiny_bert"]
+           "mean_pooling", "minilm_dir", "minilm_onnx", "random_tokens", "tiny_bert"]
 
 #: The exported model's inputs, all ``int64 (batch, seq)``.
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -134,6 +134,31 @@ def export(model, path, *, opset: int = 17, batch: int = 2, seq: int = 16) -> Pa
                           output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic,
                           opset_version=int(opset), dynamo=False)
     return path
+
+
+def minilm_onnx(path=None, *, opset: int = 17) -> Path:
+    """all-MiniLM-L6-v2 exported to ONNX (:func:`load_minilm`, then :func:`export`), once:
+    the file is kept at ``path`` (default ``$XDG_CACHE_HOME/blasst_ref`` or
+    ``~/.cache/blasst_ref``, ``all-MiniLM-L6-v2-opset{opset}.onnx``) and reused. The export
+    takes ~20 s on 2 cores."""
+    if path is None:
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "blasst_ref"
+        path = cache / f"all-MiniLM-L6-v2-opset{int(opset)}.onnx"
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        export(load_minilm(), tmp, opset=opset)
+        tmp.replace(path)  # never a half-written file under the final name
+    return path
+
+
+def random_tokens(batch: int, seq: int, *, vocab: int = 30522, seed: int = 0):
+    """Feeds of ``batch`` sequences of ``seq`` random token ids (no padding), for timing."""
+    rng = np.random.default_rng(seed)
+    return {"input_ids": rng.integers(1000, vocab, (batch, seq)).astype(np.int64),
+            "attention_mask": np.ones((batch, seq), np.int64),
+            "token_type_ids": np.zeros((batch, seq), np.int64)}
 
 
 def input_shapes(batch: int, seq: int) -> dict[str, tuple[int, int]]:
