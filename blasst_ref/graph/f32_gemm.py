@@ -51,7 +51,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from ..numba_utils import FASTMATH, exp
+from ..numba_utils import FASTMATH
+from .kernels import activate
 
 __all__ = ["KC", "MR", "ROW_BLOCK", "COL_BLOCK", "PackedF32Weight", "available", "backend",
            "blocks", "gemm", "pack"]
@@ -258,39 +259,24 @@ def erf_f32(x):
 
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
 @njit(inline="always", fastmath=FASTMATH)
 def _finish_row(c, nc, bias, n0, act, residual, i, out):
     """``out[i, n0:n0+nc] = act(c[:nc] + bias[n0:]) + residual[i, n0:]`` (``c`` clobbered);
-    activation codes as :mod:`.kernels` (0 none, 1 relu, 2 gelu, 3 gelu tanh, 4 tanh,
-    5 exp)."""
+    activation codes as :mod:`.kernels`."""
     f = np.float32
     o = out[i, n0:n0 + nc]
     if bias is not None:
         b = bias[n0:n0 + nc]
         for j in range(nc):
             c[j] += b[j]
-    if act == 1:
-        for j in range(nc):
-            x = c[j]
-            c[j] = f(0.0) if x < f(0.0) else x
-    elif act == 2:
+    if act == 2:  # GELU by the vectorisable erf; every other activation as kernels.activate
         for j in range(nc):
             x = c[j]
             c[j] = f(0.5) * x * (f(1.0) + erf_f32(x * f(_INV_SQRT2)))
-    elif act == 3:
-        for j in range(nc):
-            x = c[j]
-            u = f(_SQRT_2_OVER_PI) * (x + f(0.044715) * x * x * x)
-            c[j] = x / (f(1.0) + exp(f(-2.0) * u))
-    elif act == 4:
-        for j in range(nc):
-            c[j] = math.tanh(c[j])
-    elif act == 5:
-        for j in range(nc):
-            c[j] = exp(c[j])
+    else:
+        activate(c, nc, act)
     if residual is not None:
         r = residual[i, n0:n0 + nc]
         for j in range(nc):
