@@ -373,7 +373,17 @@ def test_shape_subgraph_folds_at_import(b, s, heads, seed):
              helper.make_node("Mul", ["t", "posf"], ["tp"]),
              helper.make_node("Transpose", ["tp"], ["tq"], perm=[0, 2, 1, 3]),
              helper.make_node("Reshape", ["tq", "sh"], ["back"]),
-             helper.make_node("Add", ["back", "zeros"], ["y"])]
+             helper.make_node("Add", ["back", "zeros"], ["bz"]),
+             # Size, Constant, Dropout (inference: the identity) and Div on int64 (C-style
+             # truncation, folded): size / size = 1, a scalar factor
+             helper.make_node("Size", ["x"], ["n"]),
+             helper.make_node("Constant", [], ["minus_n"],
+                              value=numpy_helper.from_array(np.asarray(-b * s * heads * d,
+                                                                       np.int64))),
+             helper.make_node("Div", ["n", "minus_n"], ["neg_one"]),
+             helper.make_node("Cast", ["neg_one"], ["neg_onef"], to=TensorProto.FLOAT),
+             helper.make_node("Dropout", ["bz"], ["bd"]),
+             helper.make_node("Mul", ["bd", "neg_onef"], ["y"])]
     g = check(Case(nodes, {"x": x}, {"y": "float32"}, c, dynamic=True))
     assert set(g.count_ops()) <= {"Reshape", "Transpose", "Mul", "Add"}, g.count_ops()
 
