@@ -1,6 +1,6 @@
 """blasst_ref: BLASST sparse attention — reference, Numba CPU/CUDA kernels, teaching package.
 
-Public API (DESIGN.md §3)::
+Public API (docs/DESIGN.md §3)::
 
     out = blasst_ref.attention(q, k, v, thresh, causal=True)          # (B, Hq, Lq, Dv)
     out, stats = blasst_ref.attention(q, k, v, thresh, return_stats=True)

@@ -1,4 +1,4 @@
-"""``attention()``: validation, layout, backend dispatch and skip statistics (DESIGN.md §3).
+"""``attention()``: validation, layout, backend dispatch and skip statistics (docs/DESIGN.md §3).
 
 This is the only module that knows about every backend; the backends (``reference``,
 ``cpu``, ``cuda``) know nothing about it. Each backend takes validated 4-D arrays and returns
@@ -53,7 +53,7 @@ class AttentionStats:
 
 
 def threshold_for(context_len: int, scale_factor: float) -> float:
-    """BLASST's threshold for a context length: ``scale_factor / context_len`` (DESIGN §5).
+    """BLASST's threshold for a context length: ``scale_factor / context_len`` (docs/DESIGN.md §5).
 
     The calibrated law ``thresh * L = scale_factor`` keeps sparsity roughly constant across
     lengths. Raises ``ValueError`` if the result is not in ``[0, 1)``."""
@@ -265,7 +265,7 @@ def attention(
     backend: str = "auto", block_q: int | None = None, block_k: int | None = None,
     return_stats: bool = False,
 ):
-    """BLASST attention: FlashAttention that skips negligible key tiles (DESIGN.md §3).
+    """BLASST attention: FlashAttention that skips negligible key tiles (docs/DESIGN.md §3).
 
     Args:
         q: ``(B, Hq, Lq, Dqk)`` queries (or 3-D ``(Hq, Lq, Dqk)``, taken as ``B = 1``).

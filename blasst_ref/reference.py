@@ -1,4 +1,4 @@
-"""The numpy oracle and the readable BLASST specification (DESIGN.md §3).
+"""The numpy oracle and the readable BLASST specification (docs/DESIGN.md §3).
 
 Two functions, both meant to be read:
 

@@ -1,4 +1,4 @@
-"""Tile geometry shared by every backend (DESIGN.md §3).
+"""Tile geometry shared by every backend (docs/DESIGN.md §3).
 
 Skip decisions are taken per tile, so two backends make the same decisions only if they cut
 the score matrix into the same tiles. Everything that fixes the tiling lives here, as small

@@ -1,4 +1,4 @@
-"""Synthetic LLM-like attention inputs (DESIGN.md §6).
+"""Synthetic LLM-like attention inputs (docs/DESIGN.md §6).
 
 Random Gaussian ``q``/``k`` give nearly uniform attention, so BLASST skips nothing on them.
 Real heads are *peaked*: a few first tokens soak up much of the attention (attention sinks),
@@ -6,7 +6,7 @@ recent tokens get more attention than distant ones (a local window that decays w
 distance), a few "heavy-hitter" tokens are attended from everywhere, and heads differ in
 how sharp all of this is. :func:`llm_like` builds seeded ``(q, k, v)`` with exactly that
 structure, so that benchmarks, tests and tutorials see BLASST sparsity of the kind the paper
-reports, and the threshold-vs-length law of calibration (DESIGN.md §5).
+reports, and the threshold-vs-length law of calibration (docs/DESIGN.md §5).
 
 The logit model
 ---------------
@@ -30,7 +30,7 @@ For query head ``h`` at position ``i`` and key ``j`` the scaled score ``q·k / s
 * A log-decay means attention probability falls as a power of distance,
   ``p ~ (1 + d / window) ** -(decay * T_h)``. With ``decay * T_h = 1`` the mass per key at
   distance ``~L`` relative to the sink is ``~ window / L``; that is why the threshold that
-  keeps the tile sparsity fixed falls roughly as ``1 / L`` (DESIGN.md §5).
+  keeps the tile sparsity fixed falls roughly as ``1 / L`` (docs/DESIGN.md §5).
 * ``T_h`` (inverse temperature, "peakedness") multiplies every logit of head ``h``, noise
   included: large ``T_h`` makes the head sharper, small ``T_h`` flatter.
 

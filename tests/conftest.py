@@ -1,4 +1,4 @@
-"""Shared test configuration: Hypothesis profiles and the host backends (DESIGN.md §9).
+"""Shared test configuration: Hypothesis profiles and the host backends (docs/DESIGN.md §9).
 
 Hypothesis profiles
 -------------------

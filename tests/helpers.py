@@ -92,3 +92,17 @@ def record_calls(monkeypatch, owner, name: str) -> list[tuple]:
 
     monkeypatch.setattr(owner, name, recording)
     return calls
+
+
+def assert_saved_figure_keeps_its_text(fig, path) -> None:
+    """``fig.savefig(path)`` as a user would (no ``bbox_inches``), then everything each Axes
+    draws -- tick labels, axis labels, title -- lies inside the saved page: nothing is cut
+    off."""
+    fig.savefig(path)  # draws the figure as saved, layout included
+    renderer = fig.canvas.get_renderer()
+    page = fig.bbox
+    for ax in fig.axes:
+        box = ax.get_tightbbox(renderer)
+        inside = (box.x0 >= page.x0 - 1 and box.y0 >= page.y0 - 1
+                  and box.x1 <= page.x1 + 1 and box.y1 <= page.y1 + 1)
+        assert inside, f"the Axes {ax.get_title()!r} draws outside the page: {box} vs {page}"

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from blasst_ref import tiling
 
-#: dtypes of the host backends (float64 is a CPU-only dtype, DESIGN.md §3).
+#: dtypes of the host backends (float64 is a CPU-only dtype, docs/DESIGN.md §3).
 HOST_DTYPES = [np.float64, np.float32, np.float16]
 
 #: Tile budget of one problem (prefill: ``B * Hq * n_q_tiles * n_k_tiles``; decode:

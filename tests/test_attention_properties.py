@@ -1,5 +1,5 @@
-"""Properties of ``attention()`` against the float64 oracle ``dense_attention`` (DESIGN.md §3, §9),
-for every host backend and dtype.
+"""Properties of ``attention()`` against the float64 oracle ``dense_attention``
+(docs/DESIGN.md §3, §9), for every host backend and dtype.
 
 Tolerances (``REL_TOL``: relative L2 norm of ``out - dense`` over ``dense``, both compared in
 float64, the oracle computed from the very values the backend got):
@@ -503,7 +503,7 @@ def test_peaked_inputs_make_tiles_skip():
 
 
 def test_auto_backend_on_host_arrays_is_cpu():
-    """``backend="auto"`` with numpy inputs runs the CPU kernels (DESIGN.md §3)."""
+    """``backend="auto"`` with numpy inputs runs the CPU kernels (docs/DESIGN.md §3)."""
     p = S.Problem(1, 2, 1, 40, 50, 16, 8, True, 16, 16)
     q, k, v = random_qkv(3, *p.sizes, dtype=np.float32)
     out, stats = attention(q, k, v, 0.01, causal=True, return_stats=True, **p.blocks)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 
@@ -206,7 +207,18 @@ def test_demo_small_table(capsys):
     from blasst_ref import demo
 
     assert demo.main(["--small", "--repeat", "1"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    # it says what it does as it goes: a stamped line per stage on stderr ...
+    stages = err.splitlines()
+    assert stages and all(re.match(r"\[ *\d+\.\d s\] \S", ln) for ln in stages), err
+    for what in ("searching the thresholds", "dense attention in float64", "timing reference",
+                 "decode: llm_like inputs", "done"):
+        assert any(what in ln for ln in stages), (what, err)
+    if HAVE_CPU:  # ... and whether Numba compiles the kernels or loads them from its cache
+        assert any("Numba compiles the CPU kernels" in ln or "Numba's on-disk cache" in ln
+                   for ln in stages), err
+    # the thresholds are related to calibrate's workload (peakedness 1)
+    assert "calibrate --peakedness 2" in out and "t ** (1/p)" in out
     header = next(ln for ln in out.splitlines() if ln.startswith("backend"))
     for col in demo.COLUMNS:
         assert col in header
@@ -223,8 +235,10 @@ def test_demo_json(capsys, monkeypatch):
     # the same code path as --small, on two even smaller cases (the table test runs --small)
     monkeypatch.setitem(demo.CASES, True, (demo.DemoCase("prefill", 1, 2, 1, 128, 128, 16),
                                            demo.DemoCase("decode", 1, 2, 1, 1, 1024, 16)))
-    assert demo.main(["--small", "--json", "--repeat", "1"]) == 0
-    rows = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert demo.main(["--small", "--json", "--repeat", "1", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""  # --quiet: no progress lines
+    rows = [json.loads(ln) for ln in out.splitlines()]
     assert {r["phase"] for r in rows} == {"prefill", "decode"}
     for r in rows:
         assert {"backend", "phase", "heads", "thresh", "sparsity", "rel_err", "ms",
@@ -302,3 +316,49 @@ def test_bench_ort_columns():
     rows = [json.loads(ln) for ln in buf.getvalue().splitlines() if ln.startswith("{")]
     assert len(rows) == 1 and {"ort-f32", "ort-int8"} <= set(rows[0]["ms"])
     assert rows[0]["ort_int8_rel_err"] < 5e-2 and rows[0]["speedup_vs_ort_int8"] > 0
+
+
+def test_demo_knows_numbas_cache(tmp_path):
+    from blasst_ref import demo
+
+    assert not demo.cpu_kernels_cached([str(tmp_path)])
+    (tmp_path / "prefill.other_function-12.py311.nbc").write_bytes(b"")  # data, no index
+    assert not demo.cpu_kernels_cached([str(tmp_path)])
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "prefill.prefill_kernel-95.py311.nbi").write_bytes(b"")
+    assert demo.cpu_kernels_cached([str(tmp_path)])
+
+
+@pytest.mark.parametrize("peakedness", [2.0, 3.0])
+def test_peakedness_turns_a_threshold_into_a_power(peakedness):
+    """The demo's note: a threshold t at peakedness p skips exactly the tiles that
+    t ** (1/p) skips at peakedness 1 (llm_like scales every logit by p)."""
+    from blasst_ref import demo
+    from blasst_ref.workloads import llm_like
+
+    one = llm_like(1, 4, 2, 512, 512, 32, seed=3)
+    sharp = llm_like(1, 4, 2, 512, 512, 32, seed=3, peakedness=peakedness)
+    for t in (1e-6, 1e-4, 1e-2):
+        _, st_sharp = br.attention(*sharp, t, causal=True, backend="reference",
+                                   return_stats=True)
+        _, st_one = br.attention(*one, demo.peakedness_one_equivalent(t, peakedness),
+                                 causal=True, backend="reference", return_stats=True)
+        assert st_sharp.skipped_tiles > 0
+        np.testing.assert_array_equal(st_sharp.tile_map, st_one.tile_map)
+
+
+def test_calibrate_can_run_the_demos_workload(capsys):
+    """``calibrate --peakedness 2`` calibrates the demo's workload, and says which it ran."""
+    from blasst_ref.calibrate import main as calibrate_main
+
+    argv = ["--lengths", "256", "512", "--target", "0.5", "--heads", "2", "--kv-heads", "1",
+            "--head-dim", "16", "--eval-lengths", "1024", "--quiet"]
+    assert calibrate_main([*argv, "--peakedness", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "peakedness=2," in out and "python -m blasst_ref.demo" not in out
+    assert calibrate_main(argv) == 0
+    out = capsys.readouterr().out  # the default workload points at the demo's
+    assert "peakedness=1," in out and "--peakedness 2 calibrates that workload" in out
+    with pytest.raises(SystemExit) as exc:
+        calibrate_main([*argv, "--peakedness", "0"])
+    assert exc.value.code == 2 and "--peakedness must be" in capsys.readouterr().err

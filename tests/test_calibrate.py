@@ -1,4 +1,5 @@
-"""blasst_ref.calibrate: the threshold law thresh * L = alpha * exp(beta * s) (DESIGN.md §5)."""
+"""blasst_ref.calibrate: the threshold law thresh * L = alpha * exp(beta * s)
+(docs/DESIGN.md §5)."""
 
 from __future__ import annotations
 

@@ -114,8 +114,8 @@ def test_kernel_rejects_wrong_arrays():
 
 def test_nan_hidden_by_the_causal_mask_does_not_block_a_skip():
     """A NaN score at a key that the causal mask hides from every row of a visited tile takes
-    no part in that tile's max (DESIGN §3: masked scores take no part in m~), so it does not
-    stop the tile from being skipped, exactly as in the reference.
+    no part in that tile's max (docs/DESIGN.md §3.3: masked scores take no part in m~), so it
+    does not stop the tile from being skipped, exactly as in the reference.
 
     Lq=24 (prefill: more than 16 rows), Lk=56, tiles 8 x 16: rows 0..7 see keys j <= i + 32,
     so in their diagonal tile (keys 32..47) keys 40..47 are hidden from all of them; key 45

@@ -1,5 +1,5 @@
 """Bad input gets a clear ``ValueError``/``TypeError`` that names the argument and says what was
-expected (DESIGN.md §3, "Bad input"). Each case asserts the exception type *and* the message.
+expected (docs/DESIGN.md §3, "Bad input"). Each case asserts the exception type *and* the message.
 
 Validation happens before dispatch, so every host backend is checked (a backend that validated
 on its own, differently, would show up here)."""

@@ -19,7 +19,7 @@ import blasst_ref
 from blasst_ref import graph as bg
 from blasst_ref.graph import kernels, passes
 
-from helpers import assert_outputs_close, record_calls, rel_err
+from helpers import assert_outputs_close, assert_saved_figure_keeps_its_text, record_calls, rel_err
 from strategies import random_graphs
 
 
@@ -398,7 +398,7 @@ def test_compile_rejects_bad_arguments():
         bg.compile(empty)
 
 
-def test_report_and_memory_plot():
+def test_report_and_memory_plot(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -408,8 +408,13 @@ def test_report_and_memory_plot():
     text = cg.report()
     assert "PackedMatMul" in text and "memory reduced from" in text and "ms" in text
     assert cg.memory.peak_bytes <= cg.memory.naive_bytes
+    # the share of the naive size, and the change: "to 33% (-67%)", not "(33%)"
+    share = round(100 * cg.memory.peak_bytes / cg.memory.naive_bytes)
+    assert f", to {share}% ({share - 100:+d}%), in " in text
     ax = cg.plot_memory()
     assert len(ax.patches) == len(cg.memory.buffers)
+    assert "PackedMatMul" in {t.get_text() for t in ax.get_xticklabels()}  # long, rotated
+    assert_saved_figure_keeps_its_text(ax.figure, tmp_path / "arena.png")
 
 
 def test_report_times_leave_out_the_first_call():

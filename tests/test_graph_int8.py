@@ -1,5 +1,5 @@
 """int8 in the graph: Quantize/Dequantize semantics, post-training quantization, the
-``QMatMul`` lowering, and int8 model graphs against their float originals (DESIGN.md §7)."""
+``QMatMul`` lowering, and int8 model graphs against their float originals (docs/DESIGN.md §7.4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Dynamic int8 (per-row u8 activation scales computed at run time), DESIGN.md §7.
+"""Dynamic int8 (per-row u8 activation scales computed at run time), docs/DESIGN.md §7.4.
 
 * The row quantizer is ONNX's ``DynamicQuantizeLinear`` applied to each row: equal bit for
   bit to ONNX Runtime's operator run on that row alone, and to the numpy meaning of the op.

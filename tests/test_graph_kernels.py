@@ -56,7 +56,7 @@ def rand(rng, shape, dtype, scale=1.0, loc=0.0):
 
 
 def act_ref(y, act):
-    """The reference activations, in float64 (DESIGN: GELU is the exact erf form)."""
+    """The reference activations, in float64 (GELU is the exact erf form, as in BERT)."""
     if act == K.ACT_NONE:
         return y
     if act == K.ACT_RELU:

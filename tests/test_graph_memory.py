@@ -1,4 +1,4 @@
-"""The static memory planner (blasst_ref.graph.memory, DESIGN.md §7 "Memory planning").
+"""The static memory planner (blasst_ref.graph.memory, docs/DESIGN.md §7.3).
 
 The invariant -- no two buffers live at a common step share a byte -- is checked by
 ``check_plan`` on random graphs; the plan is *used* by a tiny plan-following executor below
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from strategies import random_graphs
+from helpers import assert_saved_figure_keeps_its_text
 
 from blasst_ref.graph import Graph, interpret
 from blasst_ref.graph import ops as graph_ops
@@ -147,7 +148,8 @@ def test_chain_runs_in_one_buffer_in_place():
     assert dict(plan.inplace) == {names[i + 1]: names[i] for i in range(4)}
     assert plan.external == {names[5]}
     assert (plan.peak_bytes, plan.naive_bytes) == (256, 5 * 256)
-    assert plan.summary() == "memory reduced from 1.2 KiB to 256 B (20%) in 1 buffer, 4 in place"
+    assert plan.summary() == \
+        "memory reduced from 1.2 KiB to 256 B, to 20% (-80%), in 1 buffer, 4 in place"
 
 
 def test_chain_without_inplace_ping_pongs_between_two_buffers():
@@ -364,7 +366,7 @@ def test_empty_graphs():
     plan = plan_memory(g)
     check_plan(g, plan)
     assert (plan.buffers, plan.peak_bytes, plan.naive_bytes) == ((), 0, 0)
-    assert "0 B" in plan.summary()
+    assert plan.summary() == "memory: no intermediate tensors to plan"
 
     g, x = _graph()
     g.output("a", g.relu(x))
@@ -423,7 +425,7 @@ def test_summary_mentions_both_numbers():
     plan = plan_memory(g, inplace=False)
     text = plan.summary()
     assert format_bytes(plan.naive_bytes) in text and format_bytes(plan.peak_bytes) in text
-    assert text.startswith("memory reduced from 80.0 KiB to 32.0 KiB (40%)")
+    assert text.startswith("memory reduced from 80.0 KiB to 32.0 KiB, to 40% (-60%), in ")
     assert format_bytes(3 * 2**20 + 2**19) == "3.5 MiB"
     assert format_bytes(1023) == "1023 B"
 
@@ -450,3 +452,24 @@ def test_plot_draws_one_rectangle_per_buffer():
     fig, ax = plt.subplots()
     assert plan_memory(g).plot(ax=ax) is ax and len(ax.patches) == 1
     plt.close(fig)
+
+
+def test_plot_saved_plainly_keeps_its_labels_and_reads_in_mib(tmp_path):
+    """A plain ``savefig`` of the plot cuts off none of the rotated op names nor the axis
+    labels, and the y axis counts MiB for an arena of MiBs (KiB for one of KiBs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for shape, unit, scale in (((512, 512), "MiB", 2**20), ((64, 64), "KiB", 2**10)):
+        g = _chain(shape)
+        plan = plan_memory(g, inplace=False)
+        ax = plan.plot(graph=g)
+        assert len(ax.get_xticklabels()) == len(g.nodes)
+        assert_saved_figure_keeps_its_text(ax.figure, tmp_path / "arena.png")
+        assert ax.get_ylabel() == f"arena offset ({unit})"
+        assert ax.get_ylim()[1] == pytest.approx(plan.peak_bytes / scale * 1.05)
+        tops = sorted(p.get_y() + p.get_height() for p in ax.patches)
+        assert tops[-1] == pytest.approx(plan.peak_bytes / scale)
+        plt.close(ax.figure)

@@ -1,4 +1,4 @@
-"""The oracle itself: ``dense_attention`` and the readable blockwise spec (DESIGN.md §3).
+"""The oracle itself: ``dense_attention`` and the readable blockwise spec (docs/DESIGN.md §3).
 
 Every other test compares against ``dense_attention``, so it is checked here against
 formulations written independently of it: a per-head, per-row loop over

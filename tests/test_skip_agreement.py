@@ -1,6 +1,6 @@
-"""The ``cpu`` backend makes the skip decisions of the reference (DESIGN.md §3, "Stats": with the
-same ``block_q``/``block_k``, every backend makes the same skip decisions except where a tile's
-margin lies within rounding of the threshold).
+"""The ``cpu`` backend makes the skip decisions of the reference (docs/DESIGN.md §3.3: with
+the same ``block_q``/``block_k``, every backend makes the same skip decisions except where a
+tile's margin lies within rounding of the threshold).
 
 The margin of a tile is ``max_r(m~_r - m_r) - log(thresh)`` as the reference computed it
 (``blasst_attention_reference(...).margin``); the tile is skipped iff it is negative. A

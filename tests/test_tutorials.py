@@ -1,4 +1,4 @@
-"""The tutorial notebooks (DESIGN.md §8): each one runs top to bottom, and is committed clean.
+"""The tutorial notebooks (docs/DESIGN.md §8): each one runs top to bottom, and is committed clean.
 
 Every ``tutorials/NN_*.ipynb`` is executed here in a fresh Jupyter kernel with
 ``BLASST_TUTORIAL_SIZE=small`` (unless the environment already sets it), so the README's test
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import subprocess
+import sys
 
 import nbformat
 import pytest
@@ -31,6 +33,19 @@ def test_the_series_is_there():
     assert len(NOTEBOOKS) == 6, [p.name for p in NOTEBOOKS]
     numbers = [p.name[:2] for p in NOTEBOOKS]
     assert numbers == [f"{i:02d}" for i in range(1, 7)], numbers
+
+
+@pytest.mark.parametrize("front_end", ["notebook", "lab"])
+def test_the_documented_front_ends_are_installed(front_end):
+    """``jupyter notebook tutorials/`` (tutorials/README.md) works after the README's install:
+    the ``dev`` extra brings the ``tutorials`` extra's front ends. The ``jupyter`` command is
+    looked up as a shell with this environment activated would: its scripts folder first."""
+    scripts = pathlib.Path(sys.executable).parent
+    env = dict(os.environ, PATH=os.pathsep.join([str(scripts), os.environ.get("PATH", "")]))
+    r = subprocess.run(["jupyter", front_end, "--version"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0, f"jupyter {front_end} --version failed: {r.stderr.strip()}"
+    assert r.stdout.strip()[:1].isdigit(), r.stdout  # a version number, e.g. 7.4.2
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))

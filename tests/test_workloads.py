@@ -1,4 +1,4 @@
-"""blasst_ref.workloads: LLM-like inputs have the structure they claim (DESIGN.md §6)."""
+"""blasst_ref.workloads: LLM-like inputs have the structure they claim (docs/DESIGN.md §6)."""
 
 from __future__ import annotations
 

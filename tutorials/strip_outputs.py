@@ -4,7 +4,7 @@ The notebooks are committed without outputs so that diffs show only what a perso
 (the policy is in ``tutorials/README.md``; ``tests/test_tutorials.py`` checks it)::
 
     python tutorials/strip_outputs.py              # every tutorials/*.ipynb
-    python tutorials/strip_outputs.py 02_*.ipynb   # some of them
+    python tutorials/strip_outputs.py tutorials/02_*.ipynb   # some of them
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Benchmark harness behind ``python -m blasst_ref.bench <subcommand>`` (DESIGN.md §4).
+"""Benchmark harness behind ``python -m blasst_ref.bench <subcommand>`` (docs/DESIGN.md §4).
 
 Subcommands, one module each, listed in :data:`SUBCOMMANDS`:
 

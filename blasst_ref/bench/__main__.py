@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m blasst_ref.bench",
         description="Benchmarks of blasst_ref. Every table names the machine it ran on; "
-                    "compare numbers only within one run (DESIGN.md §4).",
+                    "compare numbers only within one run (docs/DESIGN.md §4).",
     )
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
     for name in SUBCOMMANDS:

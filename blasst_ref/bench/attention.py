@@ -18,7 +18,7 @@ Backends (``--backend``):
 * ``cpu``: ``blasst_ref.attention(..., backend="cpu")``, the Numba kernels.
 * ``cpu-noskip``: the same kernel with the skip test compiled out
   (``blasst_ref.cpu.blasst_attention(..., skip_test=False)``); thresh=0 only. The target
-  (DESIGN §4): ``cpu`` at thresh=0 costs at most 3% more than this.
+  (docs/DESIGN.md §4): ``cpu`` at thresh=0 costs at most 3% more than this.
 * ``torch``: ``torch.nn.functional.scaled_dot_product_attention`` on the same arrays
   (thresh=0 only; it has no threshold). Optional: used only where ``import torch`` works.
 * ``cuda``: ``blasst_ref.attention(..., backend="cuda")`` on device copies of the input
@@ -147,7 +147,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"),
                    default="float32",
                    help="input dtype (float64: CPU only; bfloat16: GPU only, torch tensors)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the inputs (default 0)")
     p.add_argument("--block-q", type=_positive_int, default=None, help="prefill tile rows")
     p.add_argument("--block-k", type=_positive_int, default=None, help="tile keys")
     p.add_argument("--repeat", type=_positive_int, default=5,

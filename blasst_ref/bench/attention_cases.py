@@ -97,8 +97,8 @@ def thresh_specs(*texts: str) -> tuple[ThreshSpec, ...]:
 
 #: Fixed cases, named after what they measure. ``cpu-dense``: our dense CPU kernel against
 #: PyTorch SDPA; ``cpu-prefill`` and ``cpu-decode``: BLASST's speedup over our own dense at
-#: 50-90% tile sparsity (DESIGN §4's CPU targets; the tables of docs/BENCHMARKS.md); ``cpu``:
-#: all three. Sparse rows use ``auto:`` thresholds so that "about 75% of the tiles skipped"
+#: 50-90% tile sparsity (docs/DESIGN.md §4.4's CPU targets; the tables of
+#: docs/BENCHMARKS.md); ``cpu``: all three. Sparse rows use ``auto:`` thresholds so that "about 75% of the tiles skipped"
 #: holds on whatever input llm_like generates.
 PRESETS: dict[str, tuple[Case, ...]] = {
     "cpu-dense": (

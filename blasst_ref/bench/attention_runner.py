@@ -3,7 +3,7 @@
 :func:`run_case` resolves the case's thresholds (``auto:S`` through
 :func:`blasst_ref.calibrate.find_threshold`), computes the exact result once, times every
 (backend, threshold) variant in one interleaved measurement (:mod:`.timing`) and returns
-one row per variant; :func:`target_notes` sets the rows against DESIGN §4's CPU targets;
+one row per variant; :func:`target_notes` sets the rows against docs/DESIGN.md §4's CPU targets;
 :func:`format_table` and :func:`write_plot` show them.
 """
 
@@ -238,7 +238,7 @@ def run_case(case: Case, backends: list[str], *, repeat: int, block_q=None, bloc
 
 
 def target_notes(result: CaseResult) -> list[str]:
-    """One line per CPU target of DESIGN §4 that this case's rows speak to (measured, not
+    """One line per CPU target of docs/DESIGN.md §4 that this case's rows speak to (measured, not
     asserted: on a busy machine they are noisy)."""
     rows = {(r["backend"], r["thresh"]): r for r in result.rows}
     notes = []

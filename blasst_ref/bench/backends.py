@@ -85,7 +85,7 @@ def to_device(arrays, dtype=None):
         pass
     from numba import cuda
 
-    # numba's host-side device-array API is being deprecated upstream (DESIGN §3): only a
-    # fallback here, for machines with neither torch-CUDA nor CuPy.
+    # numba's host-side device-array API is being deprecated upstream (docs/DESIGN.md §3.6):
+    # only a fallback here, for machines with neither torch-CUDA nor CuPy.
     dev = [cuda.to_device(np.ascontiguousarray(a)) for a in arrays]
     return dev, cuda.synchronize, lambda x: x.copy_to_host()

@@ -1,4 +1,5 @@
-"""The cost model of attention: FLOPs and bytes that a benchmark's rates divide by (DESIGN.md §4).
+"""The cost model of attention: FLOPs and bytes that a benchmark's rates divide by
+(docs/DESIGN.md §4.4).
 
 Every figure is the *dense* count: a BLASST row is measured against the same number, so its
 GFLOP/s or GB/s is the dense-equivalent rate (skipped work counts as done), and its ratio to
@@ -43,7 +44,7 @@ def visible_pairs(lq: int, lk: int, causal: bool) -> int:
 
 
 def attention_flops(b: int, hq: int, lq: int, lk: int, dqk: int, dv: int, causal: bool) -> int:
-    """Dense attention FLOPs, DESIGN.md §4: ``4 * B * Hq * Lq * Lk_visible * (Dqk + Dv) / 2``.
+    """Dense attention FLOPs, docs/DESIGN.md §4: ``4 * B * Hq * Lq * Lk_visible * (Dqk + Dv) / 2``.
 
     Each visible (row, key) pair costs one ``Dqk``-long dot product for the score
     (``2 * Dqk`` FLOPs: a multiply and an add per element) and one ``Dv``-long
@@ -74,5 +75,5 @@ def dtype_itemsize(name: str) -> int:
 
 
 def ideal_prefill_speedup(sparsity: float) -> float:
-    """DESIGN §4: the QK product always runs, exp and P.V are skipped: ``2 / (2 - s)``."""
+    """docs/DESIGN.md §4: the QK product always runs, exp and P.V are skipped: ``2 / (2 - s)``."""
     return 2.0 / (2.0 - sparsity)

@@ -160,13 +160,17 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="fixed cases: dlrm-bert and minilm (the tables of "
                         "docs/BENCHMARKS.md; minilm: batch 1 and 8 x sequence 128 and 384), "
                         "quick (seconds)")
-    p.add_argument("--model", choices=sorted(MODELS), nargs="+", default=None)
-    p.add_argument("--batch", type=int, nargs="+", default=[32])
+    p.add_argument("--model", choices=sorted(MODELS), nargs="+", default=None,
+                   help="graphs to time instead of a preset: those of blasst_ref.graph.models, "
+                        "or minilm (all-MiniLM-L6-v2 imported from ONNX)")
+    p.add_argument("--batch", type=int, nargs="+", default=[32],
+                   help="batch sizes, each timed with each --model (default 32)")
     p.add_argument("--seq", type=int, default=384,
                    help="sequence length (bert, llm, minilm)")
     p.add_argument("--thresh", type=float, default=0.0,
                    help="BLASST threshold of the fused attention (default 0: exact)")
-    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--repeat", type=int, default=10,
+                   help="timed calls per variant after a warm-up (default 10)")
     p.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime even if installed")
     p.add_argument("--blocks", type=int, default=2,
                    help="time each variant in this many blocks of back-to-back calls "

@@ -264,7 +264,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, nargs="+", default=None, help="M = N = K of matmuls")
     p.add_argument("--mlp", nargs="+", default=[], metavar="MODEL:BATCH",
                    help="e.g. dlrm-top:512")
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=5,
+                   help="timed calls per variant after a warm-up (default 5)")
     p.add_argument("--ghz", type=float, default=None, help="clock for the peak (default: OS)")
     p.add_argument("--vnni-per-cycle", type=int, default=None,
                    help="zmm vpdpbusd per cycle per core (default: 2 Intel Xeon, 1 else)")
@@ -277,7 +278,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "spinning pool (OpenBLAS, OpenMP, ORT) is idle; 0 disables")
     p.add_argument("--no-onnx", action="store_true",
                    help="skip the ONNX Runtime peer even if onnx + onnxruntime import")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per row (JSON lines) instead of the table")
     p.set_defaults(func=run, parser=p)
     return p
 

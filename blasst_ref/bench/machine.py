@@ -1,4 +1,5 @@
-"""Which machine a number was measured on (DESIGN.md §4: name the machine next to every figure).
+"""Which machine a number was measured on (docs/DESIGN.md §4.4: name the machine next to
+every figure).
 
 Benchmark numbers are ratios within one run on one machine; a table without the machine is
 meaningless. :func:`machine_info` collects what matters for attention kernels — the CPU model,

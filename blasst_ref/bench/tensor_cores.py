@@ -368,6 +368,29 @@ def decode_rows(lengths=(16384, 65536), log=print) -> list[dict]:
     return rows
 
 
+def smoke() -> None:
+    """One tensor-core prefill (causal, BLASST) and one decode call at a small size: what
+    ``compute-sanitizer --tool memcheck|racecheck`` runs over."""
+    import torch
+
+    from .. import workloads
+
+    q, k, v = (torch.from_numpy(np.ascontiguousarray(x)).to("cuda", torch.float16)
+               for x in workloads.llm_like(1, 4, 2, 300, 300, 128, seed=0))
+    k, v = k.repeat_interleave(2, dim=1).contiguous(), v.repeat_interleave(2, dim=1).contiguous()
+    out = torch.empty_like(q)
+    call, tm = v3_call(q, k, v, out, causal=True, scale=128 ** -0.5, thresh=0.05)
+    call()
+    qd, kd, vd = (torch.from_numpy(np.ascontiguousarray(x)).to("cuda", torch.bfloat16)
+                  for x in workloads.llm_like(2, 8, 2, 1, 5000, 128, seed=1))
+    outd = torch.empty_like(qd)
+    call, tmd = v3_decode_call(qd, kd, vd, outd, scale=128 ** -0.5, thresh=0.05)
+    call()
+    torch.cuda.synchronize()
+    print("smoke: prefill sparsity", float((tm == 2).sum() / (tm > 0).sum()),
+          "decode sparsity", float((tmd == 2).sum() / (tmd > 0).sum()))
+
+
 def _f(x, spec=".0f"):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -437,7 +460,7 @@ def format_markdown(res: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m blasst_ref.bench.tensor_cores",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["rate", "prefill", "decode", "all", "table"],
+    p.add_argument("what", choices=["rate", "prefill", "decode", "all", "table", "smoke"],
                    help="what to run ('table': only format the --json file given)")
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768],
                    help="sequence lengths of the dense rows")
@@ -451,6 +474,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the results to this file")
     args = p.parse_args(argv)
     res = {}
+    if args.what == "smoke":
+        smoke()
+        return 0
     if args.what == "table":
         with open(args.json) as f:
             print(format_markdown(json.load(f)))

@@ -1,4 +1,5 @@
-"""Threshold calibration: the ``thresh * L = alpha * exp(beta * sparsity)`` law (DESIGN.md §5).
+"""Threshold calibration: the ``thresh * L = alpha * exp(beta * sparsity)`` law
+(docs/DESIGN.md §5).
 
 BLASST's threshold must shrink as the context grows: the probability of a background key,
 relative to the row maximum, falls roughly as ``1 / L``, so a fixed threshold skips more and
@@ -354,7 +355,8 @@ def _select_fit_points(rows):
 def calibrate(samples, *, phase: str = "prefill", causal: bool = True, thresholds=None,
               block_q: int | None = None, block_k: int | None = None, backend: str = "auto",
               progress: bool = True) -> Calibration:
-    """Calibrate ``thresh * L = alpha * exp(beta * sparsity)`` on sample inputs (DESIGN §5).
+    """Calibrate ``thresh * L = alpha * exp(beta * sparsity)`` on sample inputs
+    (docs/DESIGN.md §5).
 
     Args:
         samples: an iterable of ``(q, k, v)`` in the layout of :func:`blasst_ref.attention`
@@ -450,23 +452,31 @@ def calibrate(samples, *, phase: str = "prefill", causal: bool = True, threshold
 # command line
 
 
-def _workload_samples(phase, lengths, n_samples, batch, heads, kv_heads, head_dim, seed, dtype):
+def _workload_samples(phase, lengths, n_samples, batch, heads, kv_heads, head_dim, seed, dtype,
+                      peakedness=1.0):
     from ..workloads import llm_like
 
     for L in lengths:
         for j in range(n_samples):
             lq = L if phase == "prefill" else 1
             yield llm_like(batch, heads, kv_heads, lq, L, head_dim,
-                           seed=seed + 1000 * j + L, dtype=dtype)
+                           seed=seed + 1000 * j + L, dtype=dtype, peakedness=peakedness)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m blasst_ref.calibrate",
         description="Calibrate BLASST's threshold law thresh * L = alpha * exp(beta * s) on "
-                    "LLM-like workloads (blasst_ref.workloads.llm_like, default knobs).",
+                    "LLM-like workloads (blasst_ref.workloads.llm_like, default knobs but "
+                    "--peakedness).",
+        epilog="The thresholds depend on the workload: python -m blasst_ref.demo runs "
+               "peakedness 2, where every logit is doubled, so its thresholds are the squares "
+               "of these (1e-3 becomes 1e-6); --peakedness 2 calibrates that workload.",
     )
-    p.add_argument("--phase", choices=PHASES, default="prefill")
+    p.add_argument("--phase", choices=PHASES, default="prefill",
+                   help="prefill (Lq = L, causal) or decode (one query row against L keys, "
+                        "the split-KV path); their laws differ, fit them separately "
+                        "(default prefill)")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192],
                    help="context lengths L (keys)")
     p.add_argument("--target", type=float, nargs="+", default=[0.5, 0.7, 0.9],
@@ -474,38 +484,54 @@ def main(argv=None) -> int:
     p.add_argument("--eval-lengths", type=int, nargs="*", default=[1024, 4096, 16384, 65536],
                    help="lengths to print thresholds for")
     p.add_argument("--samples", type=int, default=1, help="samples per length (seeds)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="batch size B of each sample (default 1)")
     p.add_argument("--heads", type=int, default=None,
                    help="query heads (default 8 prefill, 32 decode)")
     p.add_argument("--kv-heads", type=int, default=None, help="kv heads (default 2 / 8)")
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "float64"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--head-dim", type=int, default=64, help="head dim D of q, k and v (default 64)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "float64"],
+                   help="dtype of the samples (default float32)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the first sample; sample j at length L uses seed + 1000 j + L")
+    p.add_argument("--peakedness", type=float, default=1.0,
+                   help="llm_like's peakedness: how sharp the heads are; it multiplies every "
+                        "logit, so peakedness p turns a threshold t into t ** p (default 1.0; "
+                        "the demo runs 2.0)")
     p.add_argument("--no-causal", action="store_true", help="calibrate without the causal mask")
-    p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda"])
-    p.add_argument("--block-q", type=int, default=None)
-    p.add_argument("--block-k", type=int, default=None)
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda"],
+                   help="the backend that runs the samples (default auto: the CPU kernels, as "
+                        "the samples are numpy arrays)")
+    p.add_argument("--block-q", type=int, default=None,
+                   help="query rows per tile (default: the backend's, 128); sparsity is "
+                        "measured in tiles, so the law holds for one tile size")
+    p.add_argument("--block-k", type=int, default=None,
+                   help="keys per tile (default: the backend's, 64)")
     p.add_argument("--per-decade", type=int, default=4, help="trial thresholds per decade")
     p.add_argument("--save", default=None, help="write the calibration as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     for t in a.target:
         _check_target(t)
+    if not (math.isfinite(a.peakedness) and a.peakedness > 0):
+        p.error(f"--peakedness must be a finite number > 0, got {a.peakedness}")
     heads = a.heads or (8 if a.phase == "prefill" else 32)
     kv_heads = a.kv_heads or (2 if a.phase == "prefill" else 8)
 
     t0 = time.perf_counter()
     cal = calibrate(
         list(_workload_samples(a.phase, a.lengths, a.samples, a.batch, heads, kv_heads,
-                               a.head_dim, a.seed, a.dtype)),
+                               a.head_dim, a.seed, a.dtype, a.peakedness)),
         phase=a.phase, causal=not a.no_causal, thresholds=default_thresholds(a.lengths, a.per_decade),
         block_q=a.block_q, block_k=a.block_k, backend=a.backend, progress=not a.quiet,
     )
     elapsed = time.perf_counter() - t0
     print(cal)
     print(f"workload: llm_like(B={a.batch}, Hq={heads}, Hkv={kv_heads}, D={a.head_dim}, "
-          f"{a.dtype}, {a.samples} sample(s)/length, seed={a.seed}); backend {cal.backend}; "
-          f"{elapsed:.1f} s")
+          f"{a.dtype}, peakedness={a.peakedness:g}, {a.samples} sample(s)/length, "
+          f"seed={a.seed}); backend {cal.backend}; {elapsed:.1f} s")
+    if a.peakedness == 1.0:
+        print("(python -m blasst_ref.demo runs peakedness 2: every logit doubled, so its "
+              "thresholds are\n the squares of these; --peakedness 2 calibrates that workload)")
     print()
     print(cal.format_table())
     print()

@@ -42,7 +42,7 @@ def find_threshold(q, k, v, target: float, *, causal: bool, backend: str = "cpu"
                    progress=None) -> ThresholdSearch:
     """Search the threshold whose tile sparsity on ``(q, k, v)`` is ``target`` +- ``tol``.
 
-    Sparsity is a non-decreasing step function of the threshold (DESIGN §9 tests that), and
+    Sparsity is a non-decreasing step function of the threshold (docs/DESIGN.md §9 tests that), and
     useful thresholds span decades (``1e-6 .. 0.5``), so this bisects on ``log10(thresh)``
     between ``1e-10`` and ``1 - 1e-9``, calling ``blasst_ref.attention(..., backend=backend,
     return_stats=True)`` at each midpoint, until the sparsity is within ``tol`` of the

@@ -52,7 +52,7 @@ def fold_row(row, lim, tile_max, r, m, l, acc):
 
 @njit(inline="always")
 def rows_agree_to_skip(tile_max, m, n_rows, log_thresh):
-    """The BLASST skip rule (DESIGN §3): every row ``r < n_rows`` agrees that
+    """The BLASST skip rule (docs/DESIGN.md §3.3): every row ``r < n_rows`` agrees that
     ``exp(tile_max[r] - m[r]) < thresh``, written ``tile_max[r] - m[r] < log(thresh)``.
 
     NaN compares false (a NaN max never lets a tile be skipped), ``log(0) = -inf`` never

@@ -1,6 +1,6 @@
 """BLASST split-KV decode (flash-decoding) on the GPU, in Numba CUDA.
 
-The algorithm is ``reference._decode`` (DESIGN.md §3): the rows of one tile are *all* query
+The algorithm is ``reference._decode`` (docs/DESIGN.md §3): the rows of one tile are *all* query
 rows of one kv group, ``R = (Hq // Hkv) * Lq`` of them, row ``r`` being query head
 ``g * group + r // Lq`` at query position ``r % Lq``; the group decides together whether a
 tile is skipped. The key tiles are cut into split-KV chunks of ``split_tiles`` tiles

@@ -16,7 +16,7 @@ What this version does differently from v2 (windows of tiles on CUDA cores):
   scored; a tile's V is requested only after the warp has voted to keep it (``vote.all``
   over the rows the lanes hold), so a skipped tile reads no V bytes at all, and a kept tile's
   V arrives while its softmax is computed.
-* **The seeded skip test** (docs/DESIGN.md, "decode"): a chunk that does not start at key
+* **The seeded skip test** (docs/DESIGN.md §3.5): a chunk that does not start at key
   tile 0 first scores tile 0 itself (``Q K^T`` only, no exp, no V) to get each row's sink
   maximum ``s0``, and tests every tile against ``max(m, s0)``; chunk 0 reaches the same
   reference through its own running max. ``seeded=False`` keeps the unseeded test.

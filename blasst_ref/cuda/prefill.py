@@ -1,6 +1,6 @@
 """BLASST prefill on the GPU, in Numba CUDA: two kernel versions (llm.c ``dev/cuda`` style).
 
-The algorithm is ``reference._prefill`` (DESIGN.md §3) tile by tile; this module only
+The algorithm is ``reference._prefill`` (docs/DESIGN.md §3) tile by tile; this module only
 decides how the work of one query tile is spread over the threads of one block.
 
 * **Version 1** (``_make_prefill_kernel``): the first, straightforward SIMT kernel, one to a

@@ -1,4 +1,5 @@
-"""``blasst_ref.graph``: a small fused-graph executor after oneDNN Graph Compiler (DESIGN.md §7).
+"""``blasst_ref.graph``: a small fused-graph executor after oneDNN Graph Compiler
+(docs/DESIGN.md §7).
 
 ::
 

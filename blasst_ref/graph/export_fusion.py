@@ -1,4 +1,4 @@
-"""Passes that recognise what framework exports write op by op, and fuse it (DESIGN.md §7).
+"""Passes that recognise what framework exports write op by op, and fuse it (docs/DESIGN.md §7.2).
 
 A model imported with :func:`~blasst_ref.graph.from_onnx` spells its layers in basic ops:
 GELU as ``x * (erf(x / sqrt 2) + 1) * 0.5``, LayerNorm (before opset 17) as

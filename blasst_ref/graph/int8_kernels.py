@@ -1,5 +1,5 @@
 """int8 matmul kernels for the graph executor: u8 x s8 -> s32, the form of ``vpdpbusd``
-(DESIGN.md §7, "int8 for Xeon").
+(docs/DESIGN.md §7.4).
 
 What is here (the kernel layer only; the lowering pass that finds Dequantize -> MatMul ->
 Quantize and calls these lives in the passes):
@@ -1156,7 +1156,7 @@ def quantize_rows(x, *, threads=None):
 
 class DynamicQMatMulPlan:
     """``act(x @ W + bias) + residual`` with ``x`` float32 quantized per row at run time
-    (dynamic quantization, DESIGN.md §7): each call quantizes the rows of ``x``
+    (dynamic quantization, docs/DESIGN.md §7.4): each call quantizes the rows of ``x``
     (:func:`quantize_rows`: one pass over ``x``), then runs the u8 x s8 -> s32 kernel whose
     epilogue dequantises every output with its row's scale and zero point --
     ``y[m, n] = (row_scale[m] * w_scale[n]) * (acc[m, n] - row_zp[m] * col_sums[n])`` --

@@ -1,4 +1,4 @@
-"""The graph IR: statically shaped, typed tensors and the ops between them (DESIGN.md §7).
+"""The graph IR: statically shaped, typed tensors and the ops between them (docs/DESIGN.md §7.1).
 
 A :class:`Graph` holds
 
@@ -150,7 +150,7 @@ class Tensor:
 
 
 class Graph:
-    """A dataflow graph of ops over static tensors (DESIGN.md §7).
+    """A dataflow graph of ops over static tensors (docs/DESIGN.md §7.1).
 
     Example::
 

@@ -1,4 +1,4 @@
-"""Numba parallel CPU kernels for the fused ops of the graph executor (DESIGN.md §7).
+"""Numba parallel CPU kernels for the fused ops of the graph executor (docs/DESIGN.md §7).
 
 These are plain functions on numpy arrays; they know nothing about the IR. The passes
 decide *what* to fuse, these kernels decide *how* a fused op runs fast on a CPU:

@@ -1,7 +1,7 @@
 """Static memory planning: one arena, liveness intervals, best-fit placement, in-place reuse.
 
-DESIGN.md §7 "Memory planning". The planner runs last, on the graph the passes left (planning
-the unfused graph would plan buffers that fusion removes), and is a pure function of that
+docs/DESIGN.md §7.3. The planner runs last, on the graph the passes left (planning the
+unfused graph would plan buffers that fusion removes), and is a pure function of that
 graph's schedule: the nodes of ``graph.nodes`` in order. Node ``s`` runs at **step** ``s``.
 
 Vocabulary:
@@ -99,47 +99,56 @@ class MemoryPlan:
     alignment: int = 64
 
     def summary(self) -> str:
-        """One line, e.g. ``"memory reduced from 12.0 MiB to 3.1 MiB (26%) in 7 buffers,
-        3 in place"`` (the percentage is peak / naive)."""
+        """One line, e.g. ``"memory reduced from 12.0 MiB to 3.1 MiB, to 26% (-74%), in 7
+        buffers, 3 in place"``: peak / naive, and the change from naive to peak."""
         n = len(self.buffers)
         buffers = f"{n} buffer{'' if n == 1 else 's'}"
         if not self.enabled:
             return (f"memory planning off: {format_bytes(self.peak_bytes)} in {buffers} "
                     f"(naive {format_bytes(self.naive_bytes)})")
-        ratio = f" ({self.peak_bytes / self.naive_bytes:.0%})" if self.naive_bytes else ""
+        if not self.buffers:
+            return "memory: no intermediate tensors to plan"
+        ratio = ""
+        if self.naive_bytes:
+            share = self.peak_bytes / self.naive_bytes
+            ratio = f", to {share:.0%} ({share - 1:+.0%}),"
         return (f"memory reduced from {format_bytes(self.naive_bytes)} to "
                 f"{format_bytes(self.peak_bytes)}{ratio} in {buffers}, "
                 f"{len(self.inplace)} in place")
 
     def plot(self, ax=None, graph: Graph | None = None):
-        """The arena over time: x = execution step, y = byte offset, one rectangle per
-        buffer from its first to its last step, labelled with its first tensor (and how many
-        more it holds). ``graph`` (the planned graph) names the steps by their ops. Returns
-        the matplotlib Axes (a new figure's when ``ax`` is None)."""
+        """The arena over time: x = execution step, y = offset in the arena (in MiB, KiB or
+        bytes, whichever suits the peak), one rectangle per buffer from its first to its last
+        step, labelled with its first tensor (and how many more it holds). ``graph`` (the
+        planned graph) names the steps by their ops. Returns the matplotlib Axes: a new
+        figure's when ``ax`` is None, laid out (constrained layout) so that a plain
+        ``savefig`` keeps the rotated op names and the axis labels."""
         import matplotlib  # lazily: planning must not need matplotlib
         from matplotlib.patches import Rectangle
 
         if ax is None:
             import matplotlib.pyplot as plt
 
-            _, ax = plt.subplots(figsize=(9, 4))
+            _, ax = plt.subplots(figsize=(9, 4.5), layout="constrained")
+        unit, scale = _plot_unit(self.peak_bytes)
         colors = matplotlib.colormaps["tab20"]
         for k, b in enumerate(self.buffers):
-            ax.add_patch(Rectangle((b.first - 0.4, b.offset), b.last - b.first + 0.8, b.nbytes,
-                                   facecolor=colors(k % 20), edgecolor="black", linewidth=0.6))
+            ax.add_patch(Rectangle((b.first - 0.4, b.offset / scale), b.last - b.first + 0.8,
+                                   b.nbytes / scale, facecolor=colors(k % 20),
+                                   edgecolor="black", linewidth=0.6))
             more = f" +{len(b.tensors) - 1}" if len(b.tensors) > 1 else ""
-            ax.text((b.first + b.last) / 2, b.offset + b.nbytes / 2, b.tensors[0] + more,
-                    ha="center", va="center", fontsize=7, clip_on=True)
+            ax.text((b.first + b.last) / 2, (b.offset + b.nbytes / 2) / scale,
+                    b.tensors[0] + more, ha="center", va="center", fontsize=7, clip_on=True)
         steps = len(graph.nodes) if graph is not None else \
             max((b.last + 1 for b in self.buffers), default=0)
-        ax.axhline(self.peak_bytes, color="gray", linestyle="--", linewidth=0.8)
+        ax.axhline(self.peak_bytes / scale, color="gray", linestyle="--", linewidth=0.8)
         ax.set_xlim(-0.5, max(steps, 1) - 0.5)
-        ax.set_ylim(0, max(self.peak_bytes, 1) * 1.05)
+        ax.set_ylim(0, max(self.peak_bytes, 1) / scale * 1.05)
         if graph is not None:
             ax.set_xticks(range(steps))
             ax.set_xticklabels([n.op for n in graph.nodes], rotation=90, fontsize=7)
         ax.set_xlabel("execution step")
-        ax.set_ylabel("arena offset (bytes)")
+        ax.set_ylabel(f"arena offset ({unit})")
         ax.set_title(self.summary(), fontsize=9)
         return ax
 
@@ -154,6 +163,14 @@ def format_bytes(n: int) -> str:
         if value < 1024 or unit == "GiB":
             break
     return f"{value:.1f} {unit}"
+
+
+def _plot_unit(nbytes: int) -> tuple[str, int]:
+    """The unit of the plot's y axis for an arena of ``nbytes``: ``(name, bytes per unit)``."""
+    for name, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return name, scale
+    return "bytes", 1
 
 
 def _round_up(n: int, alignment: int) -> int:

@@ -83,7 +83,7 @@ def _layernorm_params(g: Graph, rng: np.random.Generator, prefix: str, n: int):
 def causal_mask(length: int, value: float = CAUSAL_MASK_VALUE) -> np.ndarray:
     """The additive causal mask ``(L, L)`` float32: 0 where key ``j <= i`` (query ``i`` sees
     it), ``value`` elsewhere. With as many queries as keys this is both the top-left and the
-    bottom-right alignment (DESIGN.md §3)."""
+    bottom-right alignment (docs/DESIGN.md §3.2)."""
     i = np.arange(length)[:, None]
     j = np.arange(length)[None, :]
     return np.where(j <= i, 0.0, value).astype(np.float32)

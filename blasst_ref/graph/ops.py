@@ -619,7 +619,7 @@ def _qmatmul_infer(inputs, attrs, node):
 
 
 def qmatmul_array(a, w, bias, residual, attrs) -> np.ndarray:
-    """The meaning of ``QMatMul`` in numpy (DESIGN.md §7, int8):
+    """The meaning of ``QMatMul`` in numpy (docs/DESIGN.md §7.4):
 
     ``acc = sum_k (a - za) w`` exactly in int64 (u8 activations with zero point ``za``,
     symmetric s8 weights), computed as ``a @ w - za * colsum(w)`` -- the compensation

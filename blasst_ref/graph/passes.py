@@ -1,4 +1,4 @@
-"""Compiler passes: each a pure function ``Graph -> Graph`` (DESIGN.md §7).
+"""Compiler passes: each a pure function ``Graph -> Graph`` (docs/DESIGN.md §7.2).
 
 In the order :func:`blasst_ref.graph.compile` runs them, which :data:`PIPELINE` defines
 (each can be switched off: ``compile(g, passes={"fuse_attention": False})``):
@@ -18,8 +18,8 @@ In the order :func:`blasst_ref.graph.compile` runs them, which :data:`PIPELINE` 
 6. :func:`fuse_matmul` -- ``MatMul`` and its post-op chain (bias add, activation, residual
    add) become one ``FusedMatMul``: the post-ops run on the product while it is in cache.
 7. :func:`lower_int8` -- ``Dequantize -> MatMul -> post-ops -> Quantize`` with u8
-   activations and constant s8 weights becomes one ``QMatMul`` (u8 x s8 -> s32, DESIGN §7);
-   with per-row dynamic activations, one ``QMatMulDynamic``.
+   activations and constant s8 weights becomes one ``QMatMul`` (u8 x s8 -> s32,
+   docs/DESIGN.md §7.4); with per-row dynamic activations, one ``QMatMulDynamic``.
 8. :func:`merge_layout_ops` -- ``Transpose∘Transpose`` and ``Reshape∘Reshape`` collapse
    into one (attention fusion leaves such pairs on the K path).
 9. :func:`pack_weights` -- constant-weight preprocessing: a ``FusedMatMul`` on a constant
@@ -389,7 +389,7 @@ def _dequantized_weight(g: Graph, producers, t: str):
 
 
 def lower_int8(g: Graph) -> Graph:
-    """The int8 lowering (DESIGN.md §7): ``Dequantize(u8 activation) x Dequantize(s8
+    """The int8 lowering (docs/DESIGN.md §7.4): ``Dequantize(u8 activation) x Dequantize(s8
     constant weight) -> MatMul -> post-ops [-> Quantize(u8)]`` becomes one ``QMatMul``.
 
     Runs after :func:`fuse_matmul`, so the post-ops are already gathered in a

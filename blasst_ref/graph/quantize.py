@@ -1,4 +1,4 @@
-"""Post-training static quantization: a float graph -> a QDQ int8 graph (DESIGN.md §7).
+"""Post-training static quantization: a float graph -> a QDQ int8 graph (docs/DESIGN.md §7.4).
 
 :func:`quantize_graph` runs the float graph on sample inputs (the interpreter's
 :func:`~.interpreter.trace`), observes the min/max of every tensor that feeds a MatMul with a
@@ -32,7 +32,7 @@ changes a layer's output by ``a @ dW`` with ``dW = W_q s_w - W``. Its mean over 
 observed on the samples. It removes the systematic part of the weight error; the random part
 and the activations' rounding stay.
 
-Dynamic activations (``activations="dynamic"``, DESIGN.md §7): instead of one calibrated
+Dynamic activations (``activations="dynamic"``, docs/DESIGN.md §7.4): instead of one calibrated
 scale per tensor, each row (token) of an activation gets its own u8 scale and zero point,
 computed at run time (:mod:`.ops_dynamic`: ONNX's ``DynamicQuantizeLinear`` applied per
 row). The QDQ form is then ::
