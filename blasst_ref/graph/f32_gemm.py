@@ -30,9 +30,9 @@ epilogue -- bias, activation, residual -- runs over each row of the block while 
 cache, and stores it. ``a`` is read in place (no packing: its rows are the MR streams of
 the micro-kernel).
 
-GELU here uses a vectorisable rational approximation of ``erf`` (the one of Eigen and
-TensorFlow: max abs error 4e-7 in float32) instead of libm's scalar ``erfc``: GELU over a
-BERT FFN's output would otherwise cost as much as the product itself.
+The activations are :func:`.kernels.activate`'s (GELU in float32 by its vectorisable
+``erfc``: libm's scalar one would make GELU over a BERT FFN's output cost as much as the
+product itself).
 
 Backends: ``"avx512"`` (zmm), ``"avx2"`` (ymm with FMA), else :func:`available` is False and
 callers keep :func:`~blasst_ref.graph.kernels.matmul_packed`.
@@ -40,7 +40,6 @@ callers keep :func:`~blasst_ref.graph.kernels.matmul_packed`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import llvmlite.binding as llb
@@ -228,55 +227,17 @@ def _strip_ol(tag, mr, a, a_off, lda, w, w_off, kk, c, c_off, ldc):
 # Epilogue
 # ---------------------------------------------------------------------------------------
 
-# erf(x) = x P(x^2) / Q(x^2) on [-4, 4] (+-1 outside in float32): Eigen's / TensorFlow's
-# float approximation; max abs error 4e-7, no branches, so the loop vectorises.
-_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
-          -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
-          -1.60960333262415e-02)
-_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
-          -7.37332916720468e-03, -1.42647390514189e-02)
-
-
-@njit(inline="always", fastmath=FASTMATH)
-def erf_f32(x):
-    """float32 ``erf(x)`` by a rational approximation (max abs error 4e-7; NaN stays NaN)."""
-    f = np.float32
-    x = min(max(x, f(-4.0)), f(4.0))
-    x2 = x * x
-    p = f(_ERF_P[0])
-    p = p * x2 + f(_ERF_P[1])
-    p = p * x2 + f(_ERF_P[2])
-    p = p * x2 + f(_ERF_P[3])
-    p = p * x2 + f(_ERF_P[4])
-    p = p * x2 + f(_ERF_P[5])
-    p = p * x2 + f(_ERF_P[6])
-    q = f(_ERF_Q[0])
-    q = q * x2 + f(_ERF_Q[1])
-    q = q * x2 + f(_ERF_Q[2])
-    q = q * x2 + f(_ERF_Q[3])
-    q = q * x2 + f(_ERF_Q[4])
-    return x * p / q
-
-
-_INV_SQRT2 = 1.0 / math.sqrt(2.0)
-
 
 @njit(inline="always", fastmath=FASTMATH)
 def _finish_row(c, nc, bias, n0, act, residual, i, out):
     """``out[i, n0:n0+nc] = act(c[:nc] + bias[n0:]) + residual[i, n0:]`` (``c`` clobbered);
     activation codes as :mod:`.kernels`."""
-    f = np.float32
     o = out[i, n0:n0 + nc]
     if bias is not None:
         b = bias[n0:n0 + nc]
         for j in range(nc):
             c[j] += b[j]
-    if act == 2:  # GELU by the vectorisable erf; every other activation as kernels.activate
-        for j in range(nc):
-            x = c[j]
-            c[j] = f(0.5) * x * (f(1.0) + erf_f32(x * f(_INV_SQRT2)))
-    else:
-        activate(c, nc, act)
+    activate(c, nc, act)
     if residual is not None:
         r = residual[i, n0:n0 + nc]
         for j in range(nc):
