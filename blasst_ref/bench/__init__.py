@@ -21,4 +21,4 @@ interleaved repeats, median), :mod:`.oracle` (a memory-bounded float64 dense res
 """
 
 #: Subcommand modules of ``python -m blasst_ref.bench``, in help order. Imported lazily.
-SUBCOMMANDS = ("attention", "graph", "int8", "backward")
+SUBCOMMANDS = ("attention", "backward", "gemm", "graph", "int8", "minilm")

@@ -35,7 +35,8 @@ from .memory import MemoryPlan
 __all__ = ["CompiledGraph", "compile"]
 
 #: the passes that ``fuse=False`` switches off
-FUSION_PASSES = ("fuse_attention", "fuse_matmul", "lower_int8", "merge_layout_ops")
+FUSION_PASSES = ("fuse_gelu_erf", "fuse_layernorm", "fuse_export_attention",
+                 "fuse_attention", "fuse_matmul", "lower_int8", "merge_layout_ops")
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,8 @@ def compile(graph: Graph, *, fuse: bool = True, fold_constants: bool = True,
     """Compile ``graph`` into a callable :class:`CompiledGraph`.
 
     The passes run in the order of :data:`.passes.PIPELINE` (``fold_constants``,
-    ``fuse_attention``, ``fuse_matmul``, ``lower_int8``, ``merge_layout_ops``,
-    ``pack_weights``); ``fuse``, ``fold_constants``, ``int8`` and ``matmul_kernel`` switch
+    ``fuse_gelu_erf``, ``fuse_layernorm``, ``fuse_export_attention``, ``fuse_attention``,
+    ``fuse_matmul``, ``lower_int8``, ``merge_layout_ops``, ``pack_weights``); ``fuse``, ``fold_constants``, ``int8`` and ``matmul_kernel`` switch
     groups of them, ``passes`` any one.
 
     Args:
@@ -113,8 +114,8 @@ def compile(graph: Graph, *, fuse: bool = True, fold_constants: bool = True,
     enabled["pack_weights"] = matmul_kernel == "packed"
     enabled.update(_check_passes(passes))
     block_q, block_k = attention_block
-    pass_args = {"fuse_attention": dict(thresh=float(attention_thresh), block_q=block_q,
-                                        block_k=block_k)}
+    attention = dict(thresh=float(attention_thresh), block_q=block_q, block_k=block_k)
+    pass_args = {"fuse_attention": attention, "fuse_export_attention": attention}
     stages = [Stage("input", graph)]
     stages.append(Stage("prune", stages[-1].graph.prune()))
     for name in P.PIPELINE:
