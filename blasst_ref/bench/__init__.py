@@ -10,6 +10,9 @@ Subcommands, one module each, listed in :data:`SUBCOMMANDS`:
   float32, with the fraction of the VNNI peak; ``--preset matmul-dlrm``.
 * ``backward`` (:mod:`.backward`): the BLASST backward, dense and sparse, against PyTorch's
   SDPA backward (CPU, or a GPU with ``--device cuda``).
+* ``gemm`` (:mod:`.gemm`): the float32 GEMM kernels of the graph executor against sgemm.
+* ``minilm`` (:mod:`.minilm`): all-MiniLM-L6-v2 from ONNX: int8 (static, dynamic) and
+  BLASST accuracy and speed against float32 and ONNX Runtime.
 
 To add one (e.g. ``graph``, ``int8``): write ``blasst_ref/bench/<name>.py`` with
 ``register(subparsers)`` — it adds its parser and ``set_defaults(func=run, parser=p)`` — and
