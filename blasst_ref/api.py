@@ -9,6 +9,7 @@ the same way for every backend.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -285,6 +286,14 @@ def _validate(q, k, v, thresh, causal, scale, backend, block_q, block_k, layout=
     return on_device, (b, hq, lq, dqk), hkv, lk
 
 
+def validate_arguments(q, k, v, thresh=0.0, causal=False, scale=None, backend="auto",
+                       block_q=None, block_k=None):
+    """The argument checks of :func:`attention`, for the functions built on it
+    (:func:`blasst_ref.attention_forward`). Raises as :func:`attention` does; returns
+    ``(on_device, (B, Hq, Lq, Dqk), Hkv, Lk)``."""
+    return _validate(q, k, v, thresh, causal, scale, backend, block_q, block_k)
+
+
 # ---------------------------------------------------------------------------------------
 # statistics
 
@@ -358,6 +367,40 @@ def _run_host(backend, q, k, v, thresh, causal, scale, block_q, block_k):
     return out.astype(out_dtype, copy=False), tile_map
 
 
+def _is_torch_host_tensor(x) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "is_cuda") and not x.is_cuda
+
+
+def _accepts_torch_host_tensors(fn):
+    """Lets ``fn(q, k, v, ...)`` take torch CPU tensors: numpy views in (no copy), a torch
+    tensor out; every other argument passes through unchanged.
+
+    numpy has no bfloat16: bfloat16 tensors are computed in float32 (a converted copy) and the
+    output is converted back. Tensors that require grad are read through ``detach()``; the
+    caller (``blasst_ref.torch``) decides whether that is allowed."""
+
+    @functools.wraps(fn)
+    def wrapper(q, k, v, *args, **kwargs):
+        if not any(_is_torch_host_tensor(x) for x in (q, k, v)):
+            return fn(q, k, v, *args, **kwargs)
+        import torch
+
+        if not all(_is_torch_host_tensor(x) for x in (q, k, v)):
+            kinds = ", ".join(f"{n} {type(x).__module__}.{type(x).__name__}"
+                              for n, x in zip("qkv", (q, k, v)))
+            raise TypeError(f"q, k and v must all be torch CPU tensors or all numpy arrays; "
+                            f"got {kinds}")
+        views = [(x.detach().float() if x.dtype == torch.bfloat16 else x.detach()).numpy()
+                 for x in (q, k, v)]
+        res = fn(*views, *args, **kwargs)
+        if isinstance(res, tuple):  # (out, stats)
+            return (torch.from_numpy(res[0]).to(q.dtype), *res[1:])
+        return torch.from_numpy(res).to(q.dtype)
+
+    return wrapper
+
+
+@_accepts_torch_host_tensors
 def attention(
     q, k, v, thresh: float = 0.0, *, causal: bool = False, scale: float | None = None,
     backend: str = "auto", block_q: int | None = None, block_k: int | None = None,
@@ -399,6 +442,8 @@ def attention(
         ``out`` of shape ``(B, Hq, Lq, Dv)`` (3-D for 3-D inputs; ``(B, Lq, Hq, Dv)`` in
         ``"blhd"``), same dtype and kind of array as ``q`` (numpy outputs in the machine's
         byte order); or ``(out, stats)``. Accumulation is float32 (float64 for float64).
+        torch CPU tensors are read as numpy views (no copy) and give a torch tensor;
+        bfloat16 ones are computed in float32 (:mod:`blasst_ref.torch` has SDPA's names).
 
     Raises:
         TypeError / ValueError: naming the argument and what was expected; also for a

@@ -8,6 +8,11 @@ Subcommands, one module each, listed in :data:`SUBCOMMANDS`:
   ONNX Runtime; ``--preset dlrm-bert`` reproduces its tables in docs/BENCHMARKS.md.
 * ``int8`` (:mod:`.int8`): the u8 x s8 ``QMatMul`` kernel and int8 MLP graphs against
   float32, with the fraction of the VNNI peak; ``--preset matmul-dlrm``.
+* ``backward`` (:mod:`.backward`): the BLASST backward, dense and sparse, against PyTorch's
+  SDPA backward (CPU, or a GPU with ``--device cuda``).
+* ``gemm`` (:mod:`.gemm`): the float32 GEMM kernels of the graph executor against sgemm.
+* ``minilm`` (:mod:`.minilm`): all-MiniLM-L6-v2 from ONNX: int8 (static, dynamic) and
+  BLASST accuracy and speed against float32 and ONNX Runtime.
 
 To add one (e.g. ``graph``, ``int8``): write ``blasst_ref/bench/<name>.py`` with
 ``register(subparsers)`` — it adds its parser and ``set_defaults(func=run, parser=p)`` — and
@@ -19,4 +24,4 @@ interleaved repeats, median), :mod:`.oracle` (a memory-bounded float64 dense res
 """
 
 #: Subcommand modules of ``python -m blasst_ref.bench``, in help order. Imported lazily.
-SUBCOMMANDS = ("attention", "graph", "int8")
+SUBCOMMANDS = ("attention", "backward", "gemm", "graph", "int8", "minilm")

@@ -3,9 +3,10 @@
 :func:`compile` runs the passes of :mod:`.passes` (each switchable), plans the memory of what
 is left (:mod:`.memory`) and turns every node into one *step*: a Python closure over the
 kernel that runs the op and the arrays it reads and writes. Intermediates are views into
-one preallocated arena at the planner's offsets, made once here; graph outputs are fresh
-arrays on every call (a returned array is never overwritten by a later call). A call is
-then: check the feeds, walk the steps, return the outputs.
+a preallocated arena at the planner's offsets, made once (and reused by call after call);
+graph outputs are fresh arrays on every call (a returned array is never overwritten by a
+later call, and shares memory with nothing). A call is then: check the feeds, walk the
+steps, return the outputs.
 
 Which kernel runs an op is part of the op's ``OpDef`` (:attr:`.ops.OpDef.kernel`, a step
 builder of :mod:`.steps`, whose docstring lists them); an op without one runs its numpy
@@ -39,7 +40,8 @@ from .memory import MemoryPlan
 __all__ = ["CompiledGraph", "compile"]
 
 #: the passes that ``fuse=False`` switches off
-FUSION_PASSES = ("fuse_attention", "fuse_matmul", "lower_int8", "merge_layout_ops")
+FUSION_PASSES = ("fuse_gelu_erf", "fuse_layernorm", "fuse_export_attention",
+                 "fuse_attention", "fuse_matmul", "lower_int8", "merge_layout_ops")
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,8 @@ def compile(graph: Graph, *, fuse: bool = True, fold_constants: bool = True,
     """Compile ``graph`` into a callable :class:`CompiledGraph`.
 
     The passes run in the order of :data:`.passes.PIPELINE` (``fold_constants``,
-    ``fuse_attention``, ``fuse_matmul``, ``lower_int8``, ``merge_layout_ops``,
-    ``pack_weights``); ``fuse``, ``fold_constants``, ``int8`` and ``matmul_kernel`` switch
+    ``fuse_gelu_erf``, ``fuse_layernorm``, ``fuse_export_attention``, ``fuse_attention``,
+    ``fuse_matmul``, ``lower_int8``, ``merge_layout_ops``, ``pack_weights``); ``fuse``, ``fold_constants``, ``int8`` and ``matmul_kernel`` switch
     groups of them, ``passes`` any one.
 
     Args:
@@ -118,8 +120,8 @@ def compile(graph: Graph, *, fuse: bool = True, fold_constants: bool = True,
     enabled["pack_weights"] = matmul_kernel == "packed"
     enabled.update(_check_passes(passes))
     block_q, block_k = _check_attention_block(attention_block)
-    pass_args = {"fuse_attention": dict(thresh=float(attention_thresh), block_q=block_q,
-                                        block_k=block_k)}
+    attention = dict(thresh=float(attention_thresh), block_q=block_q, block_k=block_k)
+    pass_args = {"fuse_attention": attention, "fuse_export_attention": attention}
     stages = [Stage("input", graph)]
     stages.append(Stage("prune", stages[-1].graph.prune()))
     for name in P.PIPELINE:

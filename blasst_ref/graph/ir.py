@@ -32,8 +32,9 @@ from . import ops as _ops
 
 __all__ = ["Graph", "GraphError", "Node", "Tensor", "TensorInfo"]
 
-#: dtypes a tensor may have: floats for compute, 8-bit integers and int32 for the int8 path.
-DTYPES = ("float32", "float64", "float16", "uint8", "int8", "int32")
+#: dtypes a tensor may have: floats for compute, 8-bit integers and int32 for the int8 path;
+#: int64 and bool for what imported models compute on token ids and masks.
+DTYPES = ("float32", "float64", "float16", "uint8", "int8", "int32", "int64", "bool")
 
 
 class GraphError(ValueError):

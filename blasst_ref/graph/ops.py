@@ -673,3 +673,16 @@ register(OpDef("QMatMul", (2, 4), _qmatmul_infer, _qmatmul_eval, _qmatmul_attrs,
                    "and optional u8 requantisation (the int8 lowering of Dequantize -> "
                    "MatMul -> post-ops -> Quantize)",
                inplace=lambda attrs, n: (), kernel=steps.qmatmul))
+
+
+
+# ---------------------------------------------------------------------------- for op modules
+# Public names of the helpers that the modules registering ops of their own use
+# (:mod:`.tensor_ops`, :mod:`.ops_dynamic`): errors naming the node, operand checks, shapes.
+op_error = _err
+describe_tensor = _desc
+require_float = _require_float
+same_dtype = _same_dtype
+broadcast_shape = _broadcast
+matmul_shape = _matmul_shape
+fused_matmul_attrs = _fused_matmul_attrs

@@ -32,6 +32,19 @@ changes a layer's output by ``a @ dW`` with ``dW = W_q s_w - W``. Its mean over 
 observed on the samples. It removes the systematic part of the weight error; the random part
 and the activations' rounding stay.
 
+Dynamic activations (``activations="dynamic"``, docs/DESIGN.md §7.4): instead of one calibrated
+scale per tensor, each row (token) of an activation gets its own u8 scale and zero point,
+computed at run time (:mod:`.ops_dynamic`: ONNX's ``DynamicQuantizeLinear`` applied per
+row). The QDQ form is then ::
+
+    a ─ DynamicQuantizeRows ─(q, scale, zp)─ DequantizeRows ─┐
+                                                              MatMul ─ (post-ops)
+    W_s8 (constant) ─ Dequantize(s_w[n]) ────────────────────┘
+
+which the compiler lowers to one ``QMatMulDynamic`` kernel (the rows quantized in one pass,
+u8 x s8 -> s32, per-row rescale and compensation in the epilogue). The samples then serve
+bias correction only.
+
 Attention itself stays in float (BLASST); its Q/K/V/output projections are MatMuls with
 constant weights, so they become int8.
 """
@@ -42,6 +55,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from . import ops_dynamic as _ops_dynamic  # noqa: F401  (registers DynamicQuantizeRows, ...)
 from .interpreter import trace
 from .ir import Graph, GraphError, Node
 from .ops import quantize_array
@@ -73,7 +87,7 @@ def weight_params(w: np.ndarray, per_channel: bool = True) -> tuple[np.ndarray, 
 
 
 def quantize_graph(g: Graph, samples, weights: str = "per_channel",
-                   bias_correction: bool = True) -> Graph:
+                   bias_correction: bool = True, activations: str = "static") -> Graph:
     """Insert Quantize/Dequantize around every MatMul with a constant float ``(K, N)`` weight.
 
     Args:
@@ -84,12 +98,17 @@ def quantize_graph(g: Graph, samples, weights: str = "per_channel",
         weights: ``"per_channel"`` (one scale per output column) or ``"per_tensor"``.
         bias_correction: subtract the mean output shift that weight rounding causes from the
             bias (module docstring); ``False`` gives plain min/max quantization.
+        activations: ``"static"`` (default): one u8 scale per activation tensor, from the
+            samples' min/max; ``"dynamic"``: one u8 scale per row (token), computed at run
+            time (module docstring).
 
     Returns:
         A new graph (``g`` is not changed) with the same inputs and outputs.
     """
     if weights not in ("per_channel", "per_tensor"):
         raise ValueError(f"weights must be 'per_channel' or 'per_tensor', got {weights!r}")
+    if activations not in ("static", "dynamic"):
+        raise ValueError(f"activations must be 'static' or 'dynamic', got {activations!r}")
     if isinstance(samples, Mapping):
         samples = [samples]
     samples = list(samples) if isinstance(samples, Iterable) else None
@@ -124,7 +143,12 @@ def quantize_graph(g: Graph, samples, weights: str = "per_channel",
     for node in targets:
         a, w = node.inputs
         before: list[Node] = []
-        if a not in quantized:
+        if a not in quantized and activations == "dynamic":
+            q, s, z, dq = (fresh(f"{a}.{t}") for t in ("q", "scale", "zp", "dq"))
+            before += [Node("DynamicQuantizeRows", (a,), (q, s, z), {}, q),
+                       Node("DequantizeRows", (q, s, z), (dq,), {}, dq)]
+            quantized[a] = dq
+        elif a not in quantized:
             scale, zp = activation_params(lo[a], hi[a])
             q, dq = fresh(f"{a}.q"), fresh(f"{a}.dq")
             attrs = {"scale": scale, "zero_point": zp, "axis": None}
@@ -165,7 +189,7 @@ def quantize_graph(g: Graph, samples, weights: str = "per_channel",
                 Node("MatMul", matmul.inputs, (raw,), {}, node.name),
                 Node("Add", (raw, b_name), (y,), {}, fresh(f"{node.name}.bc"))]
     out = rewrite(g, replace, new_constants)
-    out.name = f"{g.name}-int8"
+    out.name = f"{g.name}-int8" + ("-dynamic" if activations == "dynamic" else "")
     return out
 
 

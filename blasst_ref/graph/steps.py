@@ -10,8 +10,9 @@ it does not handle, and an op without one runs its numpy meaning (:func:`evaluat
 
 The kernels, op by op:
 
-* ``PackedMatMul`` -> :func:`.kernels.matmul_packed` (blocked, on weights packed at compile
-  time, post-ops before the store);
+* ``PackedMatMul`` -> :func:`.f32_gemm.gemm` (the FMA micro-kernel, float32 on AVX2/AVX-512)
+  or :func:`.kernels.matmul_packed` (blocks of BLAS calls), on weights packed at compile
+  time, post-ops before the store;
 * ``FusedMatMul`` on two activations -> numpy's matmul and :func:`.kernels.matmul_epilogue`;
 * ``QMatMul`` -> :class:`.int8_kernels.QMatMulPlan` (u8 x s8 -> s32, built once here);
 * a per-tensor float32 ``Quantize`` to u8/s8 -> :func:`.int8_kernels.quantize_unchecked`;
@@ -77,12 +78,24 @@ def _rows(a: np.ndarray) -> np.ndarray:
 
 
 def packed_matmul(node, g, options: StepOptions) -> Step:
-    # (pack_weights packs float32/float64 weights only)
+    # Panels of the FMA micro-kernel's width (float32, AVX2/AVX-512): f32_gemm, no BLAS;
+    # any other panels: kernels.matmul_packed, one BLAS call per block. (pack_weights packs
+    # float32/float64 weights only.)
+    from . import f32_gemm as F
+
     ins, out, attrs = node.inputs, node.outputs[0], node.attrs
     panels = g.constants[ins[1]]
-    pw = K.PackedWeight(panels, panels.shape[1], attrs["n"], panels.shape[2])
     act = ACT_CODES[attrs["act"]]
     nb, nr = attrs["has_bias"], attrs["has_residual"]
+    if F.available() and panels.dtype == np.float32 and panels.shape[2] == F.NR:
+        fw = F.PackedF32Weight(panels, panels.shape[1], attrs["n"])
+
+        def fma_step(env):
+            bias = env[ins[2]].reshape(-1) if nb else None
+            res = _rows(env[ins[-1]]) if nr else None
+            F.gemm(_rows(env[ins[0]]), fw, bias, act, res, env[out].reshape(-1, fw.n))
+        return fma_step
+    pw = K.PackedWeight(panels, panels.shape[1], attrs["n"], panels.shape[2])
 
     def step(env):
         a = env[ins[0]]
