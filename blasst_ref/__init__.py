@@ -8,10 +8,14 @@ Public API (docs/DESIGN.md §3)::
     thresh = blasst_ref.threshold_for(context_len, scale_factor)      # scale_factor / L
     cal = blasst_ref.calibrate(samples, phase="prefill")              # thresh * L law (§5)
     q, k, v = blasst_ref.workloads.llm_like(1, 8, 2, 4096, 4096, 64)  # LLM-like inputs (§6)
+    out, saved = blasst_ref.attention_forward(q, k, v, thresh, causal=True)   # gradients (§11)
+    dq, dk, dv = blasst_ref.attention_backward(dout, q, k, v, out, saved)
 """
 
 from . import workloads
 from .api import AttentionStats, attention, threshold_for
+from .backward import (SavedForBackward, attention_backward, attention_forward,
+                       dense_attention_backward)
 from .calibrate import Calibration, calibrate
 from .reference import blasst_attention_reference, dense_attention
 
@@ -21,6 +25,10 @@ __all__ = [
     "calibrate",
     "workloads",
     "attention",
+    "attention_backward",
+    "attention_forward",
+    "dense_attention_backward",
+    "SavedForBackward",
     "blasst_attention_reference",
     "dense_attention",
     "threshold_for",

@@ -20,6 +20,9 @@ from . import reference, tiling
 
 BACKENDS = ("auto", "reference", "cpu", "cuda")
 _HOST_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+#: ``"bhld"``: ``(B, H, L, D)``, PyTorch SDPA's layout (the default); ``"blhd"``:
+#: ``(B, L, H, D)``, FlashAttention's functions' layout.
+LAYOUTS = ("bhld", "blhd")
 
 
 @dataclass(frozen=True)
@@ -137,40 +140,116 @@ def _shape_and_dtype(name, x):
     return tuple(iface["shape"]), np.dtype(iface["typestr"])
 
 
-def _validate(q, k, v, thresh, causal, scale, backend, block_q, block_k):
+def _dims(layout: str, rank: int, h: str, l: str, d: str) -> str:
+    """``"(B, Hq, Lq, Dqk)"`` in the order of ``layout`` (without ``B`` for ``rank`` 3)."""
+    dims = (h, l) if layout == "bhld" else (l, h)
+    return "(" + ", ".join((("B",) if rank == 4 else ()) + dims + (d,)) + ")"
+
+
+def _as_bhld(shape: tuple, layout: str) -> tuple:
+    """A shape of ``layout`` in the ``(B, H, L, D)`` order."""
+    if layout == "bhld":
+        return tuple(shape)
+    return (*shape[:-3], shape[-2], shape[-3], shape[-1])
+
+
+def _check_shapes(qs, ks, vs, layout) -> int:
+    """Check the shapes of q, k and v (in ``layout``) against each other; returns ``Lk``.
+    Every message ends with the layout the shapes were read in."""
+    rank = len(qs) if len(qs) in (3, 4) else 4
+    where = (f" [layout={layout!r}: q {_dims(layout, rank, 'Hq', 'Lq', 'Dqk')}, "
+             f"k {_dims(layout, rank, 'Hkv', 'Lk', 'Dqk')}, "
+             f"v {_dims(layout, rank, 'Hkv', 'Lk', 'Dv')}]")
+
+    def bad(msg):
+        return ValueError(msg + where)
+
+    if len(qs) not in (3, 4):
+        raise bad(f"q must be 4-D {_dims(layout, 4, 'Hq', 'Lq', 'Dqk')} or 3-D "
+                  f"{_dims(layout, 3, 'Hq', 'Lq', 'Dqk')}, got shape {qs}")
+    for name, s in (("k", ks), ("v", vs)):
+        if len(s) != len(qs):
+            raise bad(f"{name} must have the same rank as q ({len(qs)}-D), got shape {s}; "
+                      f"expected {_dims(layout, len(qs), 'Hkv', 'Lk', 'D')}")
+    q4, k4, v4 = ((1, *s) if len(s) == 3 else tuple(s)
+                  for s in (_as_bhld(x, layout) for x in (qs, ks, vs)))
+    b, hq, lq, dqk = q4
+    if k4[0] != b or v4[0] != b:
+        raise bad(f"batch sizes differ: q {b}, k {k4[0]}, v {v4[0]}")
+    if k4[1] != v4[1]:
+        raise bad(f"k and v must have the same number of kv heads, got k {k4[1]}, v {v4[1]}")
+    hkv = k4[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise bad(
+            f"the number of query heads Hq={hq} must be a multiple of the number of kv heads "
+            f"Hkv={hkv} (MHA: Hkv == Hq, GQA: Hq % Hkv == 0, MQA: Hkv == 1)"
+        )
+    if k4[2] != v4[2]:
+        raise bad(f"k and v must have the same length Lk, got k {k4[2]}, v {v4[2]}")
+    if k4[3] != dqk:
+        raise bad(f"q and k must have the same head dim Dqk, got q {dqk}, k {k4[3]}")
+    for name, n in (("batch B", b), ("query heads Hq", hq), ("query length Lq", lq),
+                    ("key length Lk", k4[2]), ("head dim Dqk", dqk), ("value dim Dv", v4[3])):
+        if n == 0:
+            raise bad(f"{name} is 0: q {qs}, k {ks}, v {vs}; every dimension must be >= 1")
+    return k4[2]
+
+
+def _real(name: str, x, expected: str) -> float:
+    """``x`` as a float, or a TypeError (not a real number) / ValueError (beyond float)."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {x!r}")
+    try:
+        return float(x)
+    except OverflowError:  # a Python int beyond float64
+        text = repr(x)
+        text = text if len(text) <= 24 else f"{text[:12]}...({len(text)} digits)"
+        raise ValueError(f"{name} must be {expected}, got {text}") from None
+
+
+def _tile_size(name: str, blk) -> int | None:
+    """A tile size as a Python int: any integer type (numpy's too), >= 1; or None."""
+    if blk is None:
+        return None
+    if isinstance(blk, (bool, np.bool_)) or not isinstance(blk, numbers.Integral):
+        raise TypeError(f"{name} must be a positive integer or None, got {blk!r}")
+    if blk <= 0:
+        raise ValueError(f"{name} must be >= 1, got {blk}")
+    return int(blk)
+
+
+def _check_scale(scale, dtype_name: str) -> float | None:
+    """``scale`` as a float that the compute dtype holds as a finite positive number."""
+    if scale is None:
+        return None
+    s = _real("scale", scale, "a positive real number or None")
+    if not (math.isfinite(s) and s > 0):
+        raise ValueError(f"scale must be finite and > 0, got {scale!r}")
+    if dtype_name != "float64":  # float16/bfloat16 inputs are computed in float32
+        with np.errstate(over="ignore", under="ignore"):
+            s32 = np.float32(s)
+        if not (np.isfinite(s32) and s32 > 0):
+            raise ValueError(
+                f"scale={scale!r} is not a finite positive float32, the dtype {dtype_name} "
+                f"inputs are computed in (about 1.2e-38 to 3.4e38); use float64 inputs for "
+                f"such a scale, or fold part of it into q"
+            )
+    return s
+
+
+def _validate(q, k, v, thresh, causal, scale, backend, block_q, block_k, layout="bhld"):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be 'bhld' or 'blhd', got {layout!r}")
     on_device = _check_arrays(q, k, v)
     (qs, qd), (ks, kd), (vs, vd) = (
         _shape_and_dtype(name, x) for name, x in (("q", q), ("k", k), ("v", v))
     )
 
-    if len(qs) not in (3, 4):
-        raise ValueError(f"q must be 4-D (B, Hq, Lq, Dqk) or 3-D (Hq, Lq, Dqk), got shape {qs}")
-    for name, s in (("k", ks), ("v", vs)):
-        if len(s) != len(qs):
-            raise ValueError(
-                f"{name} must have the same rank as q ({len(qs)}-D), got shape {s}; expected "
-                + ("(B, Hkv, Lk, D)" if len(qs) == 4 else "(Hkv, Lk, D)")
-            )
-    q4, k4, v4 = ((1, *s) if len(s) == 3 else tuple(s) for s in (qs, ks, vs))
+    lk = _check_shapes(qs, ks, vs, layout)
+    qs, ks, vs = (_as_bhld(x, layout) for x in (qs, ks, vs))
+    q4 = (1, *qs) if len(qs) == 3 else tuple(qs)
     b, hq, lq, dqk = q4
-    if k4[0] != b or v4[0] != b:
-        raise ValueError(f"batch sizes differ: q {b}, k {k4[0]}, v {v4[0]}")
-    if k4[1] != v4[1]:
-        raise ValueError(f"k and v must have the same number of kv heads, got k {k4[1]}, v {v4[1]}")
-    hkv = k4[1]
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(
-            f"the number of query heads Hq={hq} must be a multiple of the number of kv heads "
-            f"Hkv={hkv} (MHA: Hkv == Hq, GQA: Hq % Hkv == 0, MQA: Hkv == 1)"
-        )
-    if k4[2] != v4[2]:
-        raise ValueError(f"k and v must have the same length Lk, got k {k4[2]}, v {v4[2]}")
-    if k4[3] != dqk:
-        raise ValueError(f"q and k must have the same head dim Dqk, got q {dqk}, k {k4[3]}")
-    for name, n in (("batch B", b), ("query heads Hq", hq), ("query length Lq", lq),
-                    ("key length Lk", k4[2]), ("head dim Dqk", dqk), ("value dim Dv", v4[3])):
-        if n == 0:
-            raise ValueError(f"{name} is 0: q {qs}, k {ks}, v {vs}; every dimension must be >= 1")
+    hkv = ks[-3]
 
     allowed = ("float16", "float32") if on_device else ("float16", "float32", "float64")
     for name, d in (("q", qd), ("k", kd), ("v", vd)):
@@ -178,27 +257,20 @@ def _validate(q, k, v, thresh, causal, scale, backend, block_q, block_k):
             extra = ", or bfloat16 (torch)" if on_device else ""
             raise TypeError(f"{name} has unsupported dtype {d}; expected one of "
                             f"{', '.join(allowed)}{extra}")
-    if not (str(qd) == str(kd) == str(vd)):
+    # one dtype, whatever the byte order ('>f8' and '<f8' are both float64)
+    if not (qd.name == kd.name == vd.name):
         raise TypeError(f"q, k and v must share one dtype, got q {qd}, k {kd}, v {vd}")
+    if on_device and any(getattr(d, "byteorder", "=") == ">" for d in (qd, kd, vd)):
+        raise TypeError(f"CUDA arrays must be in the GPU's (little-endian) byte order, got "
+                        f"q {qd.str}, k {kd.str}, v {vd.str}")
 
-    if isinstance(thresh, bool) or not isinstance(thresh, numbers.Real):
-        raise TypeError(f"thresh must be a real number in [0, 1), got {thresh!r}")
-    if not (0.0 <= float(thresh) < 1.0):  # also rejects NaN
+    if not (0.0 <= _real("thresh", thresh, "a real number in [0, 1)") < 1.0):  # and NaN
         raise ValueError(f"thresh must be in [0, 1), got {thresh!r}")
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal must be a bool, got {causal!r}")
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-            raise TypeError(f"scale must be a positive real number or None, got {scale!r}")
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"scale must be finite and > 0, got {scale!r}")
+    _check_scale(scale, qd.name)
     for name, blk in (("block_q", block_q), ("block_k", block_k)):
-        if blk is None:
-            continue
-        if isinstance(blk, bool) or not isinstance(blk, numbers.Integral):
-            raise TypeError(f"{name} must be a positive integer or None, got {blk!r}")
-        if blk <= 0:
-            raise ValueError(f"{name} must be >= 1, got {blk}")
+        _tile_size(name, blk)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     if on_device and backend in ("reference", "cpu"):
@@ -211,7 +283,15 @@ def _validate(q, k, v, thresh, causal, scale, backend, block_q, block_k):
             "backend='cuda' needs CUDA arrays (CuPy, PyTorch CUDA tensors, Numba device "
             "arrays); got numpy arrays. Move them to the GPU, or use backend='cpu'"
         )
-    return on_device, (b, hq, lq, dqk), hkv, k4[2]
+    return on_device, (b, hq, lq, dqk), hkv, lk
+
+
+def validate_arguments(q, k, v, thresh=0.0, causal=False, scale=None, backend="auto",
+                       block_q=None, block_k=None):
+    """The argument checks of :func:`attention`, for the functions built on it
+    (:func:`blasst_ref.attention_forward`). Raises as :func:`attention` does; returns
+    ``(on_device, (B, Hq, Lq, Dqk), Hkv, Lk)``."""
+    return _validate(q, k, v, thresh, causal, scale, backend, block_q, block_k)
 
 
 # ---------------------------------------------------------------------------------------
@@ -244,10 +324,36 @@ def _stats(tile_map, backend, decode, group, lq, block_q, block_k) -> AttentionS
 # the public entry point
 
 
+def _kernel_tiles(lq: int, lk: int, block_q: int, block_k: int) -> tuple[int, int]:
+    """The tile sizes the backends get: a tile longer than ``max(length, default size)`` is
+    cut to that. It is one tile either way (the same decisions, the same tile map), but the
+    kernels size their buffers and index with it: ``block_q = 2**62`` must not overflow an
+    index, nor ``block_k = 10**9`` allocate a billion columns."""
+    return (min(block_q, max(lq, tiling.DEFAULT_BLOCK_Q)),
+            min(block_k, max(lk, tiling.DEFAULT_BLOCK_K, tiling.DEFAULT_DECODE_BLOCK_K)))
+
+
+def _device_swap_lh(name, x):
+    """A C-contiguous copy of the CUDA array ``x`` with its L and H axes swapped, made on the
+    GPU by the caller's library (torch or CuPy)."""
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        return x.transpose(-3, -2).contiguous()
+    if mod.startswith("cupy"):
+        import cupy
+
+        return cupy.ascontiguousarray(cupy.swapaxes(x, -3, -2))
+    raise TypeError(
+        f"layout='blhd' on the CUDA backend needs torch tensors or CuPy arrays, whose library "
+        f"makes the transposed copy; {name} is a {type(x).__name__}: pass it in layout 'bhld'"
+    )
+
+
 def _run_host(backend, q, k, v, thresh, causal, scale, block_q, block_k):
-    """Runs a host backend on 4-D arrays. float16 is computed in float32 and cast back."""
-    out_dtype = q.dtype
-    compute = np.float64 if q.dtype == np.float64 else np.float32
+    """Runs a host backend on 4-D arrays. float16 is computed in float32 and cast back; any
+    byte order is read, and the output is in the machine's own."""
+    out_dtype = q.dtype.newbyteorder("=")
+    compute = np.float64 if out_dtype == np.float64 else np.float32
     q, k, v = (np.ascontiguousarray(x, dtype=compute) for x in (q, k, v))
     if backend == "reference":
         res = reference.blasst_attention_reference(
@@ -298,7 +404,7 @@ def _accepts_torch_host_tensors(fn):
 def attention(
     q, k, v, thresh: float = 0.0, *, causal: bool = False, scale: float | None = None,
     backend: str = "auto", block_q: int | None = None, block_k: int | None = None,
-    return_stats: bool = False,
+    return_stats: bool = False, layout: str = "bhld",
 ):
     """BLASST attention: FlashAttention that skips negligible key tiles (docs/DESIGN.md §3).
 
@@ -306,6 +412,7 @@ def attention(
         q: ``(B, Hq, Lq, Dqk)`` queries (or 3-D ``(Hq, Lq, Dqk)``, taken as ``B = 1``).
         k: ``(B, Hkv, Lk, Dqk)`` keys, ``Hq % Hkv == 0`` (MHA, GQA, MQA).
         v: ``(B, Hkv, Lk, Dv)`` values; ``Dv != Dqk`` is allowed (MLA).
+            The shapes above are those of ``layout="bhld"``; see ``layout``.
         thresh: BLASST's lambda, a probability in ``[0, 1)``. A tile is skipped when for every
             row ``exp(tile_max - running_max) < thresh``. ``0`` is exact dense attention.
             See :func:`threshold_for` for the calibrated ``scale_factor / context_len``.
@@ -313,19 +420,39 @@ def attention(
         scale: score scale, default ``1 / sqrt(Dqk)``.
         backend: ``"reference"`` (numpy), ``"cpu"`` (Numba parallel), ``"cuda"`` (Numba
             CUDA) or ``"auto"`` (CUDA for CUDA arrays, else CPU).
-        block_q, block_k: tile sizes (defaults in :mod:`blasst_ref.tiling`). Queries with
-            ``Lq <= 16`` take the split-KV decode path, where a tile's rows are the query rows
-            of one kv group and ``block_q`` is not used.
-        return_stats: also return an :class:`AttentionStats`.
+        block_q, block_k: tile sizes (defaults in :mod:`blasst_ref.tiling`), any integer
+            type, >= 1. Queries with ``Lq <= 16`` take the split-KV decode path, where a
+            tile's rows are the query rows of one kv group and ``block_q`` is not used. A
+            tile longer than what it tiles is one tile of that length (the stats report the
+            size asked for).
+        return_stats: a bool; also return an :class:`AttentionStats`.
+        layout: the order of the axes of ``q``, ``k``, ``v`` and the output.
+            ``"bhld"`` (default, PyTorch SDPA's): ``(B, H, L, D)``, as above. ``"blhd"``
+            (FlashAttention's ``flash_attn_func``): ``(B, L, H, D)`` -- ``q (B, Lq, Hq,
+            Dqk)``, ``k (B, Lk, Hkv, Dqk)``, ``v (B, Lk, Hkv, Dv)``, output ``(B, Lq, Hq,
+            Dv)``, C-contiguous (3-D: ``(L, H, D)``). The kernels work in ``"bhld"``: on the
+            host, ``"blhd"`` inputs are read through transposed views and the output is
+            copied once into ``"blhd"``; on the CUDA backend, whose kernels read the
+            caller's memory in place and need C-contiguous arrays, ``"blhd"`` makes
+            transposed copies of q, k, v and the output on the GPU with the caller's
+            library (torch or CuPy; Numba device arrays are refused: give them in
+            ``"bhld"``). Shape errors name the layout they read the shapes in.
 
     Returns:
-        ``out`` of shape ``(B, Hq, Lq, Dv)`` (3-D for 3-D inputs), same dtype and kind of
-        array as ``q``; or ``(out, stats)``. Accumulation is float32 (float64 for float64).
+        ``out`` of shape ``(B, Hq, Lq, Dv)`` (3-D for 3-D inputs; ``(B, Lq, Hq, Dv)`` in
+        ``"blhd"``), same dtype and kind of array as ``q`` (numpy outputs in the machine's
+        byte order); or ``(out, stats)``. Accumulation is float32 (float64 for float64).
         torch CPU tensors are read as numpy views (no copy) and give a torch tensor;
         bfloat16 ones are computed in float32 (:mod:`blasst_ref.torch` has SDPA's names).
 
     Raises:
-        TypeError / ValueError: naming the argument and what was expected.
+        TypeError / ValueError: naming the argument and what was expected; also for a
+            ``scale`` that the compute dtype (float32 for float16/float32 inputs) cannot
+            hold as a finite positive number.
+
+    Thread safety: calls from several threads at once are safe (see the README's "Thread
+    safety"); while any ``backend="cpu"`` call runs, BLAS is limited to one thread
+    process-wide, and the previous limit comes back when the last one returns.
 
     NaN/inf values never crash or hang a kernel. NaN/inf in ``q`` or ``k`` propagate as in
     :func:`dense_attention` at every threshold (a NaN score never lets its tile be skipped).
@@ -333,15 +460,20 @@ def attention(
     the rows of a computed tile that holds it under the causal mask (``0 * NaN``); rows whose
     tile over it was skipped or never visited stay clean.
     """
+    if not isinstance(return_stats, (bool, np.bool_)):
+        raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
     on_device, (b, hq, lq, dqk), hkv, lk = _validate(
-        q, k, v, thresh, causal, scale, backend, block_q, block_k
+        q, k, v, thresh, causal, scale, backend, block_q, block_k, layout
     )
     if backend == "auto":
         backend = "cuda" if on_device else "cpu"
     thresh = float(thresh)
     scale = 1.0 / math.sqrt(dqk) if scale is None else float(scale)
-    block_q, block_k = tiling.default_blocks(lq, block_q, block_k)
+    block_q, block_k = tiling.default_blocks(
+        lq, _tile_size("block_q", block_q), _tile_size("block_k", block_k))
+    run_q, run_k = _kernel_tiles(lq, lk, block_q, block_k)
     decode = tiling.is_decode(lq)
+    blhd = layout == "blhd"
 
     if backend == "cuda":
         try:
@@ -351,13 +483,21 @@ def attention(
                 "backend='cuda' needs numba-cuda and a CUDA GPU: pip install 'blasst_ref[cuda]'"
                 f" ({exc})"
             ) from exc
+        if blhd:
+            q, k, v = (_device_swap_lh(n, x) for n, x in (("q", q), ("k", k), ("v", v)))
         out, tile_map = cuda_backend.attention(
-            q, k, v, thresh, bool(causal), scale, block_q, block_k
+            q, k, v, thresh, bool(causal), scale, run_q, run_k
         )
+        if blhd:
+            out = _device_swap_lh("out", out)
     else:
         three_d = q.ndim == 3
         q4, k4, v4 = (x[None] if three_d else x for x in (q, k, v))
-        out, tile_map = _run_host(backend, q4, k4, v4, thresh, bool(causal), scale, block_q, block_k)
+        if blhd:
+            q4, k4, v4 = (np.swapaxes(x, 1, 2) for x in (q4, k4, v4))
+        out, tile_map = _run_host(backend, q4, k4, v4, thresh, bool(causal), scale, run_q, run_k)
+        if blhd:
+            out = np.ascontiguousarray(np.swapaxes(out, 1, 2))
         if three_d:
             out = out[0]
     if not return_stats:

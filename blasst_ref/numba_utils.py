@@ -4,7 +4,8 @@ executor's kernels (:mod:`blasst_ref.graph.kernels`) share.
 * :data:`FASTMATH`: the LLVM fast-math flags every CPU kernel is compiled with.
 * :func:`exp`: an ``exp`` for jitted code that LLVM can vectorise (below).
 * :func:`blas_single_threaded`: a context manager that limits BLAS to one thread while
-  Numba's threads run kernels that call BLAS on small blocks.
+  Numba's threads run kernels that call BLAS on small blocks (thread-safe: blocks of
+  different Python threads take turns).
 
 Numba's cache checks a kernel's own file only: after editing this file, whose ``exp`` is
 inlined into the kernels, delete ``blasst_ref/cpu/__pycache__`` and
@@ -82,15 +83,13 @@ def exp_array_f32(x, out):
 
 _controller = None
 _controller_lock = threading.Lock()
+#: held by the thread whose kernels run under the limit (re-entrant: a compiled graph's
+#: call holds it and its attention step takes it again)
+_blas_lock = threading.RLock()
+_blas_depth = 0  # how deeply the holder of _blas_lock has entered blas_single_threaded
 
 
-def blas_single_threaded():
-    """Context manager limiting BLAS libraries to one thread (threadpoolctl).
-
-    Kernels that run in Numba's threads and call BLAS (``np.dot``) on small tiles want a
-    single-threaded BLAS underneath: a multi-threaded one would oversubscribe the cores, and
-    its idle pool threads would spin against Numba's. Thread-safe; the limit is process-wide
-    while the context is open (threadpoolctl's semantics)."""
+def _blas_controller():
     global _controller
     with _controller_lock:
         if _controller is None:
@@ -100,4 +99,53 @@ def blas_single_threaded():
             from threadpoolctl import ThreadpoolController
 
             _controller = ThreadpoolController()
-    return _controller.limit(limits=1, user_api="blas")
+    return _controller
+
+
+class _BlasSingleThreaded:
+    """The context manager :func:`blas_single_threaded` returns (a class, not a generator:
+    it is entered on every CPU kernel call, and this costs half as much)."""
+
+    __slots__ = ("_limiter",)
+
+    def __enter__(self):
+        global _blas_depth
+        _blas_lock.acquire()
+        try:
+            self._limiter = None
+            if _blas_depth == 0:  # nested in this thread: BLAS is already limited
+                self._limiter = _blas_controller().limit(limits=1, user_api="blas")
+                self._limiter.__enter__()
+            _blas_depth += 1
+        except BaseException:
+            _blas_lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        global _blas_depth
+        try:
+            _blas_depth -= 1
+            if self._limiter is not None:
+                self._limiter.__exit__(*exc)
+        finally:
+            _blas_lock.release()
+        return False
+
+
+def blas_single_threaded():
+    """Context manager limiting BLAS libraries to one thread (threadpoolctl) while the
+    block runs.
+
+    Kernels that run in Numba's threads and call BLAS (``np.dot``) on small tiles want a
+    single-threaded BLAS underneath: a multi-threaded one would oversubscribe the cores, and
+    its idle pool threads would spin against Numba's.
+
+    The limit is process-wide (BLAS has one thread pool), so the blocks of different
+    Python threads take turns: one thread at a time sets the limit, runs, and restores
+    what it found, from that same thread (threadpoolctl lets only the thread that set a
+    limit change it again). Limiting and restoring from overlapping threads instead left
+    BLAS at one thread for the whole process, or let a call run under another's restored
+    limit. The kernels inside already use every core, so taking turns costs little.
+    Re-entrant: a block inside a block of the same thread changes nothing."""
+    return _BlasSingleThreaded()

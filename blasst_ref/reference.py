@@ -95,12 +95,17 @@ class ReferenceResult(NamedTuple):
             tile (a tile is skipped iff its margin is negative), NaN where not visited. Tests
             use it to excuse disagreements that lie within rounding of the threshold.
         decode: whether the split-KV decode form was used.
+        lse: ``(B, Hq, Lq)`` in the compute dtype: each row's log-sum-exp over the keys it
+            kept, ``log(sum_j exp(s_j))`` of the scaled scores of its kept tiles; ``-inf``
+            for a row that sees no key. With ``tile_map`` it is what the backward needs
+            (:mod:`blasst_ref.reference_backward`).
     """
 
     out: np.ndarray
     tile_map: np.ndarray
     margin: np.ndarray
     decode: bool
+    lse: np.ndarray
 
 
 class _OnlineSoftmax:
@@ -166,6 +171,13 @@ def _process_tile(state, q_rows, k, v, rows_q, j0, j1, offset, causal, log_thres
     return COMPUTED, margin
 
 
+def _row_lse(m: np.ndarray, l: np.ndarray, sees_keys: np.ndarray) -> np.ndarray:
+    """Each row's log-sum-exp ``m + log(l)`` of its kept scores; ``-inf`` for no key."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lse = m + np.log(l)
+    return np.where(sees_keys, lse, -np.inf)
+
+
 def _finish(acc: np.ndarray, l: np.ndarray, sees_keys: np.ndarray) -> np.ndarray:
     """Divide by the softmax sum; rows that see no key are zeros (FlashAttention's rule)."""
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -182,6 +194,7 @@ def _prefill(q, k, v, log_thresh, causal, scale, block_q, block_k, dtype):
     out = np.empty((b_, hq, lq, dv), dtype)
     tile_map = np.full((b_, hq, n_qt, n_kt), NOT_VISITED, np.int8)
     margin = np.full((b_, hq, n_qt, n_kt), np.nan)
+    lse = np.empty((b_, hq, lq), dtype)
     for b in range(b_):
         for h in range(hq):
             kh, vh = k[b, h // group], v[b, h // group]
@@ -199,11 +212,13 @@ def _prefill(q, k, v, log_thresh, causal, scale, block_q, block_k, dtype):
                     tile_map[b, h, qt, kt], margin[b, h, qt, kt] = code, mg
                 sees = (rows_q + offset >= 0) if causal else np.ones(i1 - i0, bool)
                 out[b, h, i0:i1] = _finish(state.acc, state.l, sees)
-    return out, tile_map, margin
+                lse[b, h, i0:i1] = _row_lse(state.m, state.l, sees)
+    return out, tile_map, margin, lse
 
 
 def _merge_splits(states, dtype):
-    """Log-sum-exp merge of split-KV partial states into (acc, l) relative to a common max."""
+    """Log-sum-exp merge of split-KV partial states into ``(acc, l, m)``: ``acc`` and ``l``
+    relative to the common max ``m``."""
     m_all = np.stack([s.m for s in states])  # (splits, rows)
     with np.errstate(invalid="ignore"):
         m_max = np.max(m_all, axis=0)
@@ -211,7 +226,7 @@ def _merge_splits(states, dtype):
         w = np.exp(m_all - shift).astype(dtype)  # a split that saw nothing weighs 0
     l = sum(wi * s.l for wi, s in zip(w, states))
     acc = sum(wi[:, None] * s.acc for wi, s in zip(w, states))
-    return acc, l
+    return acc, l, m_max
 
 
 def _decode(q, k, v, log_thresh, causal, scale, block_k, dtype):
@@ -226,6 +241,7 @@ def _decode(q, k, v, log_thresh, causal, scale, block_k, dtype):
     out = np.empty((b_, hq, lq, dv), dtype)
     tile_map = np.full((b_, hkv, 1, n_kt), NOT_VISITED, np.int8)
     margin = np.full((b_, hkv, 1, n_kt), np.nan)
+    lse = np.empty((b_, hq, lq), dtype)
     rows_q = np.tile(np.arange(lq), group)  # row r is (head g*group + r // Lq, query r % Lq)
     sees = (rows_q + offset >= 0) if causal else np.ones(group * lq, bool)
     for b in range(b_):
@@ -243,9 +259,10 @@ def _decode(q, k, v, log_thresh, causal, scale, block_k, dtype):
                     )
                     tile_map[b, g, 0, kt], margin[b, g, 0, kt] = code, mg
                 states.append(state)
-            acc, l = _merge_splits(states, dtype)
+            acc, l, m = _merge_splits(states, dtype)
             out[b, heads] = _finish(acc, l, sees).reshape(group, lq, dv)
-    return out, tile_map, margin
+            lse[b, heads] = _row_lse(m, l, sees).reshape(group, lq)
+    return out, tile_map, margin, lse
 
 
 def blasst_attention_reference(
@@ -273,7 +290,9 @@ def blasst_attention_reference(
     scale = 1.0 / np.sqrt(q.shape[3]) if scale is None else float(scale)
     log_thresh = _log_thresh(thresh)
     if tiling.is_decode(lq):
-        out, tile_map, margin = _decode(q, k, v, log_thresh, causal, scale, block_k, dtype)
-        return ReferenceResult(out, tile_map, margin, True)
-    out, tile_map, margin = _prefill(q, k, v, log_thresh, causal, scale, block_q, block_k, dtype)
-    return ReferenceResult(out, tile_map, margin, False)
+        out, tile_map, margin, lse = _decode(q, k, v, log_thresh, causal, scale, block_k, dtype)
+        return ReferenceResult(out, tile_map, margin, True, lse)
+    out, tile_map, margin, lse = _prefill(
+        q, k, v, log_thresh, causal, scale, block_q, block_k, dtype
+    )
+    return ReferenceResult(out, tile_map, margin, False, lse)

@@ -53,6 +53,13 @@ def default_blocks(q_len: int, block_q: int | None, block_k: int | None) -> tupl
     return (block_q or DEFAULT_BLOCK_Q, block_k or DEFAULT_BLOCK_K)
 
 
+def backward_block_q(q_len: int, block_q: int) -> int:
+    """Query rows of a tile in the backward: the forward's ``block_q`` in prefill; in decode
+    all ``q_len`` rows, since there the rows of a kv group share one decision per key tile
+    (the tile map is ``(B, Hkv, 1, n_k_tiles)``)."""
+    return q_len if is_decode(q_len) else block_q
+
+
 def num_tiles(length: int, block: int) -> int:
     """Number of tiles of ``block`` that cover ``length`` (the last may be partial)."""
     return -(-length // block)

@@ -219,8 +219,8 @@ def cases(draw, dtype, peaked: bool | None = None, problem=None, **problem_kwarg
 # =============================================================================================
 # Random graphs for blasst_ref.graph
 # =============================================================================================
-# :func:`random_graphs` draws a small float32 graph of the blasst_ref.graph IR and matching
-# feeds, for properties of the memory planner and for "compiled equals interpret" tests.
+# :func:`random_graphs` draws a small graph of the blasst_ref.graph IR (float32 unless
+# asked) and matching feeds, for properties of the memory planner and for "compiled equals interpret" tests.
 # Structure (ops, operands, shapes, outputs) is drawn by Hypothesis, so it shrinks to small
 # graphs; values (inputs, constants) come from a numpy Generator seeded by a drawn seed.
 # Values are kept finite *by construction*: Exp only ever sees Tanh outputs (or another
@@ -274,11 +274,12 @@ def _reshape_targets(shape) -> list[tuple[int, ...]]:
 
 
 @st.composite
-def random_graphs(draw, max_nodes: int = 12):
+def random_graphs(draw, max_nodes: int = 12, dtype: str = "float32"):
     """``(graph, feeds)``: a random :class:`blasst_ref.graph.Graph` of at most ``max_nodes``
-    nodes and ``{input name: float32 array}`` feeds for it.
+    nodes and ``{input name: array}`` feeds for it, every tensor of ``dtype`` (float32 by
+    default; float16 and float64 work too).
 
-    The graph has 1-2 float32 inputs (``x`` of a 2-D/3-D shape with dims 1..5; maybe ``y``:
+    The graph has 1-2 inputs (``x`` of a 2-D/3-D shape with dims 1..5; maybe ``y``:
     the same shape, a broadcastable row, or a MatMul partner), non-zero random constants,
     and a random DAG of Add/Sub/Mul/Div, Relu/Gelu/Tanh/Exp, MatMul (with a constant weight,
     another tensor or a transposed tensor), Softmax (any axis), LayerNorm, Transpose and
@@ -294,12 +295,12 @@ def random_graphs(draw, max_nodes: int = 12):
     vals: dict[str, np.ndarray] = {}
 
     def add_input(name, shape):
-        g.input(name, shape, "float32")
-        vals[name] = rng.standard_normal(shape).astype(np.float32)
+        g.input(name, shape, dtype)
+        vals[name] = rng.standard_normal(shape).astype(dtype)
         return name
 
     def constant(base, value):
-        name = g.add_constant(base, value)
+        name = g.add_constant(base, np.asarray(value, dtype=dtype))
         vals[name] = g.constants[name]
         return name
 

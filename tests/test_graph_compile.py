@@ -72,8 +72,9 @@ def test_each_pass_keeps_the_interpreter_result():
     want = bg.interpret(g, **x)
     cg = bg.compile(g)
     names = [s.name for s in cg.stages]
-    assert names == ["input", "prune", "fold_constants", "fuse_attention", "fuse_matmul",
-                     "lower_int8", "merge_layout_ops", "pack_weights"]
+    assert names == ["input", "prune", "fold_constants", "fuse_gelu_erf", "fuse_layernorm",
+                     "fuse_export_attention", "fuse_attention", "fuse_matmul", "lower_int8",
+                     "merge_layout_ops", "pack_weights"]
     cg = bg.compile(g, matmul_kernel="blas")
     assert cg.stages[-1].name == "merge_layout_ops"
     for stage in cg.stages:
@@ -217,7 +218,7 @@ def test_a_matmul_result_read_twice_is_not_fused_away():
 
 
 def test_weights_are_packed_once_at_compile_time_never_per_call(monkeypatch):
-    calls = record_calls(monkeypatch, kernels, "pack_weight")
+    calls = record_calls(monkeypatch, passes, "default_pack")
     g = mlp_graph(sizes=(13, 24, 16, 8))
     cg = bg.compile(g, matmul_kernel="packed")
     assert sorted(args[0].shape for args in calls) == sorted([(13, 24), (24, 16), (16, 8)])

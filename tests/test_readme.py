@@ -24,6 +24,8 @@ README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 #: a substring that identifies each Python block, in the README's order
 BLOCKS = {
     "tour": "br.workloads.llm_like(1, 8, 2, 2048, 2048, 64)",
+    "gradients": "br.attention_backward(dout, q, k, v, out, saved)",
+    "real model": "bt.configure(model, scale_factor=160.0)",
     "graph": "bg.models.bert_layer(batch=1, seq=128)",
     "graph attention": 'bg.Graph("causal_attention")',
     "int8": "bg.quantize_graph(g, [x])",
@@ -71,6 +73,18 @@ def test_tour_skips_and_stays_close_to_dense(readme_run):
     assert 0 < err < 0.02                  # "~7e-03"
     assert stats.visited_tiles == 2176     # 8 heads x the causal tiles of 2048 x 2048
     assert f"{stats.sparsity} {stats.skipped_tiles} {stats.visited_tiles}" in printed
+
+
+def test_gradients_block(readme_run):
+    """The gradients example: the same decisions as the tour's call, gradients shaped like
+    q, k, v (dk, dv per kv head)."""
+    ns, printed = readme_run["gradients"]
+    saved, stats = ns["saved"], readme_run["tour"][0]["stats"]
+    assert saved.sparsity == stats.sparsity
+    assert [g.shape for g in (ns["dq"], ns["dk"], ns["dv"])] == \
+        [(1, 8, 2048, 64), (1, 2, 2048, 64), (1, 2, 2048, 64)]
+    assert all(np.isfinite(g).all() for g in (ns["dq"], ns["dk"], ns["dv"]))
+    assert f"{saved.sparsity} (1, 2, 2048, 64)" in printed
 
 
 def test_tour_explains_why_gaussian_inputs_do_not_skip(readme_run):

@@ -8,6 +8,11 @@ Subcommands, one module each, listed in :data:`SUBCOMMANDS`:
   ONNX Runtime; ``--preset dlrm-bert`` reproduces its tables in docs/BENCHMARKS.md.
 * ``int8`` (:mod:`.int8`): the u8 x s8 ``QMatMul`` kernel and int8 MLP graphs against
   float32, with the fraction of the VNNI peak; ``--preset matmul-dlrm``.
+* ``backward`` (:mod:`.backward`): the BLASST backward, dense and sparse, against PyTorch's
+  SDPA backward (CPU, or a GPU with ``--device cuda``).
+* ``gemm`` (:mod:`.gemm`): the float32 GEMM kernels of the graph executor against sgemm.
+* ``minilm`` (:mod:`.minilm`): all-MiniLM-L6-v2 from ONNX: int8 (static, dynamic) and
+  BLASST accuracy and speed against float32 and ONNX Runtime.
 * ``cuda_versions`` (:mod:`.cuda_versions`): registers and spills of every CUDA kernel
   version (``ptxas``, no GPU needed), and two source trees timed side by side on a GPU.
 
@@ -21,4 +26,4 @@ interleaved repeats, median), :mod:`.oracle` (a memory-bounded float64 dense res
 """
 
 #: Subcommand modules of ``python -m blasst_ref.bench``, in help order. Imported lazily.
-SUBCOMMANDS = ("attention", "graph", "int8", "cuda_versions")
+SUBCOMMANDS = ("attention", "backward", "gemm", "graph", "int8", "minilm", "cuda_versions")

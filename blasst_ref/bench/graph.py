@@ -1,8 +1,10 @@
 """``python -m blasst_ref.bench graph``: the compiled graph against the op-by-op interpreter.
 
 For each model graph of :mod:`blasst_ref.graph.models` (DLRM's bottom and top MLPs, a BERT
-encoder layer, an LLM block) this times, on the same random inputs, in one interleaved run
-(:mod:`.timing`):
+encoder layer, an LLM block), and for a real model -- ``minilm``: sentence-transformers'
+all-MiniLM-L6-v2 exported with ``torch.onnx.export`` and imported with
+:func:`blasst_ref.graph.from_onnx` (:mod:`blasst_ref.graph.bert_onnx`; random token ids, no
+padding) -- this times, on the same inputs, in one interleaved run (:mod:`.timing`):
 
 * ``interpret`` -- :func:`blasst_ref.graph.interpret`: one numpy call per op, a new array
   per intermediate (primitive-by-primitive execution, the baseline of oneDNN Graph
@@ -11,8 +13,9 @@ encoder layer, an LLM block) this times, on the same random inputs, in one inter
   weights, attention through BLASST, one arena;
 * ``compiled-nofuse`` -- the same executor with fusion off (kernels per op, still packed
   weights and a planned arena): how much of the gain is fusion;
-* ``onnxruntime`` -- ONNX Runtime on the same graph (float32, its own graph optimisations),
-  when ``onnxruntime`` is installed (``pip install 'blasst_ref[onnx]'``).
+* ``onnxruntime`` -- ONNX Runtime on the same graph (float32, every graph optimisation, as
+  many intra-op threads as Numba has), when ``onnxruntime`` is installed (``pip install
+  'blasst_ref[onnx]'``); for ``minilm``, on the very file that was imported.
 
 It also prints the memory plan: the arena's peak against the naive sum of intermediates.
 ``--preset dlrm-bert`` runs DLRM's bottom and top MLPs at batch 32, 128 and 512 and a BERT
@@ -38,13 +41,17 @@ MODELS = {
     "bert": lambda b, seq: ("bert_layer", dict(batch=b, seq=seq)),
     "llm": lambda b, seq: ("llm_block", dict(batch=b, seq=seq, hidden=1024, heads=16,
                                              kv_heads=4)),
+    "minilm": None,  # imported from ONNX: see build_case
 }
+#: models that take a sequence length
+SEQUENCE_MODELS = ("bert", "llm", "minilm")
 
 PRESETS = {
     "dlrm-bert": [("dlrm-bottom", b, None) for b in (32, 128, 512)]
     + [("dlrm-top", b, None) for b in (32, 128, 512)]
     + [("bert", b, 384) for b in (1, 8)],
     "quick": [("dlrm-bottom", 32, None), ("dlrm-top", 32, None), ("bert", 1, 64)],
+    "minilm": [("minilm", b, s) for b in (1, 8) for s in (128, 384)],
 }
 
 
@@ -55,30 +62,47 @@ def build(model: str, batch: int, seq: int | None):
     return getattr(models, fn_name)(**kwargs)
 
 
+def build_case(model: str, batch: int, seq: int | None, onnx: bool):
+    """``(graph, feeds, ort_session or None)`` of one case; ORT runs with as many intra-op
+    threads as Numba has."""
+    import numba
+
+    from .. import graph as bg
+    from ..graph import models
+    from ..graph.onnx_export import onnxruntime_model_session, onnxruntime_session
+
+    threads = numba.get_num_threads()
+    if model == "minilm":
+        from ..graph import bert_onnx
+
+        path = bert_onnx.minilm_onnx()
+        g = bg.from_onnx(path, input_shapes=bert_onnx.input_shapes(batch, seq))
+        feeds = bert_onnx.random_tokens(batch, seq, seed=1)
+        return g, feeds, onnxruntime_model_session(path, threads) if onnx else None
+    g = build(model, batch, seq)
+    return g, models.example_inputs(g, seed=1), \
+        onnxruntime_session(g, threads)[0] if onnx else None
+
+
 def run_case(model: str, batch: int, seq: int | None, *, repeat: int, onnx: bool,
              thresh: float, progress=None, blocks: int = 0) -> dict:
     """Time one model graph; returns a row of the table (times in ms, ratios, bytes)."""
     from .. import graph as bg
-    from ..graph import models
 
-    g = build(model, batch, seq)
-    feeds = models.example_inputs(g, seed=1)
+    g, feeds, sess = build_case(model, batch, seq, onnx)
     cg = bg.compile(g, attention_thresh=thresh, matmul_kernel="packed")
     cb = bg.compile(g, attention_thresh=thresh, matmul_kernel="blas")
     nofuse = bg.compile(g, fuse=False, attention_thresh=thresh)
+    # the interpreter of a real model takes seconds a call at batch 8: a few calls suffice
+    slow = 3 if model == "minilm" else None
     variants = [
-        Variant("interpret", lambda: bg.interpret(g, **feeds)),
+        Variant("interpret", lambda: bg.interpret(g, **feeds), max_repeat=slow),
         Variant("compiled-packed", lambda: cg(**feeds)),
         Variant("compiled-blas", lambda: cb(**feeds)),
         Variant("compiled-nofuse", lambda: nofuse(**feeds)),
     ]
-    if onnx:
-        from ..graph.onnx_export import onnxruntime_session
-
-        sess, names = onnxruntime_session(g)
-        ort_feeds = {names[k]: v for k, v in feeds.items()} if isinstance(names, dict) \
-            else feeds
-        variants.append(Variant("onnxruntime", lambda: sess.run(None, ort_feeds)))
+    if sess is not None:
+        variants.append(Variant("onnxruntime", lambda: sess.run(None, feeds)))
     timings = measure(variants, repeat, progress=progress, blocks=blocks)
     want = timings["interpret"].result
     got = timings["compiled-packed"].result
@@ -129,16 +153,20 @@ def register(subparsers) -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0].split(": ", 1)[-1],
         epilog="examples:\n"
                "  python -m blasst_ref.bench graph --preset dlrm-bert\n"
-               "  python -m blasst_ref.bench graph --model bert --batch 1 --seq 128\n",
+               "  python -m blasst_ref.bench graph --model bert --batch 1 --seq 128\n"
+               "  python -m blasst_ref.bench graph --model minilm --batch 8 --seq 128\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS),
-                   help="fixed cases: dlrm-bert (the tables of docs/BENCHMARKS.md), "
+                   help="fixed cases: dlrm-bert and minilm (the tables of "
+                        "docs/BENCHMARKS.md; minilm: batch 1 and 8 x sequence 128 and 384), "
                         "quick (seconds)")
     p.add_argument("--model", choices=sorted(MODELS), nargs="+", default=None,
-                   help="graphs from blasst_ref.graph.models to time (instead of a preset)")
+                   help="graphs to time instead of a preset: those of blasst_ref.graph.models, "
+                        "or minilm (all-MiniLM-L6-v2 imported from ONNX)")
     p.add_argument("--batch", type=int, nargs="+", default=[32],
                    help="batch sizes, each timed with each --model (default 32)")
-    p.add_argument("--seq", type=int, default=384, help="sequence length (bert, llm)")
+    p.add_argument("--seq", type=int, default=384,
+                   help="sequence length (bert, llm, minilm)")
     p.add_argument("--thresh", type=float, default=0.0,
                    help="BLASST threshold of the fused attention (default 0: exact)")
     p.add_argument("--repeat", type=int, default=10,
@@ -159,7 +187,7 @@ def run(args) -> int:
         cases = PRESETS[args.preset]
     else:
         models = args.model or ["dlrm-bottom"]
-        cases = [(m, b, args.seq if m in ("bert", "llm") else None)
+        cases = [(m, b, args.seq if m in SEQUENCE_MODELS else None)
                  for m in models for b in args.batch]
     onnx = False
     if not args.no_onnx:

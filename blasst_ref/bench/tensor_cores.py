@@ -29,6 +29,8 @@ import sys
 
 import numpy as np
 
+from ..rule import log_threshold
+
 
 def _events_ms(fn, *, reps: int = 10, blocks: int = 5) -> float:
     """Median over ``blocks`` of the mean time of ``reps`` back-to-back calls, ms."""
@@ -140,7 +142,7 @@ def v3_call(q, k, v, out, *, causal, scale, thresh=0.0, block_q=64, block_k=64,
                                device=q.device)
     views = [_torch_bits(x) for x in (q, k, v, out)]
     tm = cuda.as_cuda_array(tile_map)
-    log_thresh = -math.inf if thresh == 0 else math.log(thresh)
+    log_thresh = log_threshold(thresh)
 
     call = prefill_v3.prepare(*views, tm, log_thresh, causal, scale, block_q, block_k,
                               bf16=bf16)
@@ -288,7 +290,7 @@ def v3_decode_call(q, k, v, out, *, scale, thresh=0.0, seeded=True, block_k=64):
     nv = [cuda.as_cuda_array(x) for x in (pm, pl, pa, tile_map)]
     views = [_torch_bits(x) for x in (q, k, v)]
     outv = _torch_bits(out) if out.dtype == torch.bfloat16 else cuda.as_cuda_array(out)
-    log_thresh = -math.inf if thresh == 0 else math.log(thresh)
+    log_thresh = log_threshold(thresh)
     split = decode_v3.prepare(*views, *nv, log_thresh, False, scale, block_k, n_kt, st, ns,
                               bf16=q.dtype == torch.bfloat16, seeded=seeded)
     merge = merge_kernel[nb * nhkv * rows, 128]

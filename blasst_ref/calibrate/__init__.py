@@ -33,16 +33,19 @@ Run as a program for a calibration on :func:`blasst_ref.workloads.llm_like` inpu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import numbers
+import os
+import secrets
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
 from .. import tiling
-from ..api import attention, threshold_for
+from ..api import BACKENDS, attention, threshold_for
 from ..reference import dense_attention
 from .search import ThresholdSearch, find_threshold
 
@@ -56,6 +59,8 @@ FIT_RANGE = (0.05, 0.98)
 #: in memory. Its rounding error (~1e-6) is far below the errors it measures.
 MAX_ORACLE_SCORES = 1 << 24
 PHASES = ("prefill", "decode")
+#: The ``"format"`` entry of a saved calibration.
+CALIBRATION_FORMAT = "blasst_ref.calibration/1"
 _PLATEAU = 1e-9  # sparsities closer than this count as equal
 
 
@@ -80,10 +85,23 @@ class CalibrationPoint:
     n_samples: int
     in_fit: bool
 
+    def __post_init__(self):
+        _set_fields(self, context_len=_positive_int("context_len", self.context_len),
+                    thresh=_number_in("thresh", self.thresh, 0.0, 1.0, "[0, 1)"),
+                    sparsity=_number_in("sparsity", self.sparsity, 0.0, 1.0, "[0, 1]"),
+                    rel_error=_error_value("rel_error", self.rel_error),
+                    n_samples=_positive_int("n_samples", self.n_samples),
+                    in_fit=_bool("in_fit", self.in_fit))
+
 
 @dataclass(frozen=True)
 class Calibration:
     """The result of :func:`calibrate`: the fitted law and the measurements behind it.
+
+    Every field is checked and held as a plain Python value when the object is built (numpy
+    scalars become ``int``/``float``/``bool``, a list of points a tuple), so that a
+    calibration can always be saved; a bad value is a ``ValueError``/``TypeError`` naming
+    the field.
 
     Attributes:
         alpha, beta: the fit ``thresh * L = alpha * exp(beta * sparsity)``.
@@ -103,6 +121,23 @@ class Calibration:
     backend: str
     table: tuple = field(repr=False)
     r2: float = float("nan")
+
+    def __post_init__(self):
+        if isinstance(self.table, (str, bytes)) or not isinstance(self.table, (tuple, list)):
+            raise TypeError(f"table must be a list of points, got {self.table!r}")
+        for i, p in enumerate(self.table):
+            if not isinstance(p, CalibrationPoint):
+                raise TypeError(f"table[{i}] must be a CalibrationPoint, got {type(p).__name__}")
+        if self.phase not in PHASES:
+            raise ValueError(f"phase must be 'prefill' or 'decode', got {self.phase!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, "
+                             f"got {self.backend!r}")
+        _set_fields(self, alpha=_positive_finite("alpha", self.alpha),
+                    beta=_finite("beta", self.beta), causal=_bool("causal", self.causal),
+                    block_q=_block("block_q", self.block_q),
+                    block_k=_block("block_k", self.block_k),
+                    table=tuple(self.table), r2=_number("r2", self.r2))
 
     # -- using the law ------------------------------------------------------------------
 
@@ -224,28 +259,149 @@ class Calibration:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["table"] = [asdict(p) for p in self.table]
-        d["format"] = "blasst_ref.calibration/1"
+        d["format"] = CALIBRATION_FORMAT
         return d
 
     def save(self, path) -> None:
-        """Write the calibration as JSON (everything, table included)."""
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=1)
+        """Write the calibration as JSON (everything, table included).
+
+        Atomic: the JSON goes to a temporary file in the same folder, which then replaces
+        ``path`` in one step (``os.replace``). If anything fails, an existing file at
+        ``path`` is left as it was. The file gets the permissions a plain ``open`` gives."""
+        path = os.fspath(path)
+        folder, name = os.path.split(os.path.abspath(path))
+        # a fresh name, created exclusively ("x"), with the permissions that the umask gives
+        # a new file (tempfile.mkstemp would make it readable by its owner only)
+        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
+        try:
+            with open(tmp, "x", encoding="utf-8") as f:
+                json.dump(self.to_dict(), f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):  # (it may never have been made)
+                os.unlink(tmp)
+            raise
 
     @classmethod
     def load(cls, path) -> "Calibration":
-        """Read a calibration written by :meth:`save`."""
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-        if not isinstance(d, dict) or d.get("format") != "blasst_ref.calibration/1":
-            raise ValueError(f"{path} is not a blasst_ref calibration file")
+        """Read a calibration written by :meth:`save`.
+
+        Every field is checked; a file that is not valid JSON, not a calibration, misses a
+        field, has an unknown one or a bad value raises ``ValueError`` naming the file and
+        the field (``table[3].thresh``)."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except RecursionError:
+            raise ValueError(f"{path}: is not a calibration file (JSON nested too deeply)") \
+                from None
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ValueError(f"{path} is not a JSON file ({exc})") from None
+        if not isinstance(d, dict) or d.get("format") != CALIBRATION_FORMAT:
+            raise ValueError(f"{path} is not a blasst_ref calibration file (no "
+                             f"\"format\": \"{CALIBRATION_FORMAT}\")")
+        d = dict(d)
         d.pop("format")
-        d["table"] = tuple(CalibrationPoint(**p) for p in d["table"])
-        return cls(**d)
+        try:
+            table = d.get("table")
+            if isinstance(table, list):
+                d["table"] = [_from_fields(CalibrationPoint, p, f"table[{i}]")
+                              for i, p in enumerate(table)]
+            return _from_fields(cls, d, "")
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------
 # validation helpers
+
+
+def _set_fields(obj, **values) -> None:
+    for name, value in values.items():  # the dataclasses are frozen
+        object.__setattr__(obj, name, value)
+
+
+def _from_fields(cls, d, where: str):
+    """``cls(**d)`` after checking that ``d`` is a dict with exactly ``cls``'s fields (the
+    messages name ``where``, e.g. ``table[3]``); the values are checked by ``cls``, whose
+    messages get ``where.`` in front of the field name."""
+    if not isinstance(d, dict):
+        raise TypeError(f"{where} must be an object {{field: value}}, got {d!r}"[:200])
+    names = [f.name for f in fields(cls)]
+    prefix = f"{where}: " if where else ""
+    for name in d:
+        if name not in names:
+            raise ValueError(f"{prefix}unknown field {name!r}")
+    for name in names:
+        if name not in d:
+            raise ValueError(f"{prefix}missing field {name!r}")
+    try:
+        return cls(**d)
+    except (TypeError, ValueError) as exc:
+        if not where:
+            raise
+        raise type(exc)(f"{where}.{exc}") from None
+
+
+def _number(name, x) -> float:
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {x!r}")
+    return float(x)
+
+
+def _finite(name, x) -> float:
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a finite number, got {x!r}")
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite number, got {x!r}")
+    return float(x)
+
+
+def _positive_finite(name, x) -> float:
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a finite number > 0, got {x!r}")
+    if not (math.isfinite(x) and x > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
+    return float(x)
+
+
+def _number_in(name, x, lo, hi, interval: str) -> float:
+    """A number in ``[lo, hi)`` (``interval`` ends with ')') or ``[lo, hi]``."""
+    x = _number(name, x)
+    if not (lo <= x < hi if interval.endswith(")") else lo <= x <= hi):  # also rejects NaN
+        raise ValueError(f"{name} must be in {interval}, got {x!r}")
+    return x
+
+
+def _error_value(name, x) -> float:
+    x = _number(name, x)  # NaN: no reference norm to measure against
+    if x < 0:
+        raise ValueError(f"{name} must be >= 0 (or NaN), got {x!r}")
+    return x
+
+
+def _positive_int(name, x) -> int:
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be a positive integer, got {x!r}")
+    if x <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {x!r}")
+    return int(x)
+
+
+def _block(name, x) -> int | None:
+    if x is None:
+        return None
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral) or x <= 0:
+        raise ValueError(f"{name} must be a positive integer or None, got {x!r}")
+    return int(x)
+
+
+def _bool(name, x) -> bool:
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {x!r}")
+    return bool(x)
 
 
 def _check_target(s) -> float:

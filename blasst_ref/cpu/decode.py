@@ -141,11 +141,13 @@ def decode_split_kernel(q, k, v, log_thresh, causal, scale, block_k, split_tiles
 
 
 @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
-def decode_merge_kernel(part_m, part_l, part_acc, causal, lk, out):
+def decode_merge_kernel(part_m, part_l, part_acc, causal, lk, out, lse=None):
     """Merge split-KV partial states by log-sum-exp into ``out`` ``(B, Hq, Lq, Dv)``.
 
     Each split's ``(l, acc)`` is relative to its own max ``m_s``; relative to the common max
-    ``M`` it is weighted by ``exp(m_s - M)`` (0 for a split that saw nothing)."""
+    ``M`` it is weighted by ``exp(m_s - M)`` (0 for a split that saw nothing). The optional
+    ``lse`` ``(B, Hq, Lq)`` gets each row's log-sum-exp ``M + log(l)`` of its kept scores
+    (``-inf`` for a row that sees no key), for the backward."""
     dt = out.dtype.type
     n_b, n_hkv, n_splits, n_rows = part_m.shape
     n_hq, lq, dv = out.shape[1], out.shape[2], out.shape[3]
@@ -161,6 +163,8 @@ def decode_merge_kernel(part_m, part_l, part_acc, causal, lk, out):
             if not row_sees_keys(i, lq, lk, causal):  # zeros (FlashAttention's rule)
                 for d in range(dv):
                     out[b, h, i, d] = dt(0.0)
+                if lse is not None:
+                    lse[b, h, i] = neg_inf
                 continue
             mx = neg_inf
             for sp in range(n_splits):
@@ -177,3 +181,5 @@ def decode_merge_kernel(part_m, part_l, part_acc, causal, lk, out):
             inv = dt(1.0) / total
             for d in range(dv):
                 out[b, h, i, d] = o[d] * inv
+            if lse is not None:  # pruned at compile time when not given
+                lse[b, h, i] = shift + np.log(total)

@@ -92,7 +92,8 @@ def pack_k_tiles(k, block_k):
 
 
 @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
-def prefill_kernel(q, k_tiles_t, v, log_thresh, causal, scale, block_q, block_k, skip_test, out, tile_map):
+def prefill_kernel(q, k_tiles_t, v, log_thresh, causal, scale, block_q, block_k, skip_test, out, tile_map,
+                   lse=None):
     """BLASST prefill, in place.
 
     Args:
@@ -107,6 +108,8 @@ def prefill_kernel(q, k_tiles_t, v, log_thresh, causal, scale, block_q, block_k,
         out: ``(B, Hq, Lq, Dv)`` written completely.
         tile_map: int8 ``(B, Hq, n_q_tiles, n_k_tiles)``, zero on entry; visited tiles get
             1 (computed) or 2 (skipped).
+        lse: optional ``(B, Hq, Lq)``, written with each row's log-sum-exp ``m + log(l)``
+            over its kept scores (``-inf`` for a row that sees no key), for the backward.
     """
     dt = q.dtype.type
     n_b, n_hq, lq, dqk = q.shape
@@ -203,3 +206,6 @@ def prefill_kernel(q, k_tiles_t, v, log_thresh, causal, scale, block_q, block_k,
                 inv = dt(1.0) / l[r]  # l = 0 with visible keys (all -inf scores): NaN, as dense
                 for d in range(dv):
                     out[b, h, i0 + r, d] = acc[r, d] * inv
+            if lse is not None:  # pruned at compile time when not given
+                sees = row_sees_keys(i0 + r, lq, lk, causal)
+                lse[b, h, i0 + r] = m[r] + np.log(l[r]) if sees else neg_inf

@@ -30,6 +30,8 @@ Modules, one job each:
 * :mod:`.models` -- reference graphs: DLRM MLPs, a BERT layer, an LLM block;
 * :mod:`.onnx_export` -- export to ONNX and run ONNX Runtime (optional extra ``onnx``);
   :mod:`.onnx_forms` -- each op's ONNX form (the ``OpDef``'s ``onnx``);
+* :mod:`.onnx_import` -- ``from_onnx``: real models (BERT/MiniLM exports) into the IR;
+* :mod:`.tensor_ops` -- the ops imported models add (Gather, Cast, Where, Expand, ...);
 * :mod:`.quantize` -- post-training static quantization (``quantize_graph``);
 * :mod:`.int8_kernels` -- u8 x s8 -> s32 kernels on VNNI (``int8_backend()``).
 """
@@ -39,10 +41,13 @@ from .compiler import CompiledGraph, compile
 from .interpreter import check_feeds, interpret
 from .ir import Graph, GraphError, Node, Tensor, TensorInfo
 from .memory import MemoryPlan, plan_memory
+from . import ops_dynamic as _ops_dynamic  # noqa: F401  (registers the dynamic int8 ops)
+from .onnx_import import OnnxImportError, from_onnx
 from .int8_kernels import int8_backend
 from .ops import OPS
 from .quantize import quantize_graph
 
-__all__ = ["OPS", "CompiledGraph", "Graph", "GraphError", "MemoryPlan", "Node", "Tensor",
-           "TensorInfo", "check_feeds", "compile", "int8_backend", "interpret", "models",
+__all__ = ["OPS", "CompiledGraph", "Graph", "GraphError", "MemoryPlan", "Node",
+           "OnnxImportError", "Tensor", "TensorInfo", "check_feeds", "compile", "from_onnx",
+           "int8_backend", "interpret", "models",
            "plan_memory", "quantize_graph"]

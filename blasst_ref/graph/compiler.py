@@ -3,20 +3,25 @@
 :func:`compile` runs the passes of :mod:`.passes` (each switchable), plans the memory of what
 is left (:mod:`.memory`) and turns every node into one *step*: a Python closure over the
 kernel that runs the op and the arrays it reads and writes. Intermediates are views into
-one preallocated arena at the planner's offsets, made once here; graph outputs are fresh
-arrays on every call (a returned array is never overwritten by a later call). A call is
-then: check the feeds, walk the steps, return the outputs.
+a preallocated arena at the planner's offsets, made once (and reused by call after call);
+graph outputs are fresh arrays on every call (a returned array is never overwritten by a
+later call, and shares memory with nothing). A call is then: check the feeds, walk the
+steps, return the outputs.
 
 Which kernel runs an op is part of the op's ``OpDef`` (:attr:`.ops.OpDef.kernel`, a step
 builder of :mod:`.steps`, whose docstring lists them); an op without one runs its numpy
 meaning, copied into its buffer.
 
-A compiled graph keeps state (the arena), so one instance must not run two calls at once.
+One compiled graph may be called from several threads at once: each call in flight runs
+in an arena of its own, taken from a pool (one arena while calls come one at a time, as
+many as calls ever overlapped otherwise).
 """
 
 from __future__ import annotations
 
 import contextlib
+import numbers
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -35,7 +40,8 @@ from .memory import MemoryPlan
 __all__ = ["CompiledGraph", "compile"]
 
 #: the passes that ``fuse=False`` switches off
-FUSION_PASSES = ("fuse_attention", "fuse_matmul", "lower_int8", "merge_layout_ops")
+FUSION_PASSES = ("fuse_gelu_erf", "fuse_layernorm", "fuse_export_attention",
+                 "fuse_attention", "fuse_matmul", "lower_int8", "merge_layout_ops")
 
 
 @dataclass(frozen=True)
@@ -56,8 +62,8 @@ def compile(graph: Graph, *, fuse: bool = True, fold_constants: bool = True,
     """Compile ``graph`` into a callable :class:`CompiledGraph`.
 
     The passes run in the order of :data:`.passes.PIPELINE` (``fold_constants``,
-    ``fuse_attention``, ``fuse_matmul``, ``lower_int8``, ``merge_layout_ops``,
-    ``pack_weights``); ``fuse``, ``fold_constants``, ``int8`` and ``matmul_kernel`` switch
+    ``fuse_gelu_erf``, ``fuse_layernorm``, ``fuse_export_attention``, ``fuse_attention``,
+    ``fuse_matmul``, ``lower_int8``, ``merge_layout_ops``, ``pack_weights``); ``fuse``, ``fold_constants``, ``int8`` and ``matmul_kernel`` switch
     groups of them, ``passes`` any one.
 
     Args:
@@ -82,8 +88,9 @@ def compile(graph: Graph, *, fuse: bool = True, fold_constants: bool = True,
         attention_thresh: BLASST's threshold for the fused attention (``0`` = exact dense).
         attention_backend: ``"cpu"`` or ``"reference"`` (any host backend of
             :func:`blasst_ref.attention`).
-        attention_block: ``(block_q, block_k)`` tile sizes of the fused attention
-            (``None``: :mod:`blasst_ref.tiling`'s defaults); smaller tiles skip more.
+        attention_block: ``(block_q, block_k)`` tile sizes of the fused attention, positive
+            integers (``None``: :mod:`blasst_ref.tiling`'s defaults); smaller tiles skip
+            more.
         passes: ``{pass name: on}`` for single passes, applied after the switches above
             (``{"fuse_attention": False}`` keeps the attention unfused;
             ``{"lower_int8": True}`` with ``fuse=False`` runs the int8 lowering alone). An
@@ -112,9 +119,9 @@ def compile(graph: Graph, *, fuse: bool = True, fold_constants: bool = True,
         enabled["lower_int8"] = False
     enabled["pack_weights"] = matmul_kernel == "packed"
     enabled.update(_check_passes(passes))
-    block_q, block_k = attention_block
-    pass_args = {"fuse_attention": dict(thresh=float(attention_thresh), block_q=block_q,
-                                        block_k=block_k)}
+    block_q, block_k = _check_attention_block(attention_block)
+    attention = dict(thresh=float(attention_thresh), block_q=block_q, block_k=block_k)
+    pass_args = {"fuse_attention": attention, "fuse_export_attention": attention}
     stages = [Stage("input", graph)]
     stages.append(Stage("prune", stages[-1].graph.prune()))
     for name in P.PIPELINE:
@@ -126,6 +133,24 @@ def compile(graph: Graph, *, fuse: bool = True, fold_constants: bool = True,
     if check:
         _memory.check_plan(final, plan)
     return CompiledGraph(graph, final, plan, stages, attention_backend)
+
+
+def _check_attention_block(block) -> tuple[int | None, int | None]:
+    """``attention_block`` of :func:`compile` as Python ints (or None), or a clear error now
+    (not at the first call, nor only for graphs that have an attention to fuse)."""
+    expected = "attention_block must be (block_q, block_k), each a positive integer or None"
+    if not isinstance(block, (tuple, list)):
+        raise TypeError(f"{expected}; got {block!r}")
+    if len(block) != 2:
+        raise ValueError(f"{expected}; got {block!r}")
+    for b in block:
+        if b is None:
+            continue
+        if isinstance(b, (bool, np.bool_)) or not isinstance(b, numbers.Integral):
+            raise TypeError(f"{expected}; got {block!r}")
+        if b <= 0:
+            raise ValueError(f"{expected}; got {block!r}")
+    return tuple(None if b is None else int(b) for b in block)
 
 
 def _check_passes(passes) -> dict[str, bool]:
@@ -147,6 +172,10 @@ def _check_passes(passes) -> dict[str, bool]:
 class CompiledGraph:
     """A compiled graph: call it with the inputs as keyword arguments.
 
+    Calls from several threads at once are safe and give what each call gives alone: each
+    call in flight runs in an arena of its own (the statistics below are those of the last
+    call to finish).
+
     Attributes:
         source: the graph as given. graph: the graph after the passes.
         stages: every pass with the graph it produced (print them to see what each did).
@@ -162,64 +191,93 @@ class CompiledGraph:
         self.memory = plan
         self.stages = stages
         self.attention_backend = attention_backend
-        self.arena = np.empty(plan.peak_bytes, dtype=np.uint8)
-        self._arena_views = {name: _view(self.arena, plan.offsets[name], graph.tensors[name])
-                             for name in plan.offsets}
         options = S.StepOptions(attention_backend=attention_backend)
         self._steps = [_make_step(node, graph, options) for node in graph.nodes]
         self.step_names = [f"{n.op} {n.name}" for n in graph.nodes]
-        # graph outputs (and what they view) are fresh arrays on every call; views of
-        # inputs/constants are "borrowed" and copied on the way out
+        # graph outputs (and what they view) are fresh arrays on every call, never in the
+        # arena; an output that shares its storage with an input, a constant or an earlier
+        # output (a view of it, or the same tensor under two names) is copied on the way out
         views = {n.outputs[0]: n.inputs[0] for n in graph.nodes if _ops.get(n.op).view}
         self._fresh_each_call = [
             name for n in graph.nodes if not _ops.get(n.op).view for name in n.outputs
-            if name not in self._arena_views]
-        self._borrowed = set()
-        for t in graph.outputs.values():
+            if name not in plan.offsets]
+        self._copied_outputs = set()
+        returned = set()  # the storage (alias root) of the outputs so far
+        for pub, t in graph.outputs.items():
             root = t
             while root in views:
                 root = views[root]
-            if root in graph.inputs or root in graph.constants:
-                self._borrowed.add(t)
+            if root in graph.inputs or root in graph.constants or root in returned:
+                self._copied_outputs.add(pub)
+            returned.add(root)
         # With the packed matmul kernel every parallel loop is a Numba one: BLAS is kept to
         # one thread for the whole call, so that its idle pool threads never spin against
         # Numba's on the same cores (see docs/BENCHMARKS.md, "graph").
         self._threads = blas_single_threaded if "PackedMatMul" in graph.count_ops() \
             else contextlib.nullcontext
-        #: ``{Attention node name: AttentionStats}`` of the last call (skip statistics).
+        #: ``{Attention node name: AttentionStats}`` of the last call to finish (skip
+        #: statistics).
         self.attention_stats: dict = {}
-        #: seconds per step of the last call
+        #: seconds per step of the last call to finish
         self.times = np.zeros(len(self._steps))
         self.calls = 0
         #: seconds per step summed over every call but the first (which JIT-compiles the
         #: Numba kernels: it would swamp the mean), and the first call's own
         self.total_times = np.zeros(len(self._steps))
         self.first_times = np.zeros(len(self._steps))
+        self._stats_lock = threading.Lock()  # guards the bookkeeping above
+        # the arenas of the calls not in flight (a call takes one, or makes one if none is
+        # free: as many exist as calls ever overlapped)
+        self._spare_arenas = [self._new_arena()]
+
+    def _new_arena(self) -> tuple[dict, np.ndarray]:
+        """A fresh arena for one call in flight: the views of the planned tensors into it,
+        and the call's step times."""
+        arena = np.empty(self.memory.peak_bytes, dtype=np.uint8)
+        views = {name: _view(arena, self.memory.offsets[name], self.graph.tensors[name])
+                 for name in self.memory.offsets}
+        return views, np.zeros(len(self._steps))
 
     def __call__(self, **feeds) -> dict[str, np.ndarray]:
+        """Run the graph on ``feeds`` (one array per graph input, of its declared shape and
+        dtype); returns ``{output name: array}``, fresh arrays of this call. Thread-safe:
+        each call in flight has an arena of its own."""
         g = self.graph
         env: dict = dict(g.constants)
         env.update(check_feeds(g, feeds))
-        env.update(self._arena_views)
+        try:  # (list.pop and list.append are atomic)
+            arena = self._spare_arenas.pop()
+        except IndexError:  # other calls are in flight: this one gets an arena of its own
+            arena = self._new_arena()
+        views, times = arena
+        env.update(views)
         for name in self._fresh_each_call:
             info = g.tensors[name]
             env[name] = np.empty(info.shape, dtype=info.dtype)
         env[S.STATS_KEY] = {}
         clock = time.perf_counter
-        with self._threads():
-            for i, step in enumerate(self._steps):
-                t0 = clock()
-                step(env)
-                self.times[i] = clock() - t0
-        if self.calls:
-            self.total_times += self.times
-        else:
-            self.first_times[:] = self.times
-        self.calls += 1
-        self.attention_stats = env[S.STATS_KEY]
-        # an output that is (a view of) an input or a constant must not hand out the
-        # caller's or the graph's own array
-        return {pub: env[t].copy() if t in self._borrowed else env[t]
+        try:
+            with self._threads():
+                for i, step in enumerate(self._steps):
+                    t0 = clock()
+                    step(env)
+                    times[i] = clock() - t0
+        except BaseException:
+            self._spare_arenas.append(arena)
+            raise
+        with self._stats_lock:  # report()'s bookkeeping
+            # this call's times become `times`; the array they replace goes with the arena,
+            # for the next call to write into (no copy)
+            self.times, times = times, self.times
+            if self.calls:
+                self.total_times += self.times
+            else:
+                self.first_times[:] = self.times
+            self.calls += 1
+            self.attention_stats = env[S.STATS_KEY]
+        self._spare_arenas.append((views, times))
+        # no output may hand out the caller's array, the graph's own or another output's
+        return {pub: env[t].copy() if pub in self._copied_outputs else env[t]
                 for pub, t in g.outputs.items()}
 
     # ------------------------------------------------------------------ reporting

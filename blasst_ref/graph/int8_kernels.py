@@ -93,9 +93,10 @@ from numba.extending import intrinsic, overload
 from .kernels import ACT_NONE, activate, check_act, check_out
 
 __all__ = [
-    "BACKENDS", "MAX_K", "PackedInt8Weight", "QMatMulPlan", "asm_of_kernel", "auto_threads",
-    "available_int8_backends", "int8_backend", "pack_int8_weight", "qmatmul", "qmatmul_s32",
-    "quantize", "quantize_unchecked",
+    "BACKENDS", "DynamicQMatMulPlan", "MAX_K", "PackedInt8Weight", "QMatMulPlan",
+    "asm_of_kernel", "auto_threads", "available_int8_backends", "int8_backend",
+    "pack_int8_weight", "qmatmul", "qmatmul_dynamic", "qmatmul_s32", "quantize",
+    "quantize_rows", "quantize_unchecked",
     "vnni_peak_macs_per_cycle",
 ]
 
@@ -486,13 +487,16 @@ def _epilogue_tile(c, ldc, mr, nc, r0, n0, n, p, outf, outq, outi, res, fbuf):
     ``dscale[n] * (acc - comp[n])``, add the bias, activate, add the residual, then store
     float32 (``outf``, mode 1) or requantise to u8 (``outq``, mode 2) exactly as
     ``ops.quantize_array``: ``clip(rint(y / out_scale) + out_zp, 0, 255)``, NaN -> zp
-    (float32 arithmetic, IEEE division: no fast-math here).
+    (float32 arithmetic, IEEE division: no fast-math here). Mode 3 (dynamic, per-row
+    activation scales) dequantises ``(row_scale[m] * dscale[n]) * (acc - row_zp[m] *
+    comp[n])`` (``comp`` = the column sums, ``dscale`` = the weight scales) and stores
+    float32 like mode 1.
 
     Indices into the flat arrays are uint64: Numba adds no negative-index test for
     unsigned indices, so the loops vectorise (and no per-row slice, whose reference count
     update would cost more than a short row). Not inlined: its types are the same for
     every backend, so it is compiled once for all of them."""
-    mode, comp, dscale, bias, has_bias, act, _, has_res, out_scale, out_zp = p
+    mode, comp, dscale, bias, has_bias, act, _, has_res, out_scale, out_zp, rscale, rzp = p
     ncu = np.uint64(nc)
     if mode == 0:
         for i in range(mr):
@@ -510,10 +514,16 @@ def _epilogue_tile(c, ldc, mr, nc, r0, n0, n, p, outf, outq, outi, res, fbuf):
     for i in range(mr):
         ob = np.uint64((r0 + i) * n + n0)
         cb = np.uint64(i * ldc)
-        for j in range(ncu):
-            # acc, za * col_sum and their difference sum_k (a - za) w are all within int32
-            # for K <= MAX_K (|.| <= 255 * 128 * K), so the int32 result is exact
-            fbuf[j] = ds[j] * np.float32(np.int32(c[cb + j] - cs[j]))
+        if mode == 3:
+            rs = rscale[r0 + i]
+            rz = rzp[r0 + i]
+            for j in range(ncu):
+                fbuf[j] = (rs * ds[j]) * np.float32(np.int32(c[cb + j] - rz * cs[j]))
+        else:
+            for j in range(ncu):
+                # acc, za * col_sum and their difference sum_k (a - za) w are all within
+                # int32 for K <= MAX_K (|.| <= 255 * 128 * K), so the int32 result is exact
+                fbuf[j] = ds[j] * np.float32(np.int32(c[cb + j] - cs[j]))
         if has_bias:
             for j in range(nc):
                 fbuf[j] += b[j]
@@ -521,7 +531,7 @@ def _epilogue_tile(c, ldc, mr, nc, r0, n0, n, p, outf, outq, outi, res, fbuf):
         if has_res:
             for j in range(ncu):
                 fbuf[j] += res[ob + j]
-        if mode == 1:
+        if mode != 2:
             for j in range(ncu):
                 outf[ob + j] = fbuf[j]
         else:
@@ -833,12 +843,12 @@ def _schedule(m, pw, threads, cap=None):
 
 
 def _params(mode, comp=_EMPTY_I32, dscale=_EMPTY_F1, bias=None, act=ACT_NONE,
-            residual=None, out_scale=1.0, out_zp=0):
+            residual=None, out_scale=1.0, out_zp=0, row_scale=_EMPTY_F1, row_zp=_EMPTY_I32):
     """The per-call parameter tuple of the drivers (absent operands as empty arrays +
     flags, so that every call has the same Numba types)."""
     return (int(mode), comp, dscale, _EMPTY_F1 if bias is None else bias, bias is not None,
             int(act), _EMPTY_F2 if residual is None else residual, residual is not None,
-            np.float32(out_scale), np.int32(out_zp))
+            np.float32(out_scale), np.int32(out_zp), row_scale, row_zp)
 
 
 def _run(a, pw, p, sched, outf=_EMPTY_F2, outq=_EMPTY_U2, outi=_EMPTY_I2):
@@ -1073,6 +1083,123 @@ def quantize_unchecked(xf, of, scale, zp, lo, hi, threads=None):
     _on_threads(nt, cap, _quantize_serial, _quantize_par,
                 (xf, of, chunk, np.float32(scale), np.float32(zp), np.float32(lo),
                  np.float32(hi)))
+
+
+# ---------------------------------------------------------------------------------------
+# Dynamic quantization: per-row (per-token) u8 scales computed at run time
+# ---------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _quantize_row(x, i, q, rscale, rzp):
+    """Row ``i`` of ``x`` to u8 with its own scale and zero point, as ONNX's
+    ``DynamicQuantizeLinear`` does for a whole tensor: ``lo = min(0, min x)``, ``hi =
+    max(0, max x)``, ``scale = (hi - lo) / 255``, ``zp = rint(clip(-lo / scale, 0, 255))``,
+    ``q = clip(rint(x / scale) + zp, 0, 255)`` -- float32 IEEE arithmetic, round half to
+    even (bit for bit :func:`blasst_ref.graph.ops_dynamic.quantize_rows_array`). A row of
+    zeros gets scale 1 and zero point 0 (every q is 0)."""
+    row = x[i]
+    n = row.shape[0]
+    lo = np.float32(0.0)
+    hi = np.float32(0.0)
+    for j in range(n):
+        v = row[j]
+        lo = min(lo, v)
+        hi = max(hi, v)
+    scale = (hi - lo) / np.float32(255.0)
+    if not (scale > np.float32(0.0)) or not np.isfinite(scale):
+        scale = np.float32(1.0)
+        zp = np.float32(0.0)
+    else:
+        zp = np.rint(min(max(-lo / scale, np.float32(0.0)), np.float32(255.0)))
+    rscale[i] = scale
+    rzp[i] = np.int32(zp)
+    qi = q[i]
+    for j in range(n):
+        v = np.rint(row[j] / scale)
+        if np.isnan(v):
+            v = np.float32(0.0)
+        qi[j] = np.uint8(min(max(v + zp, np.float32(0.0)), np.float32(255.0)))
+
+
+@njit(parallel=True, cache=True)
+def _quantize_rows_par(x, q, rscale, rzp):
+    for i in prange(x.shape[0]):
+        _quantize_row(x, i, q, rscale, rzp)
+
+
+@njit(cache=True)
+def _quantize_rows_serial(x, q, rscale, rzp):
+    for i in range(x.shape[0]):
+        _quantize_row(x, i, q, rscale, rzp)
+
+
+def quantize_rows(x, *, threads=None):
+    """Per-row dynamic u8 quantization of a float32 ``x`` ``(M, K)``: ``(q, scale, zero
+    point)`` with ``q`` uint8 ``(M, K)``, ``scale`` float32 ``(M,)``, ``zero point`` int32
+    ``(M,)``; each row as ONNX ``DynamicQuantizeLinear`` quantizes a tensor (see
+    :func:`_quantize_row`). Rows in parallel above :data:`QUANT_SERIAL_ELEMS` elements."""
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2:
+        raise ValueError(f"x must be a 2-D float32 array, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
+    x = np.ascontiguousarray(x)
+    m = x.shape[0]
+    q = np.empty(x.shape, np.uint8)
+    rscale = np.empty(m, np.float32)
+    rzp = np.empty(m, np.int32)
+    cap = _num_threads()
+    nt = (1 if x.size < QUANT_SERIAL_ELEMS else cap) if threads is None else \
+        min(_check_threads(threads), cap)
+    _on_threads(nt, cap, _quantize_rows_serial, _quantize_rows_par, (x, q, rscale, rzp))
+    return q, rscale, rzp
+
+
+class DynamicQMatMulPlan:
+    """``act(x @ W + bias) + residual`` with ``x`` float32 quantized per row at run time
+    (dynamic quantization, docs/DESIGN.md §7.4): each call quantizes the rows of ``x``
+    (:func:`quantize_rows`: one pass over ``x``), then runs the u8 x s8 -> s32 kernel whose
+    epilogue dequantises every output with its row's scale and zero point --
+    ``y[m, n] = (row_scale[m] * w_scale[n]) * (acc[m, n] - row_zp[m] * col_sums[n])`` --
+    adds the bias, activates, adds the residual and stores float32. Built once per weight
+    (compile time); safe to call from several threads (each call allocates its scratch)."""
+
+    __slots__ = ("_sched", "act", "bias", "pw", "threads")
+
+    def __init__(self, pw, bias=None, act=ACT_NONE, *, threads=None):
+        self.pw = _check_pw(pw)
+        self.bias = _check_f32("bias", bias, (pw.n,))
+        self.act = check_act(act)
+        self.threads = _check_threads(threads)
+        self._sched = {}
+
+    def __call__(self, x, residual=None, out=None) -> np.ndarray:
+        pw = self.pw
+        if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2 or \
+                x.shape[1] != pw.k:
+            raise ValueError(f"x must be a float32 (M, {pw.k}) array, got "
+                             f"{getattr(x, 'dtype', type(x).__name__)} "
+                             f"{getattr(x, 'shape', '')}")
+        m, n = x.shape[0], pw.n
+        residual = _check_f32("residual", residual, (m, n))
+        out = check_out(out, (m, n), np.float32)
+        if np.may_share_memory(out, x):
+            raise ValueError("out must not overlap x")
+        q, rscale, rzp = quantize_rows(x, threads=self.threads)
+        cap = _num_threads()
+        sched = self._sched.get((m, cap))
+        if sched is None:
+            sched = self._sched[(m, cap)] = _schedule(m, pw, self.threads, cap)
+        p = _params(3, pw.col_sums, pw.scale, self.bias, self.act, residual,
+                    row_scale=rscale, row_zp=rzp)
+        _run(q, pw, p, sched, outf=out)
+        return out
+
+
+def qmatmul_dynamic(x, pw, bias=None, act=ACT_NONE, residual=None, out=None, *,
+                    threads=None) -> np.ndarray:
+    """One call of :class:`DynamicQMatMulPlan`: ``x`` float32 ``(M, K)`` quantized per row,
+    times the packed s8 weight ``pw``, post-ops, float32 ``(M, N)`` out."""
+    return DynamicQMatMulPlan(pw, bias, act, threads=threads)(x, residual, out)
 
 
 # ---------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ def check_feeds(graph: Graph, feeds: dict) -> dict[str, np.ndarray]:
 
     Every declared input must be given, nothing else may be, and each must be an array of
     the declared shape and dtype (no silent casts: a float64 array for a float32 input is an
-    error). Returns ``{name: numpy array}``; raises :class:`GraphError` naming the tensor.
+    error; any byte order is read: a non-native one is converted, a copy). Returns ``{name:
+    numpy array}``; raises :class:`GraphError` naming the tensor.
     """
     declared = set(graph.inputs)
     missing = [n for n in graph.inputs if n not in feeds]
@@ -44,6 +45,8 @@ def check_feeds(graph: Graph, feeds: dict) -> dict[str, np.ndarray]:
         if value.dtype.name != info.dtype:
             raise GraphError(f"input {name!r} has dtype {value.dtype.name}, the graph declares "
                              f"{info.dtype}")
+        if not value.dtype.isnative:  # e.g. big-endian here: the kernels read native
+            value = value.astype(value.dtype.newbyteorder("="))
         out[name] = value
     return out
 
@@ -54,9 +57,22 @@ def interpret(graph: Graph, **feeds) -> dict[str, np.ndarray]:
     Args:
         graph: any :class:`~blasst_ref.graph.Graph`, before or after compiler passes.
         **feeds: one numpy array per graph input, of its declared shape and dtype.
+
+    The outputs share memory with nothing: not with each other, the feeds or the graph.
     """
     env = trace(graph, feeds)
-    return {pub: env[t] for pub, t in graph.outputs.items()}
+    # independent arrays, as a compiled graph returns: an output that shares memory with
+    # an input, a constant or an earlier output (a view of it, or one tensor under two
+    # names) is copied
+    taken = [env[n] for n in graph.inputs] + list(graph.constants.values())
+    out = {}
+    for pub, t in graph.outputs.items():
+        value = env[t]
+        if any(np.may_share_memory(value, other) for other in taken):
+            value = value.copy()
+        out[pub] = value
+        taken.append(value)
+    return out
 
 
 def trace(graph: Graph, feeds: dict) -> dict[str, np.ndarray]:

@@ -20,6 +20,8 @@ graph: they build a new one (:meth:`Graph.rebuild`), so every pass is a pure fun
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -30,8 +32,9 @@ from . import ops as _ops
 
 __all__ = ["Graph", "GraphError", "Node", "Tensor", "TensorInfo"]
 
-#: dtypes a tensor may have: floats for compute, 8-bit integers and int32 for the int8 path.
-DTYPES = ("float32", "float64", "float16", "uint8", "int8", "int32")
+#: dtypes a tensor may have: floats for compute, 8-bit integers and int32 for the int8 path;
+#: int64 and bool for what imported models compute on token ids and masks.
+DTYPES = ("float32", "float64", "float16", "uint8", "int8", "int32", "int64", "bool")
 
 
 class GraphError(ValueError):
@@ -51,12 +54,13 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        """Size of the tensor's data in bytes."""
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        """Size of the tensor's data in bytes (a Python int: it never wraps)."""
+        return self.size * np.dtype(self.dtype).itemsize
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        """Number of elements (a Python int: it never wraps)."""
+        return math.prod(self.shape)
 
     def describe(self) -> str:
         return f"{self.name}: {self.dtype}{list(self.shape)}"
@@ -283,7 +287,8 @@ class Graph:
     def quantize(self, x, scale, zero_point=0, dtype: str = "uint8", axis=None) -> Tensor:
         """``q = saturate(round_half_even(x / scale) + zero_point)`` to ``dtype``
         (``"uint8"`` or ``"int8"``); ``scale``/``zero_point`` are scalars (per tensor) or
-        1-D along ``axis`` (per channel)."""
+        1-D along ``axis`` (per channel). NaN becomes the zero point (ONNX Runtime gives
+        the lowest value instead: :func:`~blasst_ref.graph.ops.quantize_array`)."""
         return self.op("Quantize", x, scale=scale, zero_point=zero_point, dtype=dtype,
                        axis=axis)
 
@@ -488,9 +493,14 @@ def _is_number(x) -> bool:
 
 def _check_shape(shape, what: str) -> tuple[int, ...]:
     try:
-        shape = tuple(int(s) for s in shape)
+        dims = tuple(shape)
     except TypeError:
-        raise GraphError(f"{what}: shape must be a tuple of ints, got {shape!r}") from None
+        dims = None
+    # integers only (numpy's too): a float such as 2.5 must not be truncated to 2
+    if dims is None or any(isinstance(s, (bool, np.bool_)) or
+                           not isinstance(s, numbers.Integral) for s in dims):
+        raise GraphError(f"{what}: shape must be a tuple of integers, got {shape!r}")
+    shape = tuple(int(s) for s in dims)
     if any(s <= 0 for s in shape):
         raise GraphError(f"{what}: every dimension must be positive, got {shape}")
     return shape

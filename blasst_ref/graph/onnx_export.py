@@ -22,6 +22,10 @@ need no renaming); each graph output is an ONNX output under its public name (an
 passes create (``FusedMatMul``, ``PackedMatMul``, ``Attention``, the int8 kernels) have no
 ONNX form here: export the graph *before* compiling it. They raise
 :class:`UnsupportedOpError`.
+
+One known difference: a NaN reaching ``Quantize`` becomes the zero point in this package
+and the type's lowest value (0 / -128) in ONNX Runtime (ONNX leaves it undefined; see
+:func:`~blasst_ref.graph.ops.quantize_array`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from .interpreter import check_feeds
 from .ir import Graph, GraphError
 
 __all__ = ["DEFAULT_OPSET", "SUPPORTED_OPS", "OnnxBuilder", "UnsupportedOpError",
+           "onnxruntime_model_session",
            "onnxruntime_session", "run_onnxruntime", "to_onnx"]
 
 #: The default ONNX opset: 20 has ``Gelu``; onnx >= 1.15 and onnxruntime >= 1.17 know it.
@@ -201,8 +206,17 @@ def onnxruntime_session(graph: Graph, threads: int | None = None, *, opset: int 
         name (the same name). ``session.run(None, feeds)`` returns the outputs as a list in
         ``graph.outputs`` order.
     """
-    ort = _import_ort()
     model = to_onnx(graph, opset=opset)
+    sess = onnxruntime_model_session(model.SerializeToString(), threads)
+    return sess, {n: n for n in graph.inputs}
+
+
+def onnxruntime_model_session(model, threads: int | None = None):
+    """An ONNX Runtime session of an ONNX model (a file path or serialized bytes) with the
+    options of :func:`onnxruntime_session`: every graph optimisation, no spinning pool
+    threads, ``threads`` intra-op threads (default ORT's). For timing a model that was
+    imported with :func:`blasst_ref.graph.from_onnx` against ORT on the very same file."""
+    ort = _import_ort()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # ORT's pool threads spin after each run by default; in an interleaved benchmark they
@@ -213,9 +227,8 @@ def onnxruntime_session(graph: Graph, threads: int | None = None, *, opset: int 
             raise ValueError(f"threads must be a positive int or None, got {threads!r}")
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), sess_options=opts,
-                                providers=["CPUExecutionProvider"])
-    return sess, {n: n for n in graph.inputs}
+    model = str(model) if not isinstance(model, (bytes, bytearray)) else bytes(model)
+    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def run_onnxruntime(graph: Graph, feeds: dict, threads: int | None = None, *,

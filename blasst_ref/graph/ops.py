@@ -23,6 +23,7 @@ interpreter -- which is how every pass is tested.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -275,10 +276,24 @@ register(OpDef("LayerNorm", (3, 3), _layernorm_infer,
 
 
 # ---------------------------------------------------------------------------- layout ops
+def _integers(op, node, name, values) -> tuple[int, ...]:
+    """``values`` as a tuple of Python ints, or a GraphError: integers only (numpy's too),
+    so that a float such as 2.5 is never truncated."""
+    try:
+        items = tuple(values)
+    except TypeError:
+        items = None
+    if items is None or any(isinstance(v, (bool, np.bool_)) or
+                            not isinstance(v, numbers.Integral) for v in items):
+        raise _err(node, op, f"{name} must hold integers, got {values!r}")
+    return tuple(int(v) for v in items)
+
+
 def _transpose_attrs(inputs, attrs, node):
     rank = len(inputs[0].shape)
     perm = attrs.get("perm")
-    perm = tuple(range(rank))[::-1] if perm is None else tuple(int(p) for p in perm)
+    perm = tuple(range(rank))[::-1] if perm is None else \
+        _integers("Transpose", node, "perm", perm)
     if sorted(perm) != list(range(rank)):
         raise _err(node, "Transpose", f"perm {perm} is not a permutation of the {rank} axes "
                    f"of {_desc(inputs[0])}")
@@ -294,16 +309,16 @@ register(OpDef("Transpose", (1, 1),
 
 def _reshape_attrs(inputs, attrs, node):
     x = inputs[0]
-    shape = tuple(int(s) for s in attrs["shape"])
-    size = int(np.prod(x.shape))
+    shape = _integers("Reshape", node, "shape", attrs["shape"])
+    size = math.prod(x.shape)  # Python ints: no wrap-around for huge shapes
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
         raise _err(node, "Reshape", f"shape {shape} may hold positive sizes and one -1")
     if -1 in shape:
-        known = int(np.prod([s for s in shape if s != -1]))
+        known = math.prod(s for s in shape if s != -1)
         if size % known:
             raise _err(node, "Reshape", f"cannot reshape {_desc(x)} to {shape}")
         shape = tuple(size // known if s == -1 else s for s in shape)
-    if int(np.prod(shape)) != size:
+    if math.prod(shape) != size:
         raise _err(node, "Reshape", f"cannot reshape {_desc(x)} ({size} elements) to {shape}")
     return {"shape": shape}
 
@@ -373,7 +388,13 @@ def _channel_shape(rank, axis):
 
 def quantize_array(x, scale, zero_point, dtype, axis=None) -> np.ndarray:
     """``saturate(round_half_even(x / scale) + zero_point)`` as ``dtype`` (ONNX
-    QuantizeLinear). NaN maps to the zero point."""
+    QuantizeLinear); ``+-inf`` saturate.
+
+    NaN maps to the zero point, as 0.0 does (so it dequantizes to 0.0), here and in every
+    compiled int8 kernel. ONNX leaves NaN undefined for 8-bit outputs and other runtimes
+    differ: ONNX Runtime gives the type's lowest value (0 / -128), PyTorch's
+    ``quantize_per_tensor`` its highest (255 / 127). An exported graph therefore disagrees
+    with this one only where a NaN reaches a ``Quantize``."""
     scale = np.asarray(scale, np.float32)
     zp = np.asarray(zero_point, np.int32)
     if axis is not None:
@@ -652,3 +673,16 @@ register(OpDef("QMatMul", (2, 4), _qmatmul_infer, _qmatmul_eval, _qmatmul_attrs,
                    "and optional u8 requantisation (the int8 lowering of Dequantize -> "
                    "MatMul -> post-ops -> Quantize)",
                inplace=lambda attrs, n: (), kernel=steps.qmatmul))
+
+
+
+# ---------------------------------------------------------------------------- for op modules
+# Public names of the helpers that the modules registering ops of their own use
+# (:mod:`.tensor_ops`, :mod:`.ops_dynamic`): errors naming the node, operand checks, shapes.
+op_error = _err
+describe_tensor = _desc
+require_float = _require_float
+same_dtype = _same_dtype
+broadcast_shape = _broadcast
+matmul_shape = _matmul_shape
+fused_matmul_attrs = _fused_matmul_attrs

@@ -5,19 +5,26 @@ In the order :func:`blasst_ref.graph.compile` runs them, which :data:`PIPELINE` 
 
 1. :func:`fold_constants` -- a node whose inputs are all constants is evaluated once, now,
    and becomes a constant (e.g. a weight transposed in the model definition).
-2. :func:`fuse_attention` -- ``MatMul(Q, Kᵀ) -> scale -> (causal mask add) -> Softmax ->
+2. :func:`fuse_gelu_erf` -- the erf form of GELU that exports write becomes ``Gelu``
+   (:mod:`.export_fusion`, as the next two).
+3. :func:`fuse_layernorm` -- a LayerNorm written as ``ReduceMean/Sub/Pow/.../Div`` becomes
+   ``LayerNorm``.
+4. :func:`fuse_export_attention` -- attention as exports write it (the scale split over Q
+   and K, an additive padding mask computed at run time, SDPA's NaN guard) becomes one
+   ``MaskedAttention``: BLASST over each sequence's unmasked keys.
+5. :func:`fuse_attention` -- ``MatMul(Q, Kᵀ) -> scale -> (causal mask add) -> Softmax ->
    MatMul(·, V)`` becomes one ``Attention`` node: one call of :func:`blasst_ref.attention`
    with the compile-time threshold, instead of a ``(B, H, L, L)`` score tensor.
-3. :func:`fuse_matmul` -- ``MatMul`` and its post-op chain (bias add, activation, residual
+6. :func:`fuse_matmul` -- ``MatMul`` and its post-op chain (bias add, activation, residual
    add) become one ``FusedMatMul``: the post-ops run on the product while it is in cache.
-4. :func:`lower_int8` -- ``Dequantize -> MatMul -> post-ops -> Quantize`` with u8
+7. :func:`lower_int8` -- ``Dequantize -> MatMul -> post-ops -> Quantize`` with u8
    activations and constant s8 weights becomes one ``QMatMul`` (u8 x s8 -> s32,
-   docs/DESIGN.md §7.4).
-5. :func:`merge_layout_ops` -- ``Transpose∘Transpose`` and ``Reshape∘Reshape`` collapse
+   docs/DESIGN.md §7.4); with per-row dynamic activations, one ``QMatMulDynamic``.
+8. :func:`merge_layout_ops` -- ``Transpose∘Transpose`` and ``Reshape∘Reshape`` collapse
    into one (attention fusion leaves such pairs on the K path).
-6. :func:`pack_weights` -- constant-weight preprocessing: a ``FusedMatMul`` on a constant
-   ``(K, N)`` weight becomes a ``PackedMatMul`` on the weight packed into the panels
-   :func:`blasst_ref.graph.kernels.pack_weight` lays out, once, at compile time.
+9. :func:`pack_weights` -- constant-weight preprocessing: a ``FusedMatMul`` on a constant
+   ``(K, N)`` weight becomes a ``PackedMatMul`` on the weight packed into column panels,
+   once, at compile time (:func:`default_pack`).
 
 Every pass leaves a graph the interpreter can run (fused ops have a numpy meaning in
 :mod:`.ops`), which is how each is tested. A pass that finds nothing returns an equal graph.
@@ -31,14 +38,17 @@ from collections.abc import Callable
 import numpy as np
 
 from . import ops as _ops
+from .export_fusion import fuse_export_attention, fuse_gelu_erf, fuse_layernorm
 from .ir import Graph, Node
 
-__all__ = ["PIPELINE", "fold_constants", "fuse_attention", "fuse_matmul", "lower_int8",
-           "merge_layout_ops", "pack_weights", "rewrite", "single_consumer"]
+__all__ = ["PIPELINE", "fold_constants", "fuse_attention", "fuse_export_attention",
+           "fuse_gelu_erf", "fuse_layernorm", "fuse_matmul", "lower_int8",
+           "default_pack", "merge_layout_ops", "pack_weights", "rewrite", "single_consumer"]
 
 #: The passes, by function name, in the order :func:`blasst_ref.graph.compile` runs them
 #: (the module docstring lists them in this order; a test checks that the two agree).
-PIPELINE = ("fold_constants", "fuse_attention", "fuse_matmul", "lower_int8",
+PIPELINE = ("fold_constants", "fuse_gelu_erf", "fuse_layernorm", "fuse_export_attention",
+            "fuse_attention", "fuse_matmul", "lower_int8",
             "merge_layout_ops", "pack_weights")
 
 ACTIVATION_OPS = {"Relu": "relu", "Tanh": "tanh", "Exp": "exp"}
@@ -129,7 +139,9 @@ def fuse_attention(g: Graph, thresh: float = 0.0, block_q: int | None = None,
       query head ``kvh * G + g``, exactly :func:`blasst_ref.attention`'s head mapping.
 
     The mask must be a constant that is all zeros or exactly bottom-right causal; any other
-    mask (or layout) leaves the pattern unfused. The intermediates must have no other reader.
+    mask (or layout) leaves the pattern unfused, and so does a mask or scale that
+    broadcasts the scores to another shape (more rows than Q, a higher rank): the fused op
+    computes one output row per query. The intermediates must have no other reader.
     ``block_q``/``block_k`` are the attention's tile sizes (``None``: its defaults).
     """
     users = g.consumers()
@@ -169,6 +181,11 @@ def fuse_attention(g: Graph, thresh: float = 0.0, block_q: int | None = None,
         if node is None or node.op != "MatMul" or single_consumer(g, users, t) is not chain[-1]:
             continue
         chain.append(node)
+        # the mask and the scale must not broadcast the scores (a mask with more rows
+        # than Q, a scale of higher rank): the fused op's output has Q's shape
+        scores = g.tensors[node.outputs[0]].shape
+        if any(g.tensors[n.outputs[0]].shape != scores for n in chain[1:]):
+            continue
         q, kt = node.inputs
         v = pv.inputs[1]
         nodes = _attention_nodes(g, fresh, q, kt, v, pv.outputs[0],
@@ -298,13 +315,28 @@ def merge_layout_ops(g: Graph) -> Graph:
 
 
 # ----------------------------------------------------------------------------- 6. packing
+def default_pack(w: np.ndarray):
+    """The packing :func:`pack_weights` uses for ``w``: ``(P, K, NR)`` panels of
+    :mod:`.f32_gemm` (whose FMA micro-kernel then runs the product) for a float32 weight on
+    an AVX2/AVX-512 CPU, else :func:`blasst_ref.graph.kernels.pack_weight` (blocks of
+    BLAS calls). Both are column panels: ``PackedMatMul`` means the same with either."""
+    from . import f32_gemm
+    from .kernels import pack_weight
+
+    if f32_gemm.available() and w.dtype == np.float32:
+        return f32_gemm.pack(w)
+    return pack_weight(w)
+
+
 def pack_weights(g: Graph, pack: Callable | None = None) -> Graph:
     """Constant-weight preprocessing: ``FusedMatMul(a, W)`` with ``W`` a constant ``(K, N)``
     becomes ``PackedMatMul(a, panels)`` with ``panels = pack(W).panels``, computed here,
-    once (``pack`` defaults to :func:`blasst_ref.graph.kernels.pack_weight`). A plain
-    ``MatMul`` on a constant weight is first made a ``FusedMatMul`` with no post-ops."""
+    once. ``pack`` defaults to :func:`default_pack`: the FMA micro-kernel's panels
+    (:func:`blasst_ref.graph.f32_gemm.pack`) for float32 weights where the CPU has it, else
+    :func:`blasst_ref.graph.kernels.pack_weight`'s. A plain ``MatMul`` on a constant weight
+    is first made a ``FusedMatMul`` with no post-ops."""
     if pack is None:
-        from .kernels import pack_weight as pack
+        pack = default_pack
     fresh = g.name_generator()
     replace: dict[str, list[Node] | None] = {}
     new: dict[str, np.ndarray] = {}
@@ -338,6 +370,17 @@ def _dequantized_activation(g: Graph, producers, t: str):
     return node.inputs[0], float(node.attrs["scale"]), int(node.attrs["zero_point"])
 
 
+def _dynamic_activation(g: Graph, producers, t: str):
+    """``x`` if ``t = DequantizeRows(*DynamicQuantizeRows(x))`` (float32 ``x``), else None."""
+    node = producers.get(t)
+    if node is None or node.op != "DequantizeRows":
+        return None
+    quant = producers.get(node.inputs[0])
+    if quant is None or quant.op != "DynamicQuantizeRows" or quant.outputs != node.inputs:
+        return None
+    return quant.inputs[0]
+
+
 def _dequantized_weight(g: Graph, producers, t: str):
     """``(s8 constant (K, N), per-column scales)`` if ``t`` is a symmetric Dequantize of a
     constant int8 ``(K, N)`` weight, per tensor or per output channel (axis 1), else None."""
@@ -360,6 +403,9 @@ def lower_int8(g: Graph) -> Graph:
     ``FusedMatMul``; a following per-tensor u8 ``Quantize`` that is the product's only
     reader is folded in too (the kernel requantizes before the store). The Dequantize
     nodes left without readers are pruned away: the float weights never exist at run time.
+
+    Dynamic activations: ``DequantizeRows(DynamicQuantizeRows(x)) x Dequantize(s8 constant
+    weight) -> MatMul -> post-ops`` becomes one ``QMatMulDynamic`` on the float ``x``.
     """
     users = g.consumers()
     producers = g.producers()
@@ -369,6 +415,14 @@ def lower_int8(g: Graph) -> Graph:
             continue
         act = _dequantized_activation(g, producers, node.inputs[0])
         wq = _dequantized_weight(g, producers, node.inputs[1])
+        dyn = _dynamic_activation(g, producers, node.inputs[0])
+        if dyn is not None and wq is not None:
+            attrs = dict(node.attrs) if node.op == "FusedMatMul" else \
+                {"act": "none", "has_bias": False, "has_residual": False}
+            attrs["w_scale"] = np.array(wq[1])
+            replace[node.name] = [Node("QMatMulDynamic", (dyn, wq[0], *node.inputs[2:]),
+                                       node.outputs, attrs, node.name)]
+            continue
         if act is None or wq is None:
             continue
         a_u8, a_scale, a_zp = act

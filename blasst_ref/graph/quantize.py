@@ -32,6 +32,19 @@ changes a layer's output by ``a @ dW`` with ``dW = W_q s_w - W``. Its mean over 
 observed on the samples. It removes the systematic part of the weight error; the random part
 and the activations' rounding stay.
 
+Dynamic activations (``activations="dynamic"``, docs/DESIGN.md §7.4): instead of one calibrated
+scale per tensor, each row (token) of an activation gets its own u8 scale and zero point,
+computed at run time (:mod:`.ops_dynamic`: ONNX's ``DynamicQuantizeLinear`` applied per
+row). The QDQ form is then ::
+
+    a ─ DynamicQuantizeRows ─(q, scale, zp)─ DequantizeRows ─┐
+                                                              MatMul ─ (post-ops)
+    W_s8 (constant) ─ Dequantize(s_w[n]) ────────────────────┘
+
+which the compiler lowers to one ``QMatMulDynamic`` kernel (the rows quantized in one pass,
+u8 x s8 -> s32, per-row rescale and compensation in the epilogue). The samples then serve
+bias correction only.
+
 Attention itself stays in float (BLASST); its Q/K/V/output projections are MatMuls with
 constant weights, so they become int8.
 """
@@ -42,6 +55,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from . import ops_dynamic as _ops_dynamic  # noqa: F401  (registers DynamicQuantizeRows, ...)
 from .interpreter import trace
 from .ir import Graph, GraphError, Node
 from .ops import quantize_array
@@ -73,22 +87,28 @@ def weight_params(w: np.ndarray, per_channel: bool = True) -> tuple[np.ndarray, 
 
 
 def quantize_graph(g: Graph, samples, weights: str = "per_channel",
-                   bias_correction: bool = True) -> Graph:
+                   bias_correction: bool = True, activations: str = "static") -> Graph:
     """Insert Quantize/Dequantize around every MatMul with a constant float ``(K, N)`` weight.
 
     Args:
         g: a float graph (e.g. from :mod:`blasst_ref.graph.models`).
         samples: calibration inputs: one feed dict, or an iterable of feed dicts; activation
-            ranges are the min/max observed over all of them.
+            ranges are the min/max observed over all of them. A sample whose inputs or
+            observed activations hold NaN or inf is a GraphError naming the tensor.
         weights: ``"per_channel"`` (one scale per output column) or ``"per_tensor"``.
         bias_correction: subtract the mean output shift that weight rounding causes from the
             bias (module docstring); ``False`` gives plain min/max quantization.
+        activations: ``"static"`` (default): one u8 scale per activation tensor, from the
+            samples' min/max; ``"dynamic"``: one u8 scale per row (token), computed at run
+            time (module docstring).
 
     Returns:
         A new graph (``g`` is not changed) with the same inputs and outputs.
     """
     if weights not in ("per_channel", "per_tensor"):
         raise ValueError(f"weights must be 'per_channel' or 'per_tensor', got {weights!r}")
+    if activations not in ("static", "dynamic"):
+        raise ValueError(f"activations must be 'static' or 'dynamic', got {activations!r}")
     if isinstance(samples, Mapping):
         samples = [samples]
     samples = list(samples) if isinstance(samples, Iterable) else None
@@ -103,8 +123,10 @@ def quantize_graph(g: Graph, samples, weights: str = "per_channel",
     hi = {t: -np.inf for t in observed}
     row_sum = {t: np.zeros(g.tensors[t].shape[-1]) for t in observed}
     rows = {t: 0 for t in observed}
-    for feeds in samples:
+    producers = g.producers()
+    for i, feeds in enumerate(samples):
         env = trace(g, feeds)
+        _check_finite(g, env, observed, producers, i)
         for t in observed:
             lo[t] = min(lo[t], float(np.min(env[t])))
             hi[t] = max(hi[t], float(np.max(env[t])))
@@ -121,7 +143,12 @@ def quantize_graph(g: Graph, samples, weights: str = "per_channel",
     for node in targets:
         a, w = node.inputs
         before: list[Node] = []
-        if a not in quantized:
+        if a not in quantized and activations == "dynamic":
+            q, s, z, dq = (fresh(f"{a}.{t}") for t in ("q", "scale", "zp", "dq"))
+            before += [Node("DynamicQuantizeRows", (a,), (q, s, z), {}, q),
+                       Node("DequantizeRows", (q, s, z), (dq,), {}, dq)]
+            quantized[a] = dq
+        elif a not in quantized:
             scale, zp = activation_params(lo[a], hi[a])
             q, dq = fresh(f"{a}.q"), fresh(f"{a}.dq")
             attrs = {"scale": scale, "zero_point": zp, "axis": None}
@@ -162,8 +189,25 @@ def quantize_graph(g: Graph, samples, weights: str = "per_channel",
                 Node("MatMul", matmul.inputs, (raw,), {}, node.name),
                 Node("Add", (raw, b_name), (y,), {}, fresh(f"{node.name}.bc"))]
     out = rewrite(g, replace, new_constants)
-    out.name = f"{g.name}-int8"
+    out.name = f"{g.name}-int8" + ("-dynamic" if activations == "dynamic" else "")
     return out
+
+
+def _check_finite(g: Graph, env: dict, observed, producers, i: int) -> None:
+    """A GraphError naming the first input, then the first observed activation, of sample
+    ``i`` that holds a NaN or an inf: a range observed over it means nothing (a NaN even
+    slips through min/max, and with bias correction makes every later output NaN)."""
+    for what, names in (("input", g.inputs), ("tensor", sorted(observed))):
+        for t in names:
+            x = env[t]
+            if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+                kind = "NaN" if np.isnan(x).any() else "inf"
+                node = producers.get(t)
+                made = f" ({node.op} {node.name})" if node is not None else ""
+                raise GraphError(
+                    f"quantize_graph: samples[{i}]: {what} {t!r}{made} holds {kind}; "
+                    "calibration samples must give finite activations (the quantization "
+                    "ranges are their min/max)")
 
 
 def quantization_error(x: np.ndarray, scale: float, zero_point: int) -> float:

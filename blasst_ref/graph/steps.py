@@ -10,8 +10,9 @@ it does not handle, and an op without one runs its numpy meaning (:func:`evaluat
 
 The kernels, op by op:
 
-* ``PackedMatMul`` -> :func:`.kernels.matmul_packed` (blocked, on weights packed at compile
-  time, post-ops before the store);
+* ``PackedMatMul`` -> :func:`.f32_gemm.gemm` (the FMA micro-kernel, float32 on AVX2/AVX-512)
+  or :func:`.kernels.matmul_packed` (blocks of BLAS calls), on weights packed at compile
+  time, post-ops before the store;
 * ``FusedMatMul`` on two activations -> numpy's matmul and :func:`.kernels.matmul_epilogue`;
 * ``QMatMul`` -> :class:`.int8_kernels.QMatMulPlan` (u8 x s8 -> s32, built once here);
 * a per-tensor float32 ``Quantize`` to u8/s8 -> :func:`.int8_kernels.quantize_unchecked`;
@@ -22,6 +23,9 @@ The kernels, op by op:
 * ``MatMul`` and the element-wise ops -> numpy (BLAS, ufuncs) writing straight into their
   planned buffer; ``Reshape`` -> a view; ``Transpose`` -> one copy;
 * anything else (e.g. ``Dequantize``) -> the op's numpy meaning, copied into its buffer.
+
+The Numba kernels take float32 and float64: a node of another dtype (a float16 graph) runs
+its numpy meaning instead, at its own dtype, as the interpreter does.
 """
 
 from __future__ import annotations
@@ -58,6 +62,14 @@ class StepOptions:
 
 Step = Callable[[dict], None]
 
+#: the dtypes of the Numba kernels (:mod:`.kernels`)
+KERNEL_DTYPES = ("float32", "float64")
+
+
+def _kernel_takes(node, g) -> bool:
+    """Whether every tensor ``node`` reads and writes has a dtype of the Numba kernels."""
+    return all(g.tensors[t].dtype in KERNEL_DTYPES for t in (*node.inputs, *node.outputs))
+
 
 def _rows(a: np.ndarray) -> np.ndarray:
     """``(..., N)`` as a C-contiguous ``(M, N)`` view (a copy only if not contiguous)."""
@@ -66,11 +78,24 @@ def _rows(a: np.ndarray) -> np.ndarray:
 
 
 def packed_matmul(node, g, options: StepOptions) -> Step:
+    # Panels of the FMA micro-kernel's width (float32, AVX2/AVX-512): f32_gemm, no BLAS;
+    # any other panels: kernels.matmul_packed, one BLAS call per block. (pack_weights packs
+    # float32/float64 weights only.)
+    from . import f32_gemm as F
+
     ins, out, attrs = node.inputs, node.outputs[0], node.attrs
     panels = g.constants[ins[1]]
-    pw = K.PackedWeight(panels, panels.shape[1], attrs["n"], panels.shape[2])
     act = ACT_CODES[attrs["act"]]
     nb, nr = attrs["has_bias"], attrs["has_residual"]
+    if F.available() and panels.dtype == np.float32 and panels.shape[2] == F.NR:
+        fw = F.PackedF32Weight(panels, panels.shape[1], attrs["n"])
+
+        def fma_step(env):
+            bias = env[ins[2]].reshape(-1) if nb else None
+            res = _rows(env[ins[-1]]) if nr else None
+            F.gemm(_rows(env[ins[0]]), fw, bias, act, res, env[out].reshape(-1, fw.n))
+        return fma_step
+    pw = K.PackedWeight(panels, panels.shape[1], attrs["n"], panels.shape[2])
 
     def step(env):
         a = env[ins[0]]
@@ -80,7 +105,9 @@ def packed_matmul(node, g, options: StepOptions) -> Step:
     return step
 
 
-def fused_matmul(node, g, options: StepOptions) -> Step:
+def fused_matmul(node, g, options: StepOptions) -> Step | None:
+    if not _kernel_takes(node, g):
+        return None
     # The product through BLAS (multi-threaded, straight into the planned buffer), then
     # bias, activation and residual in one serial Numba pass over it (see
     # kernels.matmul_epilogue's `parallel`) -- instead of numpy's one pass and one new
@@ -159,7 +186,9 @@ def matmul(node, g, options: StepOptions) -> Step:
     return lambda env: np.matmul(env[ins[0]], env[ins[1]], out=env[out])
 
 
-def layernorm(node, g, options: StepOptions) -> Step:
+def layernorm(node, g, options: StepOptions) -> Step | None:
+    if not _kernel_takes(node, g):
+        return None
     ins, out, eps = node.inputs, node.outputs[0], node.attrs["eps"]
 
     def step(env):
@@ -171,7 +200,7 @@ def layernorm(node, g, options: StepOptions) -> Step:
 
 def softmax(node, g, options: StepOptions) -> Step | None:
     ins, out = node.inputs, node.outputs[0]
-    if node.attrs["axis"] != len(g.tensors[out].shape) - 1:
+    if node.attrs["axis"] != len(g.tensors[out].shape) - 1 or not _kernel_takes(node, g):
         return None
 
     def step(env):
@@ -186,7 +215,7 @@ def relu(node, g, options: StepOptions) -> Step:
 
 
 def gelu(node, g, options: StepOptions) -> Step | None:
-    if node.attrs["approximate"] != "none":
+    if node.attrs["approximate"] != "none" or not _kernel_takes(node, g):
         return None
     x, out = node.inputs[0], node.outputs[0]
 
