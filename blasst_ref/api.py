@@ -43,6 +43,9 @@ class AttentionStats:
         phase: ``"prefill"``, or ``"decode"`` for the split-KV path (``Lq <= 16``).
         tile_map: int8 decisions, ``0`` not visited, ``1`` computed, ``2`` skipped; prefill
             ``(B, Hq, n_q_tiles, n_k_tiles)``, decode ``(B, Hkv, 1, n_k_tiles)``.
+        kernel: what ran: the CUDA kernel version (``"prefill_v3"``: tensor cores,
+            ``"prefill_v2"``, ``"decode_v3"``, ... — :mod:`blasst_ref.cuda.launch`), or the
+            host backend's name (``"cpu"``, ``"reference"``).
     """
 
     sparsity: float
@@ -54,6 +57,7 @@ class AttentionStats:
     backend: str
     phase: str
     tile_map: np.ndarray = field(repr=False)
+    kernel: str = ""
 
 
 def threshold_for(context_len: int, scale_factor: float) -> float:
@@ -298,7 +302,7 @@ def validate_arguments(q, k, v, thresh=0.0, causal=False, scale=None, backend="a
 # statistics
 
 
-def _stats(tile_map, backend, decode, group, lq, block_q, block_k) -> AttentionStats:
+def _stats(tile_map, backend, decode, group, lq, block_q, block_k, kernel) -> AttentionStats:
     visited = tile_map != reference.NOT_VISITED
     skipped = tile_map == reference.SKIPPED
     n_visited, n_skipped = int(visited.sum()), int(skipped.sum())
@@ -317,6 +321,7 @@ def _stats(tile_map, backend, decode, group, lq, block_q, block_k) -> AttentionS
         backend=backend,
         phase="decode" if decode else "prefill",
         tile_map=tile_map,
+        kernel=kernel,
     )
 
 
@@ -485,7 +490,7 @@ def attention(
             ) from exc
         if blhd:
             q, k, v = (_device_swap_lh(n, x) for n, x in (("q", q), ("k", k), ("v", v)))
-        out, tile_map = cuda_backend.attention(
+        out, tile_map, kernel = cuda_backend.attention(
             q, k, v, thresh, bool(causal), scale, run_q, run_k
         )
         if blhd:
@@ -496,6 +501,7 @@ def attention(
         if blhd:
             q4, k4, v4 = (np.swapaxes(x, 1, 2) for x in (q4, k4, v4))
         out, tile_map = _run_host(backend, q4, k4, v4, thresh, bool(causal), scale, run_q, run_k)
+        kernel = backend
         if blhd:
             out = np.ascontiguousarray(np.swapaxes(out, 1, 2))
         if three_d:
@@ -504,4 +510,4 @@ def attention(
         return out
     # A GPU backend leaves its tile map on the device: it crosses to the host only here.
     tile_map = tile_map.copy_to_host() if hasattr(tile_map, "copy_to_host") else np.asarray(tile_map)
-    return out, _stats(tile_map, backend, decode, hq // hkv, lq, block_q, block_k)
+    return out, _stats(tile_map, backend, decode, hq // hkv, lq, block_q, block_k, kernel)

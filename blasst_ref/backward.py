@@ -143,7 +143,8 @@ def attention_forward(q, k, v, thresh: float = 0.0, *, causal: bool = False,
         from . import cuda as cuda_backend
         from .cuda import backward_v1
 
-        out, tile_map = cuda_backend.attention(q, k, v, thresh, causal, scale, block_q, block_k)
+        out, tile_map, _ = cuda_backend.attention(q, k, v, thresh, causal, scale, block_q,
+                                                  block_k)
         tile_map = backward_v1.own_tile_map(q, tile_map)  # the fast path reuses its buffer
         lse = backward_v1.row_lse(q, k, tile_map, causal, scale, block_q, block_k)
     else:

@@ -152,6 +152,7 @@ def test_fast_path_equals_general_path(lq):
         assert fast is not None, "the fast path must take this shape"
         f_map = fast[1].copy_to_host()
         gen = bc._attention_general(tq, tk, tv, thresh, True, lt, 128, 64)
+        assert fast[2] == gen[2], "both paths run the same kernel version"
         np.testing.assert_array_equal(f_map, gen[1].copy_to_host())
         torch.testing.assert_close(fast[0], gen[0], rtol=0, atol=0)
         if thresh == 0.2:

@@ -70,6 +70,7 @@ def test_each_version_module_says_what_it_does_and_measured():
     (1, 64, None, False, "decode_v1"),
 ])
 def test_choose_takes_the_newest_version_that_accepts(lq, d, dv, aligned, want):
+    """(On the simulator: the tensor-core versions serve real GPUs only.)"""
     entry, plan = launch.choose(_problem(lq, d, dv, aligned=aligned), **GPU_LAYOUT)
     assert entry.name == want and plan is not None
 
@@ -228,3 +229,22 @@ def test_register_report_refuses_the_simulator(capsys):
         pytest.skip("checks the simulator's refusal; on a GPU the report compiles every kernel")
     assert main(["cuda_versions", "registers"]) == 2
     assert "NUMBA_ENABLE_CUDASIM" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lq, d, dtype, aligned, want", [
+    (200, 128, np.float16, True, True),
+    (200, 64, np.int16, True, True),  # bfloat16 bits
+    (200, 64, np.float32, True, False),  # tensor cores take 16-bit operands
+    (200, 96, np.float16, True, False),  # head dims 64 and 128 only
+    (200, 64, np.float16, False, False),  # cp.async needs 16-byte aligned rows
+    (1, 128, np.float16, True, True),
+    (4, 64, np.uint16, True, True),  # 4 query rows x group 2 = 8 rows <= 16
+])
+def test_the_tensor_core_versions_plan_for_16_bit_inputs(lq, d, dtype, aligned, want):
+    """On a GPU, v3 (tensor cores) is the first choice for the shapes it takes."""
+    problem = Problem.of((1, 4, lq, d), (1, 2, 300, d), (1, 2, 300, d), dtype, True, 64, 64,
+                         aligned=aligned)
+    entry = launch.version("decode_v3" if problem.decode else "prefill_v3")
+    assert (entry.plan_on_gpu(problem) is not None) == want
+    first = [e for e in launch.VERSIONS if e.phase == entry.phase][0]
+    assert first is entry

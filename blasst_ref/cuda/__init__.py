@@ -166,10 +166,12 @@ def attention(q, k, v, thresh, causal, scale, block_q, block_k):
         thresh, causal, scale, block_q, block_k: as :func:`blasst_ref.attention`.
 
     Returns:
-        ``(out, tile_map)``: ``out`` an array of the caller's library with ``q``'s rank and
-        dtype; ``tile_map`` an int8 Numba device array, copied to the host only when the
-        caller asks for statistics. On the fast path (below) it is a buffer of this shape
-        that the next call of the same shape overwrites: copy it before calling again.
+        ``(out, tile_map, kernel)``: ``out`` an array of the caller's library with ``q``'s
+        rank and dtype; ``tile_map`` an int8 Numba device array, copied to the host only
+        when the caller asks for statistics (on the fast path, below, it is a buffer of this
+        shape that the next call of the same shape overwrites: copy it before calling
+        again); ``kernel`` the kernel version that ran (``"prefill_v3"``,
+        :mod:`.launch`).
 
     Two host paths, the same kernels:
 
@@ -263,7 +265,12 @@ def _attention_fast(q, k, v, thresh, causal, scale, block_q, block_k):
     if outp % 16:
         return None
     tile_map = runner.run(rq[0], rk[0], rv[0], outp, log_threshold(thresh), scale)
-    return out, tile_map
+    return out, tile_map, runner_version(runner)
+
+
+def runner_version(runner) -> str:
+    """The kernel version a fast-path runner belongs to (``"prefill_v3"``): its module."""
+    return type(runner).__module__.rsplit(".", 1)[-1]
 
 
 _CUR_DEVICE = []
@@ -301,11 +308,11 @@ def _attention_general(q, k, v, thresh, causal, scale, block_q, block_k):
 
     if tiling.is_decode(lq):
         tile_map = _as_map(q, (n_b, n_hkv, 1, n_kt))
-        launch.launch_decode(q4, k4, v4, out4, tile_map, log_thresh, bool(causal), scale,
-                             block_k, tiling.decode_split_tiles(lk, block_k),
-                             tiling.decode_num_splits(lk, block_k))
+        kernel = launch.launch_decode(q4, k4, v4, out4, tile_map, log_thresh, bool(causal),
+                                      scale, block_k, tiling.decode_split_tiles(lk, block_k),
+                                      tiling.decode_num_splits(lk, block_k))
     else:
         tile_map = _as_map(q, (n_b, n_hq, tiling.num_tiles(lq, block_q), n_kt))
-        launch.launch_prefill(q4, k4, v4, out4, tile_map, log_thresh, bool(causal), scale,
-                              block_q, block_k)
-    return out, tile_map
+        kernel = launch.launch_prefill(q4, k4, v4, out4, tile_map, log_thresh, bool(causal),
+                                       scale, block_q, block_k)
+    return out, tile_map, kernel

@@ -1,6 +1,6 @@
-"""Decode v3: split-KV BLASST decode on tensor cores, one warp per split.
+"""Decode, version 3: tensor cores, one warp per split-KV chunk.
 
-What this version does differently from v2 (windows of tiles on CUDA cores):
+What it does differently from version 2 (:mod:`.decode_v2`, windows of tiles on CUDA cores):
 
 * **A warp is a flash-decoding worker.** Each warp owns one split-KV chunk of key tiles (the
   chunks of :func:`blasst_ref.tiling.decode_split_tiles`, so the skip decisions are the
@@ -38,11 +38,16 @@ from .mma import (b_pair_address, bt_pair_address, cp_async16, cp_async_commit,
                   cp_async_wait_all, exp2_approx, ld_b32, ldmatrix_x4, ldmatrix_x4_trans,
                   mma_bf16, mma_f16, pack_bf16x2, pack_f16x2, quad_max, quad_sum, warp_all,
                   warp_sync)
+from . import combine
+from .mma import HARDWARE
+from .prefill_v3 import allow_shared, is_bf16, takes_dtype
+from .problem import KernelVersion
 from .rule import COMPUTED, SKIPPED  # tile map codes
 from .rule import max_nan as _max_nan  # the skip rule's functions (blasst_ref.rule)
 from .rule import row_votes_skip as _votes_skip
 
-__all__ = ["HEAD_DIMS", "MAX_ROWS", "accepts", "make_kernel", "shared_bytes"]
+__all__ = ["HEAD_DIMS", "MAX_ROWS", "VERSION", "accepts", "make_kernel", "prepare", "shape_accepts",
+           "shared_bytes"]
 
 HEAD_DIMS = (64, 128)
 MAX_ROWS = 16  #: the query rows of one kv group (``group * Lq``) fit one mma's M
@@ -52,7 +57,7 @@ NEG_INF = float32(-math.inf)
 WARPS = 4
 
 
-def accepts(rows: int, d: int, dv: int, block_k: int) -> bool:
+def shape_accepts(rows: int, d: int, dv: int, block_k: int) -> bool:
     """Whether v3 decode takes ``rows = group * Lq`` query rows, these dims and tiles."""
     return 1 <= rows <= MAX_ROWS and d == dv and d in HEAD_DIMS and block_k in (32, 64)
 
@@ -79,7 +84,7 @@ def make_kernel(rows: int, d: int, block_k: int, causal: bool, bf16: bool, seede
     Dv)``; ``tile_map`` int8 ``(B, Hkv, 1, n_k_tiles)``. Grid ``(ceil(n_splits / warps),
     B * Hkv)``, ``32 * warps`` threads, :func:`shared_bytes` of dynamic shared memory.
     """
-    if not accepts(rows, d, d, block_k):
+    if not shape_accepts(rows, d, d, block_k):
         raise ValueError(f"decode v3 does not take rows={rows}, d={d}, block_k={block_k}")
     dv = d
     KS, NS, KP, NO = d // 16, block_k // 8, block_k // 16, dv // 8
@@ -353,8 +358,6 @@ def prepare(q4, k4, v4, part_m, part_l, part_acc, tile_map, log_thresh, causal, 
     args = (*bits, np.int64(n_hq), np.int64(n_hkv), np.int64(lq), np.int64(lk),
             np.float32(scale * LOG2E), np.float32(log_thresh2), np.int64(k_tiles),
             np.int64(split_tiles), np.int64(n_splits), part_m, part_l, part_acc, tile_map)
-    from .prefill_v3 import allow_shared
-
     allow_shared(kernel, args, nbytes)
     configured = kernel[(-(-n_splits // WARPS), n_b * n_hkv), 32 * WARPS, 0, nbytes]
 
@@ -362,3 +365,110 @@ def prepare(q4, k4, v4, part_m, part_l, part_acc, tile_map, log_thresh, causal, 
         configured(*args)
 
     return run
+
+
+# ---- the version table's entry (:mod:`.launch`) ------------------------------------------
+
+
+def seeded(problem) -> bool:
+    """Whether ``problem`` asks for the seeded skip test (``decode_seed="sink"``)."""
+    return bool(getattr(problem, "seeded", False))
+
+
+def accepts(problem, threads=None, chunk=None, **_):
+    """The plan ``(bf16,)`` for a decode ``problem``, or ``None``: float16 / bfloat16,
+    ``Dqk = Dv`` in :data:`HEAD_DIMS`, at most :data:`MAX_ROWS` rows per kv group, 16-byte
+    aligned arrays, on a real GPU only (the simulator runs the SIMT versions; the tests
+    drive v3 directly), and none of the SIMT versions' tuning options."""
+    if not HARDWARE or threads is not None or chunk is not None:
+        return None
+    return gpu_plan(problem)
+
+
+def gpu_plan(problem):
+    """The plan a GPU would use for ``problem``, on any machine."""
+    if not problem.decode or not problem.aligned or not takes_dtype(problem.dtype) \
+            or not shape_accepts(problem.rows, problem.dqk, problem.dv, problem.block_k):
+        return None
+    return (is_bf16(problem.dtype),)
+
+
+def launch_version(p, problem, q, k, v, out, tile_map, log_thresh, scale):
+    """The split kernel, then the merge (:mod:`.combine`), through Numba's dispatcher."""
+    n_work = problem.batch * problem.kv_heads * problem.n_splits
+    parts = combine.partials(n_work, problem.rows, problem.dv)
+    prepare(q, k, v, *parts, tile_map, log_thresh, problem.causal, scale, problem.block_k,
+            problem.k_tiles, problem.split_tiles, problem.n_splits, bf16=p[0],
+            seeded=seeded(problem))()
+    combine.launch_merge(problem, *parts, out)
+
+
+def _split_args(problem) -> tuple:
+    from numba.cuda import types
+
+    from .numba_internals import Array
+
+    b, hq, hkv, lq, lk, d = (problem.batch, problem.q_heads, problem.kv_heads, problem.q_len,
+                             problem.kv_len, problem.dqk)
+    n_work = b * hkv * problem.n_splits
+    ml = Array(np.float32, (n_work, problem.rows))
+    acc = Array(np.float32, (n_work, problem.rows, problem.dv))
+    return (Array(np.uint16, (b * hq * lq * d,)), Array(np.uint16, (b * hkv * lk * d,)),
+            Array(np.uint16, (b * hkv * lk * problem.dv,)), types.int64, types.int64,
+            types.int64, types.int64, types.float32, types.float32, types.int64, types.int64,
+            types.int64, ml, ml, acc, Array(np.int8, problem.tile_map_shape))
+
+
+def kernels(p, problem):
+    """``[(label, dispatcher, argtypes)]`` of a call (for register reports)."""
+    from .numba_internals import argtypes
+
+    split = get_kernel(problem.rows, problem.dqk, problem.block_k, problem.causal, p[0],
+                       seeded(problem))
+    return [("decode_v3 split", split, argtypes(_split_args(problem))),
+            ("merge", combine.merge_kernel, argtypes(combine.merge_args(problem)))]
+
+
+class Fast:
+    """One decode shape, ready for raw launches (:class:`.numba_internals.RawKernel`): the
+    compiled split and merge kernels, the partials and the tile map of this shape. The
+    runner of the raw-pointer host path (``fast`` of :data:`VERSION`)."""
+
+    def __init__(self, p, problem):
+        from .numba_internals import RawKernel, device_ptr
+
+        n_work = problem.batch * problem.kv_heads * problem.n_splits
+        self.partials = (cuda.device_array((n_work, problem.rows), np.float32),
+                         cuda.device_array((n_work, problem.rows), np.float32),
+                         cuda.device_array((n_work, problem.rows, problem.dv), np.float32))
+        self.tile_map = cuda.device_array(problem.tile_map_shape, np.int8)
+        split = get_kernel(problem.rows, problem.dqk, problem.block_k, problem.causal, p[0],
+                           seeded(problem))
+        self.split = RawKernel(split, _split_args(problem),
+                               shared=shared_bytes(problem.dqk, problem.block_k))
+        self.merge = RawKernel(combine.merge_kernel, combine.merge_args(problem))
+        self.parts = tuple(device_ptr(a) for a in self.partials)
+        self.map_ptr, self.map_bytes = device_ptr(self.tile_map), int(self.tile_map.size)
+        self.sizes = (problem.q_heads, problem.kv_heads, problem.q_len, problem.kv_len)
+        self.tiles = (problem.k_tiles, problem.split_tiles, problem.n_splits)
+        self.grid = (-(-problem.n_splits // WARPS), problem.batch * problem.kv_heads, 1)
+        self.merge_grid = (problem.batch * problem.kv_heads * problem.rows, 1, 1)
+        self.merge_block = (combine.merge_block(problem.dv), 1, 1)
+        self.causal, self.kv_len = problem.causal, problem.kv_len
+
+    def run(self, qp, kp, vp, outp, log_thresh, scale):
+        """Launch one call on the data pointers of q, k, v, out; returns the tile map."""
+        from .numba_internals import memset0
+
+        memset0(self.map_ptr, self.map_bytes)
+        log_thresh2 = -math.inf if log_thresh == -math.inf else log_thresh * LOG2E
+        self.split.launch(self.grid, (32 * WARPS, 1, 1), qp, kp, vp, *self.sizes,
+                          scale * LOG2E, log_thresh2, *self.tiles, *self.parts, self.map_ptr)
+        self.merge.launch(self.merge_grid, self.merge_block, *self.parts, self.causal,
+                          self.kv_len, self.tiles[2], outp)
+        return self.tile_map
+
+
+#: this version's entry in the version table (:mod:`.launch`)
+VERSION = KernelVersion("decode_v3", "decode", 3, accepts, launch_version, kernels, fast=Fast,
+                        gpu_plan=gpu_plan)

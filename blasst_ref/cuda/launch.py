@@ -7,8 +7,12 @@ docs/BENCHMARKS.md):
 =====================  =======  ===========================================================
 module                 phase    takes
 =====================  =======  ===========================================================
+:mod:`.prefill_v3`     prefill  tensor cores: float16 / bfloat16, ``Dqk = Dv`` in {64, 128},
+                                aligned arrays, a real GPU
 :mod:`.prefill_v2`     prefill  ``Dqk = Dv`` in {64, 128}, default tiles, aligned arrays
 :mod:`.prefill_v1`     prefill  any shape whose tile fits (the catch-all)
+:mod:`.decode_v3`      decode   tensor cores: float16 / bfloat16, ``Dqk = Dv`` in {64, 128},
+                                at most 16 rows per kv group, aligned arrays, a real GPU
 :mod:`.decode_v2`      decode   16-byte-vector head dims, aligned arrays
 :mod:`.decode_v1`      decode   any shape whose score tile fits (the catch-all)
 =====================  =======  ===========================================================
@@ -63,7 +67,8 @@ import os
 import numpy as np
 from numba import config
 
-from . import decode_v1, decode_v2, numba_internals, prefill_v1, prefill_v2
+from . import (decode_v1, decode_v2, decode_v3, numba_internals, prefill_v1, prefill_v2,
+               prefill_v3)
 from .intrinsics import aligned16
 from .problem import KernelVersion, Problem
 
@@ -72,8 +77,10 @@ __all__ = ["VERSIONS", "choose", "dump_source", "fast_plan", "launch_decode",
 
 #: The kernel versions, newest first within each phase (see "How to add a version").
 VERSIONS: list[KernelVersion] = [
+    prefill_v3.VERSION,
     prefill_v2.VERSION,
     prefill_v1.VERSION,
+    decode_v3.VERSION,
     decode_v2.VERSION,
     decode_v1.VERSION,
 ]
@@ -127,6 +134,7 @@ def _run(problem, number, options, arrays, log_thresh, scale):
         numba_internals.disable(str(exc))
         entry, p = choose(problem, number, **options)
         entry.launch(p, problem, *arrays, log_thresh, scale)
+    return entry.name
 
 
 def launch_prefill(q, k, v, out, tile_map, log_thresh, causal, scale, block_q, block_k,
@@ -149,7 +157,8 @@ def launch_prefill(q, k, v, out, tile_map, log_thresh, causal, scale, block_q, b
             (:func:`choose`).
         v2_layout: ``(TR, TC)`` thread layout of version 2 (tests and tuning).
 
-    Accumulates in float32. The launch is asynchronous (Numba's default stream).
+    Accumulates in float32. The launch is asynchronous (Numba's default stream). Returns
+    the name of the version that ran (``"prefill_v3"``).
     """
     problem = Problem.of(q.shape, k.shape, v.shape, q.dtype, causal, block_q, block_k,
                          aligned=aligned16(q, k, v, out) and _contiguous(q, k, v, out))
@@ -157,9 +166,9 @@ def launch_prefill(q, k, v, out, tile_map, log_thresh, causal, scale, block_q, b
     if threads_per_row is not None or d_chunk is not None:
         version = 1 if version is None else version
     if problem.batch * problem.q_heads * problem.n_q_tiles == 0:
-        choose(problem, version, **options)  # still refuse a version that does not apply
-        return
-    _run(problem, version, options, (q, k, v, out, tile_map), log_thresh, scale)
+        return choose(problem, version, **options)[0].name  # (refuses a version that does
+        # not apply)
+    return _run(problem, version, options, (q, k, v, out, tile_map), log_thresh, scale)
 
 
 def launch_decode(q, k, v, out, tile_map, log_thresh, causal, scale, block_k, split_tiles,
@@ -184,7 +193,8 @@ def launch_decode(q, k, v, out, tile_map, log_thresh, causal, scale, block_k, sp
         chunk: force the head-dim chunk ``DC`` of version 1 (implies ``version=1``).
         version: a version number, or ``None``: the newest that takes the shape.
 
-    Accumulates in float32. Launches two kernels on the default stream; returns nothing.
+    Accumulates in float32. Launches two kernels on the default stream; returns the name of
+    the version that ran (``"decode_v3"``).
     """
     problem = Problem.of(q.shape, k.shape, v.shape, q.dtype, causal, 0, block_k,
                          aligned=aligned16(q, k, v), split_tiles=split_tiles,
@@ -195,8 +205,8 @@ def launch_decode(q, k, v, out, tile_map, log_thresh, causal, scale, block_k, sp
     threads = threads or (32 if config.ENABLE_CUDASIM else None)  # simulator: 1 thread each
     if chunk is not None:
         version = 1 if version is None else version
-    _run(problem, version, {"threads": threads, "chunk": chunk}, (q, k, v, out, tile_map),
-         log_thresh, scale)
+    return _run(problem, version, {"threads": threads, "chunk": chunk},
+                (q, k, v, out, tile_map), log_thresh, scale)
 
 
 _FAST: dict = {}

@@ -1,6 +1,6 @@
-"""Prefill v3: BLASST flash attention on tensor cores (FlashAttention-2 structure).
+"""Prefill, version 3: tensor cores (mma.sync from Numba), FlashAttention-2 structure.
 
-What this version does differently from v2 (SIMT, CUDA cores):
+What it does differently from version 2 (:mod:`.prefill_v2`, CUDA cores):
 
 * ``S = Q K^T`` and ``O += P V`` run on tensor cores, ``mma.sync.m16n8k16`` with float16 or
   bfloat16 operands and float32 accumulation (:mod:`.mma`, inline PTX from Numba).
@@ -38,11 +38,14 @@ from numba import cuda, float32, uint16, uint32
 from .mma import (a_tile_address, b_pair_address, bt_pair_address, cp_async16, cp_async_commit, cp_async_wait_all, exp2_approx, ldmatrix_x4,
                   ldmatrix_x4_trans, mma_bf16, mma_f16, pack_bf16x2, pack_f16x2, quad_max,
                   quad_sum, unpack_hi, unpack_lo, warp_all)
+from .mma import HARDWARE
+from .problem import KernelVersion
 from .rule import COMPUTED, SKIPPED  # tile map codes
 from .rule import max_nan as _max_nan  # the skip rule's functions (blasst_ref.rule)
 from .rule import row_votes_skip as _votes_skip
 
-__all__ = ["HEAD_DIMS", "KernelShape", "accepts", "make_kernel", "shared_bytes"]
+__all__ = ["HEAD_DIMS", "VERSION", "KernelShape", "accepts", "launch", "make_kernel", "prepare",
+           "shared_bytes", "tile_accepts"]
 
 #: head dimensions (Dqk == Dv) the tensor-core kernel is built for
 HEAD_DIMS = (64, 128)
@@ -77,7 +80,7 @@ class KernelShape:
         return 2 * self.elements
 
 
-def accepts(d: int, dv: int, block_q: int, block_k: int) -> bool:
+def tile_accepts(d: int, dv: int, block_q: int, block_k: int) -> bool:
     """Whether v3 takes this head dim and tile shape."""
     if not (d == dv and d in HEAD_DIMS and block_q in (16, 32, 64, 128)
             and block_k in (32, 64, 128)):
@@ -102,7 +105,7 @@ def make_kernel(d: int, dv: int, block_q: int, block_k: int, causal: bool, bf16:
     ``n_q_tiles``. Launch: grid ``(n_q_tiles, B * Hq)``, :attr:`KernelShape.threads`
     threads, dynamic shared memory :attr:`KernelShape.shared_bytes`.
     """
-    if not accepts(d, dv, block_q, block_k):
+    if not tile_accepts(d, dv, block_q, block_k):
         raise ValueError(f"prefill v3 does not take d={d}, dv={dv}, tiles {block_q}x{block_k}")
     S = KernelShape(d, dv, block_q, block_k)
     NT = S.threads
@@ -413,7 +416,7 @@ def launch(q4, k4, v4, out4, tile_map, log_thresh, causal, scale, block_q, block
 def allow_shared(kernel, args, nbytes):
     """Opt the kernel compiled for ``args`` in to ``nbytes`` of dynamic shared memory (above
     the default 48 KB); nothing to do on the simulator."""
-    if nbytes <= 48 * 1024 or not mma_hardware():
+    if nbytes <= 48 * 1024 or not HARDWARE:
         return
     from numba import typeof
 
@@ -422,7 +425,108 @@ def allow_shared(kernel, args, nbytes):
     raise_shared_limit(kernel, tuple(typeof(a) for a in args), nbytes)
 
 
-def mma_hardware() -> bool:
-    from .mma import HARDWARE
+# ---- the version table's entry (:mod:`.launch`) ------------------------------------------
 
-    return HARDWARE
+
+def is_bf16(dtype) -> bool:
+    """A 2-byte integer array holds bfloat16 bits (torch's bfloat16 crosses as int16)."""
+    import numpy as np
+
+    return np.dtype(dtype).kind in "iu" and np.dtype(dtype).itemsize == 2
+
+
+def takes_dtype(dtype) -> bool:
+    import numpy as np
+
+    return np.dtype(dtype) == np.float16 or is_bf16(dtype)
+
+
+def accepts(problem, threads_per_row=None, d_chunk=None, layout=None, **_):
+    """The plan ``(bf16,)`` for a prefill ``problem``, or ``None``: v3 takes float16 /
+    bfloat16, ``Dqk = Dv`` in :data:`HEAD_DIMS`, the tiles of :func:`tile_accepts`, 16-byte
+    aligned arrays, on a real GPU only (on Numba's simulator every warp-level instruction
+    is a Python barrier: the SIMT versions serve it, and the tests drive v3 directly), and
+    none of the SIMT versions' tuning options."""
+    if not HARDWARE or threads_per_row is not None or d_chunk is not None or layout is not None:
+        return None
+    return gpu_plan(problem)
+
+
+def gpu_plan(problem):
+    """The plan a GPU would use for ``problem``, on any machine."""
+    if problem.decode or not problem.aligned or not takes_dtype(problem.dtype) \
+            or not tile_accepts(problem.dqk, problem.dv, problem.block_q, problem.block_k):
+        return None
+    return (is_bf16(problem.dtype),)
+
+
+def _args(problem) -> tuple:
+    """The kernel's arguments as :class:`.numba_internals.Array` / Numba scalar types."""
+    import numpy as np
+    from numba.cuda import types
+
+    from .numba_internals import Array
+
+    b, hq, hkv = problem.batch, problem.q_heads, problem.kv_heads
+    lq, lk, d, dv = problem.q_len, problem.kv_len, problem.dqk, problem.dv
+    flat = [Array(np.uint16, (n,)) for n in (b * hq * lq * d, b * hkv * lk * d,
+                                             b * hkv * lk * dv, b * hq * lq * dv)]
+    return (*flat, Array(np.int8, problem.tile_map_shape), Array(np.float32, (1,)),
+            types.int64, types.int64, types.int64, types.int64, types.float32, types.float32,
+            types.int64, types.boolean)
+
+
+def launch_version(p, problem, q, k, v, out, tile_map, log_thresh, scale):
+    """Launch through Numba's dispatcher (4-D Numba device arrays; ``p`` from
+    :func:`accepts`)."""
+    launch(q, k, v, out, tile_map, log_thresh, problem.causal, scale, problem.block_q,
+           problem.block_k, bf16=p[0])
+
+
+def kernels(p, problem):
+    """``[(label, dispatcher, argtypes)]`` of a call (for register reports)."""
+    from .numba_internals import argtypes
+
+    kernel, _ = get_kernel(problem.dqk, problem.dv, problem.block_q, problem.block_k,
+                           problem.causal, p[0])
+    return [("prefill_v3", kernel, argtypes(_args(problem)))]
+
+
+class Fast:
+    """One prefill shape, ready for raw launches (:class:`.numba_internals.RawKernel`): the
+    compiled kernel, a tile map of this shape (zeroed by every :meth:`run`) and a dummy
+    log-sum-exp buffer. The runner of the raw-pointer host path (``fast`` of
+    :data:`VERSION`)."""
+
+    def __init__(self, p, problem):
+        import numpy as np
+
+        from .numba_internals import RawKernel, device_ptr
+
+        kernel, shape = get_kernel(problem.dqk, problem.dv, problem.block_q, problem.block_k,
+                                   problem.causal, p[0])
+        self.tile_map = cuda.device_array(problem.tile_map_shape, np.int8)
+        self.lse = cuda.device_array(1, np.float32)
+        self.kernel = RawKernel(kernel, _args(problem), shared=shape.shared_bytes)
+        self.map_ptr, self.map_bytes = device_ptr(self.tile_map), int(self.tile_map.size)
+        self.lse_ptr = device_ptr(self.lse)
+        self.n_qt = problem.n_q_tiles
+        self.grid = (self.n_qt, problem.batch * problem.q_heads, 1)
+        self.block = (shape.threads, 1, 1)
+        self.sizes = (problem.q_len, problem.kv_len, problem.q_heads,
+                      problem.q_heads // problem.kv_heads)
+
+    def run(self, qp, kp, vp, outp, log_thresh, scale):
+        """Launch one call on the data pointers of q, k, v, out; returns the tile map."""
+        from .numba_internals import memset0
+
+        memset0(self.map_ptr, self.map_bytes)
+        log_thresh2 = -math.inf if log_thresh == -math.inf else log_thresh * LOG2E
+        self.kernel.launch(self.grid, self.block, qp, kp, vp, outp, self.map_ptr, self.lse_ptr,
+                           *self.sizes, scale * LOG2E, log_thresh2, self.n_qt, False)
+        return self.tile_map
+
+
+#: this version's entry in the version table (:mod:`.launch`)
+VERSION = KernelVersion("prefill_v3", "prefill", 3, accepts, launch_version, kernels,
+                        fast=Fast, gpu_plan=gpu_plan)
