@@ -3,8 +3,8 @@
 Each ```python block of README.md is executed here, in order and in one namespace (the later
 blocks use the names of the earlier ones, as a reader pasting them into one session would).
 Then what the text claims is checked on the names the blocks left behind: the tour skips a
-good share of its tiles, the graph examples equal their oracle, and the graph's BLASST call
-skips tiles too.
+good share of its tiles, the graph examples equal their oracle, the graph's BLASST call
+skips tiles too, and the imported ONNX model embeds two paraphrases close together.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ BLOCKS = {
     "graph": "bg.models.bert_layer(batch=1, seq=128)",
     "graph attention": 'bg.Graph("causal_attention")',
     "int8": "bg.quantize_graph(g, [x])",
+    "onnx": "bg.from_onnx(path",
 }
 
 
@@ -120,3 +121,18 @@ def test_int8_block_runs_int8_kernels(readme_run):
     ns, printed = readme_run["int8"]
     assert ns["cq"].graph.count_ops().get("QMatMul", 0) > 0
     assert "QMatMul" in printed
+
+
+def test_onnx_block_embeds_like_its_oracle(readme_run):
+    """The imported MiniLM: the compiled graph equals the op-by-op interpretation of the same
+    imported graph, and the two paraphrases come out similar ("sentence similarity")."""
+    ns, printed = readme_run["onnx"]
+    gm, feeds, emb = ns["gm"], ns["feeds"], ns["emb"]
+    bert_onnx = ns["bert_onnx"]
+    ref = bert_onnx.mean_pooling(ns["bg"].interpret(gm, **feeds)["last_hidden_state"],
+                                 feeds["attention_mask"])
+    assert emb.shape == (2, 384)
+    assert np.linalg.norm(emb - ref) / np.linalg.norm(ref) < 1e-4
+    cos = emb[0] @ emb[1] / (np.linalg.norm(emb[0]) * np.linalg.norm(emb[1]))
+    assert cos > 0.5, f"paraphrases should embed close together (cosine {cos:.2f})"
+    assert printed.strip()
