@@ -35,9 +35,8 @@ import numpy as np
 from numba import cuda, float32, uint16, uint32
 
 from .mma import (b_pair_address, bt_pair_address, cp_async16, cp_async_commit,
-                  cp_async_wait_all, exp2_approx, ld_b32, ldmatrix_x4, ldmatrix_x4_trans,
-                  mma_bf16, mma_f16, pack_bf16x2, pack_f16x2, quad_max, quad_sum, warp_all,
-                  warp_sync)
+                  cp_async_wait_all, exp2_approx, ld_b32, make_warp_tile_product, mma_bf16,
+                  mma_f16, pack_bf16x2, pack_f16x2, quad_max, quad_sum, warp_all, warp_sync)
 from . import combine
 from .mma import HARDWARE
 from .prefill_v3 import allow_shared, is_bf16, takes_dtype
@@ -110,29 +109,15 @@ def make_kernel(rows: int, d: int, block_k: int, causal: bool, bf16: bool, seede
             cp_async16(smem, s_off + r * ROW + col, gmem,
                        g_off + (r if ok else 0) * d + col, 16 if ok else 0)
 
+    qk_product = make_warp_tile_product(mma, KS, NS // 2, ROW, b_transposed=False)
+    pv_product = make_warp_tile_product(mma, KP, NO // 2, ROW, b_transposed=True)
+
     @cuda.jit(device=True, inline=True)
     def scores(s, qf, smem, kb, br, bc):
         """``S = Q K^T`` of the tile at shared offset ``kb`` into the fragments ``s``."""
         for i in range(S_REGS):
             s[i] = float32(0.0)
-        for ks in range(KS):
-            for np2 in range(NS // 2):
-                b0, b1, b2, b3 = ldmatrix_x4(smem, kb + (np2 * 16 + br) * ROW + ks * 16 + bc)
-                i0 = 8 * np2
-                c0, c1, c2, c3 = mma(qf[4 * ks], qf[4 * ks + 1], qf[4 * ks + 2],
-                                     qf[4 * ks + 3], b0, b1,
-                                     s[i0], s[i0 + 1], s[i0 + 2], s[i0 + 3])
-                s[i0] = c0
-                s[i0 + 1] = c1
-                s[i0 + 2] = c2
-                s[i0 + 3] = c3
-                c0, c1, c2, c3 = mma(qf[4 * ks], qf[4 * ks + 1], qf[4 * ks + 2],
-                                     qf[4 * ks + 3], b2, b3,
-                                     s[i0 + 4], s[i0 + 5], s[i0 + 6], s[i0 + 7])
-                s[i0 + 4] = c0
-                s[i0 + 5] = c1
-                s[i0 + 6] = c2
-                s[i0 + 7] = c3
+        qk_product(s, qf, smem, kb, br, bc)
 
     @cuda.jit(device=True, inline=True)
     def mask_and_max(s, j0, t, qi0, qi1, lq, lk, scale_log2):
@@ -287,26 +272,7 @@ def make_kernel(rows: int, d: int, block_k: int, causal: bool, bf16: bool, seede
 
             cp_async_wait_all()  # V (and the prefetched K) have landed ...
             warp_sync()  # ... for every lane
-            vb = base + 2 * STAGE
-            for kp in range(KP):
-                for np2 in range(NO // 2):
-                    b0, b1, b2, b3 = ldmatrix_x4_trans(
-                        smem, vb + (kp * 16 + vr) * ROW + np2 * 16 + vc)
-                    i0 = 8 * np2
-                    c0, c1, c2, c3 = mma(pf[4 * kp], pf[4 * kp + 1], pf[4 * kp + 2],
-                                         pf[4 * kp + 3], b0, b1,
-                                         o[i0], o[i0 + 1], o[i0 + 2], o[i0 + 3])
-                    o[i0] = c0
-                    o[i0 + 1] = c1
-                    o[i0 + 2] = c2
-                    o[i0 + 3] = c3
-                    c0, c1, c2, c3 = mma(pf[4 * kp], pf[4 * kp + 1], pf[4 * kp + 2],
-                                         pf[4 * kp + 3], b2, b3,
-                                         o[i0 + 4], o[i0 + 5], o[i0 + 6], o[i0 + 7])
-                    o[i0 + 4] = c0
-                    o[i0 + 5] = c1
-                    o[i0 + 6] = c2
-                    o[i0 + 7] = c3
+            pv_product(o, pf, smem, base + 2 * STAGE, vr, vc)
 
         # ---- this chunk's partial state, as the merge kernel reads it ----------------------
         l0 = quad_sum(l0)

@@ -20,6 +20,10 @@ stay in registers and a kernel stays one Numba function:
 ``ld_b32(arr, i)``                 a 32-bit load of two 16-bit elements
 =================================  ===========================================================
 
+and one building block made of them, :func:`make_warp_tile_product`: a warp's
+``acc += A @ B`` with B read from shared memory by ``ldmatrix`` (both products of the
+attention kernels, ``S = Q K^T`` and ``O += P V``).
+
 Registers are ``uint32``; shared and global operands are an array and a flat element index
 (the instruction gets the element's address). Which lane holds which element of a fragment
 is :mod:`.fragments`.
@@ -54,7 +58,8 @@ __all__ = ["HARDWARE", "MAX_WARPS", "cp_async16", "cp_async_commit", "cp_async_w
            "exp2_approx", "ldmatrix_x4", "ldmatrix_x4_trans", "mma_bf16", "mma_f16",
            "pack_bf16x2", "pack_f16x2", "quad_max", "quad_sum", "unpack_lo", "unpack_hi",
            "ld_b32", "warp_all", "warp_sync",
-           "a_tile_address", "b_pair_address", "bt_pair_address", "c_coords"]
+           "a_tile_address", "b_pair_address", "bt_pair_address", "c_coords",
+           "make_warp_tile_product"]
 
 # The layouts of :mod:`.fragments`, compiled for the device: one source for the kernels, the
 # simulator twins, the numpy tests and the tutorial's pictures.
@@ -451,3 +456,47 @@ else:
     @cuda.jit(device=True)
     def unpack_hi(w):
         return (int(w) >> 16) & 0xFFFF
+
+
+def make_warp_tile_product(mma, k_steps: int, n_pairs: int, row: int, b_transposed: bool):
+    """A device function ``product(acc, a, smem, base, lr, lc)``: one warp's
+    ``acc += A @ B`` over ``k_steps`` 16-wide k-steps and ``2 * n_pairs`` 8-wide n-tiles.
+
+    ``a`` holds the A fragments, four registers per k-step (``a[4*ks : 4*ks+4]``); ``acc``
+    the float32 C fragments, four per n-tile; B comes from shared memory by ``ldmatrix``
+    (two n-tiles per ``x4`` load) from the 16-bit tile at flat offset ``base`` with rows of
+    ``row`` elements, at the lane's addresses ``(lr, lc)``:
+
+    * ``b_transposed=False``: shared rows are B's *columns* (keys of a K tile, ``S = Q K^T``;
+      ``lr, lc = b_pair_address(lane)``);
+    * ``b_transposed=True``: shared rows are B's rows (a V tile, ``O += P V``, loaded with
+      ``.trans``; ``lr, lc = bt_pair_address(lane)``).
+
+    ``mma`` is :func:`mma_f16` or :func:`mma_bf16`; the sizes are compile-time constants of
+    the kernel that calls it, so the loops unroll and ``acc`` stays in registers."""
+
+    @cuda.jit(device=True, inline=True)
+    def product(acc, a, smem, base, lr, lc):
+        for ks in range(k_steps):
+            for np2 in range(n_pairs):
+                if b_transposed:
+                    b0, b1, b2, b3 = ldmatrix_x4_trans(
+                        smem, base + (ks * 16 + lr) * row + np2 * 16 + lc)
+                else:
+                    b0, b1, b2, b3 = ldmatrix_x4(
+                        smem, base + (np2 * 16 + lr) * row + ks * 16 + lc)
+                i0 = 8 * np2
+                c0, c1, c2, c3 = mma(a[4 * ks], a[4 * ks + 1], a[4 * ks + 2], a[4 * ks + 3],
+                                     b0, b1, acc[i0], acc[i0 + 1], acc[i0 + 2], acc[i0 + 3])
+                acc[i0] = c0
+                acc[i0 + 1] = c1
+                acc[i0 + 2] = c2
+                acc[i0 + 3] = c3
+                c0, c1, c2, c3 = mma(a[4 * ks], a[4 * ks + 1], a[4 * ks + 2], a[4 * ks + 3],
+                                     b2, b3, acc[i0 + 4], acc[i0 + 5], acc[i0 + 6], acc[i0 + 7])
+                acc[i0 + 4] = c0
+                acc[i0 + 5] = c1
+                acc[i0 + 6] = c2
+                acc[i0 + 7] = c3
+
+    return product

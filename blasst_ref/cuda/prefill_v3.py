@@ -35,9 +35,10 @@ import math
 
 from numba import cuda, float32, uint16, uint32
 
-from .mma import (a_tile_address, b_pair_address, bt_pair_address, cp_async16, cp_async_commit, cp_async_wait_all, exp2_approx, ldmatrix_x4,
-                  ldmatrix_x4_trans, mma_bf16, mma_f16, pack_bf16x2, pack_f16x2, quad_max,
-                  quad_sum, unpack_hi, unpack_lo, warp_all)
+from .mma import (a_tile_address, b_pair_address, bt_pair_address, cp_async16, cp_async_commit,
+                  cp_async_wait_all, exp2_approx, ldmatrix_x4, make_warp_tile_product, mma_bf16,
+                  mma_f16, pack_bf16x2, pack_f16x2, quad_max, quad_sum, unpack_hi, unpack_lo,
+                  warp_all)
 from .mma import HARDWARE
 from .problem import KernelVersion
 from .rule import COMPUTED, SKIPPED  # tile map codes
@@ -122,6 +123,8 @@ def make_kernel(d: int, dv: int, block_q: int, block_k: int, causal: bool, bf16:
     # register arrays (their sizes must be literals for Numba)
     Q_REGS, S_REGS, P_REGS, O_REGS = 4 * KS, 4 * NS, 4 * KP, 4 * NO
     mma = mma_bf16 if bf16 else mma_f16
+    qk_product = make_warp_tile_product(mma, KS, NS // 2, QROW, b_transposed=False)
+    pv_product = make_warp_tile_product(mma, KP, NO // 2, VROW, b_transposed=True)
     pack = pack_bf16x2 if bf16 else pack_f16x2
 
     @cuda.jit(device=True, inline=True)
@@ -218,25 +221,7 @@ def make_kernel(d: int, dv: int, block_q: int, block_k: int, causal: bool, bf16:
             kb = K_OFF + (kt % 2) * block_k * QROW
             for i in range(S_REGS):
                 s[i] = float32(0.0)
-            for ks in range(KS):
-                for np2 in range(NS // 2):
-                    b0, b1, b2, b3 = ldmatrix_x4(
-                        smem, kb + (np2 * 16 + br) * QROW + ks * 16 + bc)
-                    i0 = 8 * np2
-                    c0, c1, c2, c3 = mma(qf[4 * ks], qf[4 * ks + 1], qf[4 * ks + 2],
-                                         qf[4 * ks + 3], b0, b1,
-                                         s[i0], s[i0 + 1], s[i0 + 2], s[i0 + 3])
-                    s[i0] = c0
-                    s[i0 + 1] = c1
-                    s[i0 + 2] = c2
-                    s[i0 + 3] = c3
-                    c0, c1, c2, c3 = mma(qf[4 * ks], qf[4 * ks + 1], qf[4 * ks + 2],
-                                         qf[4 * ks + 3], b2, b3,
-                                         s[i0 + 4], s[i0 + 5], s[i0 + 6], s[i0 + 7])
-                    s[i0 + 4] = c0
-                    s[i0 + 5] = c1
-                    s[i0 + 6] = c2
-                    s[i0 + 7] = c3
+            qk_product(s, qf, smem, kb, br, bc)
 
             # ---- mask the diagonal / ragged tile, row maxima (base 2) -----------------
             masked = j0 + block_k > lk
@@ -318,26 +303,7 @@ def make_kernel(d: int, dv: int, block_q: int, block_k: int, causal: bool, bf16:
                 cp_async_commit()
 
             # ---- O += P V on tensor cores ---------------------------------------------
-            vb = V_OFF + (kt % 2) * block_k * VROW
-            for kp in range(KP):
-                for np2 in range(NO // 2):
-                    b0, b1, b2, b3 = ldmatrix_x4_trans(
-                        smem, vb + (kp * 16 + vr) * VROW + np2 * 16 + vc)
-                    i0 = 8 * np2
-                    c0, c1, c2, c3 = mma(pf[4 * kp], pf[4 * kp + 1], pf[4 * kp + 2],
-                                         pf[4 * kp + 3], b0, b1,
-                                         o[i0], o[i0 + 1], o[i0 + 2], o[i0 + 3])
-                    o[i0] = c0
-                    o[i0 + 1] = c1
-                    o[i0 + 2] = c2
-                    o[i0 + 3] = c3
-                    c0, c1, c2, c3 = mma(pf[4 * kp], pf[4 * kp + 1], pf[4 * kp + 2],
-                                         pf[4 * kp + 3], b2, b3,
-                                         o[i0 + 4], o[i0 + 5], o[i0 + 6], o[i0 + 7])
-                    o[i0 + 4] = c0
-                    o[i0 + 5] = c1
-                    o[i0 + 6] = c2
-                    o[i0 + 7] = c3
+            pv_product(o, pf, smem, V_OFF + (kt % 2) * block_k * VROW, vr, vc)
 
         # ---- normalise and store ------------------------------------------------------
         l0 = quad_sum(l0)
