@@ -35,8 +35,9 @@ import numpy as np
 from numba import cuda, float32, uint16, uint32
 
 from .mma import (b_pair_address, bt_pair_address, cp_async16, cp_async_commit,
-                  cp_async_wait_all, exp2_approx, ld_b32, make_warp_tile_product, mma_bf16,
-                  mma_f16, pack_bf16x2, pack_f16x2, quad_max, quad_sum, warp_all, warp_sync)
+                  cp_async_wait_all, exp2_approx, ld_b32, make_masked_row_max,
+                  make_warp_tile_product, mma_bf16, mma_f16, pack_bf16x2, pack_f16x2, quad_sum,
+                  warp_all, warp_sync)
 from . import combine
 from .mma import HARDWARE
 from .prefill_v3 import allow_shared, is_bf16, takes_dtype
@@ -111,6 +112,7 @@ def make_kernel(rows: int, d: int, block_k: int, causal: bool, bf16: bool, seede
 
     qk_product = make_warp_tile_product(mma, KS, NS // 2, ROW, b_transposed=False)
     pv_product = make_warp_tile_product(mma, KP, NO // 2, ROW, b_transposed=True)
+    row_max = make_masked_row_max(NS, CAUSAL)
 
     @cuda.jit(device=True, inline=True)
     def scores(s, qf, smem, kb, br, bc):
@@ -127,23 +129,7 @@ def make_kernel(rows: int, d: int, block_k: int, causal: bool, bf16: bool, seede
         masked = j0 + block_k > lk
         if CAUSAL:
             masked = masked or j0 + block_k - 1 > offset
-        tmax0 = NEG_INF
-        tmax1 = NEG_INF
-        for nt in range(NS):
-            for e in range(4):
-                x = s[4 * nt + e]
-                if masked:
-                    col = j0 + nt * 8 + 2 * t + (e % 2)
-                    qi = qi0 if e < 2 else qi1
-                    if col >= lk or (CAUSAL and col > qi + offset):
-                        x = NEG_INF
-                        s[4 * nt + e] = x
-                if e < 2:
-                    tmax0 = _max_nan(tmax0, x)
-                else:
-                    tmax1 = _max_nan(tmax1, x)
-        # the scores stay raw (scaled inside the exp); scale > 0, so this is the scaled max
-        return quad_max(tmax0) * scale_log2, quad_max(tmax1) * scale_log2
+        return row_max(s, masked, j0, t, qi0, qi1, lk, offset, scale_log2)
 
     @cuda.jit(fastmath=False)
     def kernel(q, k, v, n_hq, n_hkv, lq, lk, scale_log2, log_thresh2, k_tiles, split_tiles,

@@ -20,9 +20,10 @@ stay in registers and a kernel stays one Numba function:
 ``ld_b32(arr, i)``                 a 32-bit load of two 16-bit elements
 =================================  ===========================================================
 
-and one building block made of them, :func:`make_warp_tile_product`: a warp's
-``acc += A @ B`` with B read from shared memory by ``ldmatrix`` (both products of the
-attention kernels, ``S = Q K^T`` and ``O += P V``).
+and two building blocks made of them that both attention kernels share:
+:func:`make_warp_tile_product`, a warp's ``acc += A @ B`` with B read from shared memory by
+``ldmatrix`` (``S = Q K^T`` and ``O += P V``), and :func:`make_masked_row_max`, the mask of
+a ragged or diagonal tile and the row maxima the skip test reads, on the score fragments.
 
 Registers are ``uint32``; shared and global operands are an array and a flat element index
 (the instruction gets the element's address). Which lane holds which element of a fragment
@@ -45,9 +46,10 @@ import math
 import threading
 
 import numpy as np
-from numba import config, cuda
+from numba import config, cuda, float32
 
 from . import fragments as F
+from .rule import max_nan
 
 #: True on a real GPU (PTX instructions); False on Numba's CUDA simulator (twins).
 HARDWARE = not bool(config.ENABLE_CUDASIM)
@@ -59,7 +61,7 @@ __all__ = ["HARDWARE", "MAX_WARPS", "cp_async16", "cp_async_commit", "cp_async_w
            "pack_bf16x2", "pack_f16x2", "quad_max", "quad_sum", "unpack_lo", "unpack_hi",
            "ld_b32", "warp_all", "warp_sync",
            "a_tile_address", "b_pair_address", "bt_pair_address", "c_coords",
-           "make_warp_tile_product"]
+           "make_masked_row_max", "make_warp_tile_product"]
 
 # The layouts of :mod:`.fragments`, compiled for the device: one source for the kernels, the
 # simulator twins, the numpy tests and the tutorial's pictures.
@@ -500,3 +502,38 @@ def make_warp_tile_product(mma, k_steps: int, n_pairs: int, row: int, b_transpos
                 acc[i0 + 7] = c3
 
     return product
+
+
+def make_masked_row_max(n_tiles: int, causal: bool):
+    """A device function ``masked_row_max(s, masked, j0, t, row0, row1, lk, offset,
+    scale_log2) -> (max0, max1)`` over a warp's score fragments.
+
+    ``s`` holds the raw ``Q K^T`` accumulators of ``n_tiles`` 8-key n-tiles starting at key
+    ``j0`` (four per n-tile, :func:`.fragments.c_coords`); the lane (``t = lane % 4``) holds
+    two query rows, ``row0`` and ``row1``. When ``masked`` (the tile crosses ``Lk`` or, with
+    ``causal``, a row's bottom-right horizon ``row + offset``), scores past either are set to
+    ``-inf`` in ``s``. Returns each row's maximum over the tile, NaN-propagating, reduced
+    over the quad, times ``scale_log2`` (the skip test's base-2 units; ``scale > 0``, so the
+    scaled maximum is the maximum of the scaled scores)."""
+    neg_inf = float32(-math.inf)
+
+    @cuda.jit(device=True, inline=True)
+    def masked_row_max(s, masked, j0, t, row0, row1, lk, offset, scale_log2):
+        tmax0 = neg_inf
+        tmax1 = neg_inf
+        for nt in range(n_tiles):
+            for e in range(4):
+                x = s[4 * nt + e]
+                if masked:
+                    col = j0 + nt * 8 + 2 * t + (e % 2)
+                    row = row0 if e < 2 else row1
+                    if col >= lk or (causal and col > row + offset):
+                        x = neg_inf
+                        s[4 * nt + e] = x
+                if e < 2:
+                    tmax0 = max_nan(tmax0, x)
+                else:
+                    tmax1 = max_nan(tmax1, x)
+        return quad_max(tmax0) * scale_log2, quad_max(tmax1) * scale_log2
+
+    return masked_row_max

@@ -36,9 +36,9 @@ import math
 from numba import cuda, float32, uint16, uint32
 
 from .mma import (a_tile_address, b_pair_address, bt_pair_address, cp_async16, cp_async_commit,
-                  cp_async_wait_all, exp2_approx, ldmatrix_x4, make_warp_tile_product, mma_bf16,
-                  mma_f16, pack_bf16x2, pack_f16x2, quad_max, quad_sum, unpack_hi, unpack_lo,
-                  warp_all)
+                  cp_async_wait_all, exp2_approx, ldmatrix_x4, make_masked_row_max,
+                  make_warp_tile_product, mma_bf16, mma_f16, pack_bf16x2, pack_f16x2, quad_sum,
+                  unpack_hi, unpack_lo, warp_all)
 from .mma import HARDWARE
 from .problem import KernelVersion
 from .rule import COMPUTED, SKIPPED  # tile map codes
@@ -125,6 +125,7 @@ def make_kernel(d: int, dv: int, block_q: int, block_k: int, causal: bool, bf16:
     mma = mma_bf16 if bf16 else mma_f16
     qk_product = make_warp_tile_product(mma, KS, NS // 2, QROW, b_transposed=False)
     pv_product = make_warp_tile_product(mma, KP, NO // 2, VROW, b_transposed=True)
+    row_max = make_masked_row_max(NS, CAUSAL)
     pack = pack_bf16x2 if bf16 else pack_f16x2
 
     @cuda.jit(device=True, inline=True)
@@ -227,24 +228,7 @@ def make_kernel(d: int, dv: int, block_q: int, block_k: int, causal: bool, bf16:
             masked = j0 + block_k > lk
             if CAUSAL:
                 masked = masked or j0 + block_k - 1 > q0 + offset
-            tmax0 = NEG_INF
-            tmax1 = NEG_INF
-            for nt in range(NS):
-                for e in range(4):
-                    x = s[4 * nt + e]
-                    if masked:
-                        col = j0 + nt * 8 + 2 * t + (e % 2)
-                        row = row0 if e < 2 else row1
-                        if col >= lk or (CAUSAL and col > row + offset):
-                            x = NEG_INF
-                            s[4 * nt + e] = x
-                    if e < 2:
-                        tmax0 = _max_nan(tmax0, x)
-                    else:
-                        tmax1 = _max_nan(tmax1, x)
-            # raw scores until here; scale > 0, so scaling the max is the max of the scaled
-            tmax0 = quad_max(tmax0) * scale_log2
-            tmax1 = quad_max(tmax1) * scale_log2
+            tmax0, tmax1 = row_max(s, masked, j0, t, row0, row1, lk, offset, scale_log2)
 
             # ---- the skip vote: every row of the block must agree ---------------------
             if voting:
