@@ -35,7 +35,7 @@ import numpy as np
 from numba import cuda, float32, uint16, uint32
 
 from .mma import (b_pair_address, bt_pair_address, cp_async16, cp_async_commit,
-                  cp_async_wait_all, exp2_approx, ld_b32, make_masked_row_max,
+                  cp_async_wait_all, ld_b32, make_masked_row_max, make_online_softmax_step,
                   make_warp_tile_product, mma_bf16, mma_f16, pack_bf16x2, pack_f16x2, quad_sum,
                   warp_all, warp_sync)
 from . import combine
@@ -113,6 +113,7 @@ def make_kernel(rows: int, d: int, block_k: int, causal: bool, bf16: bool, seede
     qk_product = make_warp_tile_product(mma, KS, NS // 2, ROW, b_transposed=False)
     pv_product = make_warp_tile_product(mma, KP, NO // 2, ROW, b_transposed=True)
     row_max = make_masked_row_max(NS, CAUSAL)
+    softmax_step = make_online_softmax_step(pack, KP, NO)
 
     @cuda.jit(device=True, inline=True)
     def scores(s, qf, smem, kb, br, bc):
@@ -228,33 +229,7 @@ def make_kernel(rows: int, d: int, block_k: int, causal: bool, bf16: bool, seede
             load_tile(smem, base + 2 * STAGE, v, v_base + j0 * dv, min(block_k, lk - j0), lane)
             cp_async_commit()
 
-            mn0 = _max_nan(m0, tmax0)
-            mn1 = _max_nan(m1, tmax1)
-            sh0 = float32(0.0) if mn0 == NEG_INF else mn0
-            sh1 = float32(0.0) if mn1 == NEG_INF else mn1
-            alpha0 = exp2_approx(m0 - sh0)
-            alpha1 = exp2_approx(m1 - sh1)
-            m0 = mn0
-            m1 = mn1
-            l0 *= alpha0
-            l1 *= alpha1
-            if not warp_all(alpha0 == float32(1.0) and alpha1 == float32(1.0)):
-                for nt in range(NO):  # (after the first tiles the max rarely moves)
-                    o[4 * nt] *= alpha0
-                    o[4 * nt + 1] *= alpha0
-                    o[4 * nt + 2] *= alpha1
-                    o[4 * nt + 3] *= alpha1
-            for kp in range(KP):
-                for half in range(2):
-                    i0 = 4 * (2 * kp + half)
-                    p0 = exp2_approx(s[i0] * scale_log2 - sh0)
-                    p1 = exp2_approx(s[i0 + 1] * scale_log2 - sh0)
-                    p2 = exp2_approx(s[i0 + 2] * scale_log2 - sh1)
-                    p3 = exp2_approx(s[i0 + 3] * scale_log2 - sh1)
-                    l0 += p0 + p1
-                    l1 += p2 + p3
-                    pf[4 * kp + 2 * half] = pack(p0, p1)
-                    pf[4 * kp + 2 * half + 1] = pack(p2, p3)
+            m0, m1, l0, l1 = softmax_step(s, o, pf, m0, m1, l0, l1, tmax0, tmax1, scale_log2)
 
             cp_async_wait_all()  # V (and the prefetched K) have landed ...
             warp_sync()  # ... for every lane

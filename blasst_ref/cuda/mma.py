@@ -20,10 +20,12 @@ stay in registers and a kernel stays one Numba function:
 ``ld_b32(arr, i)``                 a 32-bit load of two 16-bit elements
 =================================  ===========================================================
 
-and two building blocks made of them that both attention kernels share:
+and three building blocks made of them that both attention kernels share:
 :func:`make_warp_tile_product`, a warp's ``acc += A @ B`` with B read from shared memory by
-``ldmatrix`` (``S = Q K^T`` and ``O += P V``), and :func:`make_masked_row_max`, the mask of
-a ragged or diagonal tile and the row maxima the skip test reads, on the score fragments.
+``ldmatrix`` (``S = Q K^T`` and ``O += P V``); :func:`make_masked_row_max`, the mask of a
+ragged or diagonal tile and the row maxima the skip test reads, on the score fragments; and
+:func:`make_online_softmax_step`, the online softmax of one kept tile, from the scores to
+``P`` packed as the A operand of ``P V``.
 
 Registers are ``uint32``; shared and global operands are an array and a flat element index
 (the instruction gets the element's address). Which lane holds which element of a fragment
@@ -61,7 +63,7 @@ __all__ = ["HARDWARE", "MAX_WARPS", "cp_async16", "cp_async_commit", "cp_async_w
            "pack_bf16x2", "pack_f16x2", "quad_max", "quad_sum", "unpack_lo", "unpack_hi",
            "ld_b32", "warp_all", "warp_sync",
            "a_tile_address", "b_pair_address", "bt_pair_address", "c_coords",
-           "make_masked_row_max", "make_warp_tile_product"]
+           "make_masked_row_max", "make_online_softmax_step", "make_warp_tile_product"]
 
 # The layouts of :mod:`.fragments`, compiled for the device: one source for the kernels, the
 # simulator twins, the numpy tests and the tutorial's pictures.
@@ -537,3 +539,50 @@ def make_masked_row_max(n_tiles: int, causal: bool):
         return quad_max(tmax0) * scale_log2, quad_max(tmax1) * scale_log2
 
     return masked_row_max
+
+
+def make_online_softmax_step(pack, k_steps: int, n_out_tiles: int):
+    """A device function ``softmax_step(s, o, p, m0, m1, l0, l1, tmax0, tmax1, scale_log2)
+    -> (m0, m1, l0, l1)``: one kept key tile of the online softmax, on fragments.
+
+    The lane's two rows have running maxima ``m0, m1`` (base-2 units, ``-inf`` before the
+    first key) and partial sums ``l0, l1``; ``tmax0, tmax1`` are the tile's row maxima
+    (:func:`make_masked_row_max`). The accumulators ``o`` (``n_out_tiles`` 8-column n-tiles
+    of O) are rescaled by ``2**(m_old - m_new)`` -- skipped when no row of the warp moved,
+    as it rarely does after the first tiles -- and ``p`` receives ``P = 2**(S * scale_log2 -
+    m_new)`` packed two per register (``pack``: :func:`pack_f16x2` or :func:`pack_bf16x2`)
+    in the order of the A operand of ``P V`` (``k_steps`` 16-key steps: the C elements of
+    n-tiles ``2 ks`` and ``2 ks + 1``, :func:`.fragments.p_as_a_operand`)."""
+    neg_inf = float32(-math.inf)
+    zero, one = float32(0.0), float32(1.0)
+
+    @cuda.jit(device=True, inline=True)
+    def softmax_step(s, o, p, m0, m1, l0, l1, tmax0, tmax1, scale_log2):
+        mn0 = max_nan(m0, tmax0)
+        mn1 = max_nan(m1, tmax1)
+        sh0 = zero if mn0 == neg_inf else mn0  # a row that saw nothing yet
+        sh1 = zero if mn1 == neg_inf else mn1
+        alpha0 = exp2_approx(m0 - sh0)
+        alpha1 = exp2_approx(m1 - sh1)
+        l0 *= alpha0
+        l1 *= alpha1
+        if not warp_all(alpha0 == one and alpha1 == one):
+            for nt in range(n_out_tiles):
+                o[4 * nt] *= alpha0
+                o[4 * nt + 1] *= alpha0
+                o[4 * nt + 2] *= alpha1
+                o[4 * nt + 3] *= alpha1
+        for ks in range(k_steps):
+            for half in range(2):
+                i0 = 4 * (2 * ks + half)
+                p0 = exp2_approx(s[i0] * scale_log2 - sh0)
+                p1 = exp2_approx(s[i0 + 1] * scale_log2 - sh0)
+                p2 = exp2_approx(s[i0 + 2] * scale_log2 - sh1)
+                p3 = exp2_approx(s[i0 + 3] * scale_log2 - sh1)
+                l0 += p0 + p1
+                l1 += p2 + p3
+                p[4 * ks + 2 * half] = pack(p0, p1)
+                p[4 * ks + 2 * half + 1] = pack(p2, p3)
+        return mn0, mn1, l0, l1
+
+    return softmax_step
