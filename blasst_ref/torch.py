@@ -165,15 +165,23 @@ class _BlasstFunction(torch.autograd.Function):
 
 def _stats_of(saved, q, k):
     """The :class:`blasst_ref.AttentionStats` of a differentiable call, from its saved tile
-    map (as :func:`blasst_ref.attention` would report it)."""
-    from blasst_ref.api import _stats
-
-    tm = saved._host_tile_map()
-    hq, hkv = q.shape[-3], k.shape[-3]
-    if tm.ndim == 3:
-        tm = tm[None]
-    return _stats(tm, saved.backend, saved.phase == "decode", hq // hkv, q.shape[-2],
-                  saved.block_q, saved.block_k, saved.backend)
+    map, as :func:`blasst_ref.attention` reports it."""
+    tm = saved.tile_map
+    tm = tm.copy_to_host() if hasattr(tm, "copy_to_host") else np.asarray(tm)
+    tm = tm[None] if tm.ndim == 3 else tm
+    visited, skipped = tm != 0, tm == 2  # 0 masked away, 1 computed, 2 skipped
+    n_visited, n_skipped = int(visited.sum()), int(skipped.sum())
+    v_h, s_h = visited.sum(axis=(2, 3)), skipped.sum(axis=(2, 3))
+    per_head = np.divide(s_h, v_h, out=np.zeros(v_h.shape), where=v_h > 0)
+    decode = saved.phase == "decode"
+    group, lq = q.shape[-3] // k.shape[-3], q.shape[-2]
+    if decode:
+        per_head = np.repeat(per_head, group, axis=1)  # (B, Hkv) -> (B, Hq)
+    return AttentionStats(
+        sparsity=n_skipped / n_visited if n_visited else 0.0, skipped_tiles=n_skipped,
+        visited_tiles=n_visited, per_head=per_head,
+        block_q=group * lq if decode else saved.block_q, block_k=saved.block_k,
+        backend=saved.backend, phase=saved.phase, tile_map=tm, kernel=saved.backend)
 
 
 def _forward(q, k, v, thresh, causal, scale, backend, block_q, block_k, return_stats):
