@@ -32,7 +32,7 @@ from .loop import evaluate, train
 from .model import TinyLM, TinyLMConfig
 
 #: The thresholds of the default sweep (0 is dense).
-DEFAULT_THRESHOLDS = (0.0, 0.001, 0.003, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
+DEFAULT_THRESHOLDS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
 class TileCounter:
