@@ -1,4 +1,4 @@
-"""Gradients through blasst_ref.torch.attention and the "blasst" HF registration (docs/DESIGN.md §11).
+"""Gradients through blasst_ref.torch.attention and the "blasst" HF attention (docs/DESIGN.md §11).
 
 Oracles: ``torch.autograd.gradcheck`` in float64 (finite differences of the function itself),
 float64 torch autograd of the explicitly masked dense formula (the keys of the kept tiles

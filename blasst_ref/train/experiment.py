@@ -194,7 +194,8 @@ class ExperimentResult:
     """What :func:`run_experiment` measured (``to_dict()`` is its JSON).
 
     Attributes:
-        settings: the arguments of the run (sizes, steps, thresholds, tiles, seed).
+        settings: the arguments of the run (sizes, steps, thresholds, tiles, seed; of
+            ``train_sparsity`` and ``train_thresh``, the one that chose B's threshold).
         train_thresh, train_sparsity: the threshold model B was fine-tuned at, and the base
             model's sparsity there (what it was chosen for).
         frontiers: ``{"base": [...], "dense": [...], "blasst": [...]}``, a
@@ -290,7 +291,8 @@ def run_experiment(*, config: TinyLMConfig | None = None, pretrain_steps: int = 
         losses["base"] = h.loss
     seconds["pretrain"] = time.perf_counter() - t0
 
-    if train_thresh is None:
+    thresh_given = train_thresh is not None
+    if not thresh_given:
         train_thresh, measured = threshold_for_sparsity(base, data.val, train_sparsity,
                                                         length=window, block_q=block_q,
                                                         block_k=block_k)
@@ -328,7 +330,9 @@ def run_experiment(*, config: TinyLMConfig | None = None, pretrain_steps: int = 
         gains[f"{s:g}"] = {"dense": a, "blasst": b, "gain": 1 - b / a}
 
     settings = dict(config=asdict(config), pretrain_steps=pretrain_steps, steps=steps,
-                    batch=batch, length=length, train_sparsity=train_sparsity,
+                    batch=batch, length=length,
+                    train_sparsity=None if thresh_given else train_sparsity,
+                    train_thresh=train_thresh if thresh_given else None,
                     thresholds=[float(t) for t in thresholds], block_q=block_q,
                     block_k=block_k, lr=lr, finetune_lr=finetune_lr, seed=seed,
                     eval_windows=eval_windows, corpus_bytes=corpus_bytes,
