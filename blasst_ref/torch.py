@@ -29,9 +29,14 @@ in a batch, a sliding window, a custom 4-D mask) raises a ``ValueError`` by defa
 ``configure(..., on_unsupported_mask="sdpa")`` such calls run PyTorch SDPA instead (dense) and
 are counted as fallbacks in the statistics.
 
-Gradients: not yet. A call that would need one (grad mode on and an input requiring grad)
-raises instead of silently cutting the graph: run inference under ``torch.no_grad()``.
-:func:`_forward` is the one place that computes; a backward wraps it.
+Gradients: :func:`attention` and the ``"blasst"`` registration are differentiable. When
+autograd needs a gradient (grad mode on and an input requiring grad), the call runs
+:func:`blasst_ref.attention_forward`, which keeps the tile decisions and each row's
+log-sum-exp, and its backward runs :func:`blasst_ref.attention_backward` with those same
+decisions: the gradient of the function BLASST computed, skipped tiles contributing exactly
+zero (docs/DESIGN.md §11). Gradients come in the inputs' dtype (computed in float32, float64
+for float64). Without a gradient to compute, the call runs the plain forward (no ``lse``).
+:func:`_forward` is the one place that computes.
 
 Thread safety: :func:`attention` is as thread-safe as :func:`blasst_ref.attention`.
 :func:`configure` mutates the model (do it before running it); statistics collectors live in
@@ -110,12 +115,87 @@ def _needs_grad(*xs) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
+def _to_arrays(*xs):
+    """torch tensors -> what :mod:`blasst_ref.backward` takes: numpy views of CPU tensors
+    (bfloat16, which numpy lacks, as a float32 copy), contiguous CUDA tensors as they are."""
+    if xs[0].is_cuda:
+        return tuple(x.detach().contiguous() for x in xs)
+    return tuple((x.detach().float() if x.dtype == torch.bfloat16 else x.detach()).numpy()
+                 for x in xs)
+
+
+def _as_tensor(x, like):
+    """An array of the backward module (numpy, or the CUDA library's) -> a tensor of
+    ``like``'s dtype on its device."""
+    t = torch.from_numpy(x) if isinstance(x, np.ndarray) else torch.as_tensor(x, device=like.device)
+    return t.to(like.dtype)
+
+
+class _BlasstFunction(torch.autograd.Function):
+    """BLASST attention with a gradient: forward :func:`blasst_ref.attention_forward`,
+    backward :func:`blasst_ref.attention_backward` with the forward's tile decisions.
+
+    ``apply(q, k, v, thresh, causal, scale, backend, block_q, block_k, box)``: the
+    :class:`blasst_ref.SavedForBackward` of the call is appended to the list ``box`` (the
+    statistics come from its tile map)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, thresh, causal, scale, backend, block_q, block_k, box):
+        from blasst_ref.backward import attention_forward
+
+        out, saved = attention_forward(*_to_arrays(q, k, v), thresh, causal=causal,
+                                       scale=scale, backend=backend, block_q=block_q,
+                                       block_k=block_k)
+        out = _as_tensor(out, q)
+        ctx.blasst_saved = saved
+        ctx.save_for_backward(q, k, v, out)
+        box.append(saved)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        from blasst_ref.backward import attention_backward
+
+        q, k, v, out = ctx.saved_tensors
+        grads = attention_backward(*_to_arrays(dout, q, k, v, out), ctx.blasst_saved)
+        dq, dk, dv = (_as_tensor(g, x) for g, x in zip(grads, (q, k, v)))
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def _stats_of(saved, q, k):
+    """The :class:`blasst_ref.AttentionStats` of a differentiable call, from its saved tile
+    map, as :func:`blasst_ref.attention` reports it."""
+    tm = saved.tile_map
+    tm = tm.copy_to_host() if hasattr(tm, "copy_to_host") else np.asarray(tm)
+    tm = tm[None] if tm.ndim == 3 else tm
+    visited, skipped = tm != 0, tm == 2  # 0 masked away, 1 computed, 2 skipped
+    n_visited, n_skipped = int(visited.sum()), int(skipped.sum())
+    v_h, s_h = visited.sum(axis=(2, 3)), skipped.sum(axis=(2, 3))
+    per_head = np.divide(s_h, v_h, out=np.zeros(v_h.shape), where=v_h > 0)
+    decode = saved.phase == "decode"
+    group, lq = q.shape[-3] // k.shape[-3], q.shape[-2]
+    if decode:
+        per_head = np.repeat(per_head, group, axis=1)  # (B, Hkv) -> (B, Hq)
+    return AttentionStats(
+        sparsity=n_skipped / n_visited if n_visited else 0.0, skipped_tiles=n_skipped,
+        visited_tiles=n_visited, per_head=per_head,
+        block_q=group * lq if decode else saved.block_q, block_k=saved.block_k,
+        backend=saved.backend, phase=saved.phase, tile_map=tm, kernel=saved.backend)
+
+
 def _forward(q, k, v, thresh, causal, scale, backend, block_q, block_k, return_stats):
     """The computation: torch tensors in ``(B, H, L, D)``; returns ``(out, stats or None)``.
 
     CPU tensors cross to numpy as views inside :func:`blasst_ref.attention`; CUDA tensors
     are read in place by the CUDA backend (made contiguous first, a copy only if they are
-    not)."""
+    not). When autograd needs a gradient, the differentiable :class:`_BlasstFunction` runs
+    instead."""
+    if _needs_grad(q, k, v):
+        box = []
+        out = _BlasstFunction.apply(q, k, v, thresh, causal, scale, backend, block_q, block_k,
+                                    box)
+        return out, (_stats_of(box[0], q, k) if return_stats else None)
     if q.is_cuda:
         q, k, v = (x.detach().contiguous() for x in (q, k, v))
     res = _blasst_attention(q, k, v, thresh, causal=causal, scale=scale, backend=backend,
@@ -148,10 +228,14 @@ def attention(query, key, value, thresh: float = 0.0, *, attn_mask=None, dropout
         ``(B, Hq, Lq, Dv)`` on the input's device, in its dtype; or ``(out, stats)`` with an
         :class:`blasst_ref.AttentionStats`.
 
+    Differentiable: with grad mode on and an input requiring grad, ``out.backward()`` gives
+    ``query``, ``key``, ``value`` the gradient of what this call computed (the tile decisions
+    held fixed, skipped tiles contributing zero; ``key``/``value`` summed over each kv
+    group's query heads), in their dtypes.
+
     Raises:
         TypeError / ValueError: as :func:`blasst_ref.attention`, plus non-tensor inputs,
             mixed devices, a mask, dropout, GQA shapes with ``enable_gqa=False``.
-        NotImplementedError: when autograd would need a gradient (no backward yet).
     """
     _check_tensors(query, key, value)
     if attn_mask is not None:
@@ -163,10 +247,6 @@ def attention(query, key, value, thresh: float = 0.0, *, attn_mask=None, dropout
             and query.shape[-3] != key.shape[-3]:
         raise ValueError(f"query has {query.shape[-3]} heads and key {key.shape[-3]}: grouped "
                          f"heads need enable_gqa=True")
-    if _needs_grad(query, key, value):
-        raise NotImplementedError(
-            "blasst_ref.torch.attention has no backward yet: call it under torch.no_grad() "
-            "or torch.inference_mode(), or detach the inputs")
     out, stats = _forward(query, key, value, thresh, is_causal, scale, backend, block_q,
                           block_k, return_stats)
     return (out, stats) if return_stats else out
@@ -527,10 +607,6 @@ def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
                                           scaling, is_causal, settings, why, **kwargs)
         stats = None
     else:
-        if _needs_grad(query, key, value):
-            raise NotImplementedError(
-                "BLASST attention has no backward yet: run the model under torch.no_grad() "
-                "or torch.inference_mode()")
         phase = "decode" if tiling.is_decode(lq) else "prefill"
         thresh = settings.threshold(layer, lk, phase)
         block_q, block_k = settings.blocks(phase)

@@ -20,6 +20,7 @@ PROGRAMS = [
     ("blasst_ref.bench", ["attention"]),
     ("blasst_ref.bench", ["graph"]),
     ("blasst_ref.bench", ["int8"]),
+    ("blasst_ref.train", []),
 ]
 
 _OPTION_LINE = re.compile(r"^  (-\S.*)$")

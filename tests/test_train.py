@@ -76,3 +76,79 @@ def test_training_lowers_the_validation_loss(corpus):
     assert after.perplexity == pytest.approx(np.exp(after.loss))
     # evaluation is deterministic: the same windows every call
     assert train.evaluate(model, corpus.val, length=64, windows=16) == after
+
+
+def test_bos_is_prepended_and_its_prediction_dropped():
+    cfg = train.TinyLMConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=64,
+                             max_len=64, bos=0)
+    model = train.TinyLM(cfg, seed=3)
+    lengths = []
+
+    def attn(q, k, v, layer):
+        lengths.append(q.shape[2])
+        return train.sdpa_attention(q, k, v, layer)
+
+    x = torch.randint(1, 256, (2, 63), generator=torch.Generator().manual_seed(0))
+    logits = model(x, attn=attn)
+    assert logits.shape == (2, 63, 256) and lengths == [64, 64]
+    # the same as running the bos-less model on [bos, x] and dropping the first row
+    plain = train.TinyLM(train.TinyLMConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                            mlp_hidden=64, max_len=64), seed=3)
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(plain(torch.cat([torch.zeros(2, 1, dtype=torch.int64), x], 1))[:, 1:],
+                               logits)
+    with pytest.raises(ValueError, match="max_len=64 - 1"):
+        model(torch.zeros((1, 64), dtype=torch.int64))
+    with pytest.raises(ValueError, match="bos=256"):
+        train.TinyLMConfig(bos=256)
+
+
+def test_perplexity_at_interpolates_between_measured_points():
+    pts = [train.FrontierPoint(t, s, 0.0, p, ()) for t, s, p in
+           [(0.0, 0.0, 2.0), (0.1, 0.4, 2.2), (0.3, 0.8, 3.0)]]
+    assert train.perplexity_at(pts, 0.6) == pytest.approx(2.6)
+    assert train.perplexity_at(pts, 0.0) == pytest.approx(2.0)
+    assert np.isnan(train.perplexity_at(pts, 0.9))
+
+
+def test_blasst_attention_trains_and_counts_tiles(corpus):
+    """One model trained a few steps with BLASST in the loop: the gradient flows (weights
+    move, loss finite), and at thresh 0 the BLASST model's evaluation equals SDPA's."""
+    model = train.TinyLM(TINY, seed=4)
+    counter = train.TileCounter()
+    attn = train.blasst_attention(0.3, block_q=16, block_k=16, counter=counter)
+    before = model.blocks[0].wq.weight.detach().clone()
+    hist = train.train(model, corpus.train, steps=3, batch=2, length=64, attn=attn,
+                       progress=False)
+    assert np.all(np.isfinite(hist.loss))
+    assert not torch.equal(before, model.blocks[0].wq.weight)
+    assert len(counter.per_layer()) == 2 and sum(counter.visited.values()) > 0
+    dense = train.evaluate(model, corpus.val, length=64, windows=4)
+    (pt,) = train.frontier(model, corpus.val, (0.0,), length=64, windows=4, block_q=16,
+                           block_k=16)
+    assert pt.sparsity == 0.0 and pt.loss == pytest.approx(dense.loss, rel=1e-5)
+    mass, per_layer = train.kept_mass(model, corpus.val, 0.0, length=64, windows=2,
+                                      block_q=16, block_k=16)
+    assert mass == pytest.approx((1.0, 1.0)) and per_layer == (0.0, 0.0)
+
+
+def test_cli_runs_the_experiment(capsys):
+    """``python -m blasst_ref.train`` at toy sizes: three frontiers on one sweep, JSON out."""
+    import json
+
+    from blasst_ref.train.__main__ import main
+
+    assert main(["--d-model", "32", "--layers", "2", "--length", "64", "--block-q", "16",
+                 "--block-k", "16",
+                 "--pretrain-steps", "10", "--steps", "3", "--batch", "2",
+                 "--eval-windows", "2", "--thresholds", "0,0.5,0.9",
+                 "--corpus-bytes", "200000", "--quiet", "--json", "-"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res["frontiers"]) == {"base", "dense", "blasst"}
+    for pts in res["frontiers"].values():
+        assert [p["thresh"] for p in pts] == [0.0, 0.5, 0.9] and pts[0]["sparsity"] == 0.0
+        assert all(np.isfinite(p["perplexity"]) and len(p["per_layer"]) == 2 for p in pts)
+    assert len(res["train_loss"]["dense"]) == len(res["train_loss"]["blasst"]) == 3
+    assert set(res["seconds"]) == {"pretrain", "dense", "blasst", "evaluate", "total"}
+    assert set(res["gains"]) == {"0.5", "0.7"} and res["settings"]["length"] == 64
+    assert 0 < res["train_thresh"] < 1

@@ -13,6 +13,12 @@ thresholds. Nothing here knows about BLASST: attention is a function the caller 
   :func:`random_windows` draws training batches.
 * :mod:`.loop`: :func:`train` (AdamW, warm-up and cosine decay, progress bar) and
   :func:`evaluate` (mean next-byte loss in nats and its perplexity on fixed windows).
+* :mod:`.experiment`: the experiment itself, :func:`run_experiment` (pre-train, fine-tune
+  dense and with BLASST, measure both frontiers; ``python -m blasst_ref.train``), and its
+  parts: :func:`blasst_attention` (BLASST as a differentiable attention function),
+  :func:`frontier` (perplexity against tile sparsity at a sweep of thresholds),
+  :func:`perplexity_at`, :func:`kept_mass` (the attention mass in the tiles kept),
+  :func:`threshold_for_sparsity`.
 
 Needs PyTorch (CPU is enough).
 
@@ -26,8 +32,13 @@ Needs PyTorch (CPU is enough).
 """
 
 from .data import Corpus, random_windows, stdlib_corpus
+from .experiment import (DEFAULT_THRESHOLDS, ExperimentResult, FrontierPoint, TileCounter,
+                         blasst_attention, frontier, kept_mass, perplexity_at, run_experiment,
+                         threshold_for_sparsity)
 from .loop import Evaluation, evaluate, train
 from .model import TinyLM, TinyLMConfig, sdpa_attention
 
-__all__ = ["Corpus", "Evaluation", "TinyLM", "TinyLMConfig", "evaluate", "random_windows",
-           "sdpa_attention", "stdlib_corpus", "train"]
+__all__ = ["Corpus", "DEFAULT_THRESHOLDS", "Evaluation", "ExperimentResult", "FrontierPoint",
+           "TileCounter", "TinyLM", "TinyLMConfig", "blasst_attention", "evaluate", "frontier",
+           "kept_mass", "perplexity_at", "random_windows", "run_experiment", "sdpa_attention",
+           "stdlib_corpus", "threshold_for_sparsity", "train"]

@@ -35,6 +35,11 @@ class TinyLMConfig:
         mlp_hidden: width of the SwiGLU hidden layer.
         max_len: longest sequence (RoPE tables are built for it).
         rope_base: RoPE's frequency base.
+        bos: a byte the model puts before every input (a beginning-of-sequence token, as
+            real LMs have: a fixed first key that heads can learn to park attention on, the
+            "attention sink" BLASST's skipping feeds on); its prediction is dropped, so
+            ``model(tokens)`` still returns one row of logits per input byte and takes
+            ``L <= max_len - 1``. ``None`` (default): no such token.
     """
 
     vocab: int = 256
@@ -45,8 +50,11 @@ class TinyLMConfig:
     mlp_hidden: int = 384
     max_len: int = 1024
     rope_base: float = 10000.0
+    bos: int | None = None
 
     def __post_init__(self):
+        if self.bos is not None and not 0 <= self.bos < self.vocab:
+            raise ValueError(f"bos={self.bos} must be a token id in [0, {self.vocab})")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be a multiple of n_heads={self.n_heads}")
         if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
@@ -109,8 +117,8 @@ class _Block(nn.Module):
 class TinyLM(nn.Module):
     """A byte-level causal LM (see the module docstring).
 
-    ``model(tokens, attn=None)``: ``tokens`` int64 ``(B, L)`` with ``L <= max_len`` ->
-    logits ``(B, L, 256)``; ``attn`` defaults to :func:`sdpa_attention`.
+    ``model(tokens, attn=None)``: ``tokens`` int64 ``(B, L)`` with ``L <= max_len`` (``- 1``
+    with a ``bos``) -> logits ``(B, L, 256)``; ``attn`` defaults to :func:`sdpa_attention`.
     """
 
     def __init__(self, cfg: TinyLMConfig, *, seed: int = 0):
@@ -133,12 +141,16 @@ class TinyLM(nn.Module):
 
     def forward(self, tokens, attn=None):
         attn = sdpa_attention if attn is None else attn
-        n = tokens.shape[1]
+        bos = self.cfg.bos is not None
+        n = tokens.shape[1] + bos
         if n > self.cfg.max_len:
-            raise ValueError(f"tokens has length {n}; this model takes at most "
-                             f"max_len={self.cfg.max_len}")
+            raise ValueError(f"tokens has length {tokens.shape[1]}; this model takes at most "
+                             f"max_len={self.cfg.max_len}" + (" - 1 (bos)" if bos else ""))
+        if bos:
+            tokens = torch.cat([tokens.new_full((tokens.shape[0], 1), self.cfg.bos), tokens], 1)
         cos, sin = self.rope_cos[:n], self.rope_sin[:n]
         x = self.embed(tokens)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, attn, i)
-        return self.norm(x) @ self.embed.weight.T  # tied output layer
+        logits = self.norm(x) @ self.embed.weight.T  # tied output layer
+        return logits[:, 1:] if bos else logits
