@@ -91,7 +91,7 @@ def decode_split_kernel(q, k, v, log_thresh, causal, scale, block_k, split_tiles
                 for d in range(dv):
                     part_acc[b, g, sp, r, d] = dt(0.0)
             continue
-        if seeded and skip_test is not None and kt0 > 0:
+        if seeded and skip_test is not None and kt0 > 0 and log_thresh > -np.inf:
             # s0: tile 0's row maxima over visible keys, scored as below (same loop, same
             # rounding as split 0's own scores of tile 0): one extra K tile read per split
             n0 = min(lk, block_k)
