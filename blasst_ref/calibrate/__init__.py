@@ -651,6 +651,10 @@ def main(argv=None) -> int:
                    help="target sparsities in (0, 1)")
     p.add_argument("--eval-lengths", type=int, nargs="*", default=[1024, 4096, 16384, 65536],
                    help="lengths to print thresholds for")
+    p.add_argument("--held-out", type=int, nargs="*", default=[],
+                   help="lengths to check the fit at: a fresh sample per length (another "
+                        "seed) run at the fitted threshold of each target, its sparsity and "
+                        "error printed")
     p.add_argument("--samples", type=int, default=1, help="samples per length (seeds)")
     p.add_argument("--batch", type=int, default=1, help="batch size B of each sample (default 1)")
     p.add_argument("--heads", type=int, default=None,
@@ -729,8 +733,35 @@ def main(argv=None) -> int:
             cells.append(f"L={n}: {t:.3e} (err {e:.1e})" if not math.isnan(t)
                          else f"L={n}: not reached")
         print(f"  s={s:.2f}  " + ", ".join(cells))
+    if a.held_out:
+        _print_held_out(cal, a, heads, kv_heads)
     if a.save:
         cal.save(a.save)
         print(f"\nsaved to {a.save}")
     return 0
+
+
+def _print_held_out(cal, a, heads, kv_heads) -> None:
+    """The fitted thresholds at lengths the fit never saw: the sparsity and the relative L2
+    output error they give on a fresh sample (seed ``a.seed + 7919 + L``)."""
+    print()
+    print("held out: the fitted threshold on a fresh sample at each length (sparsity, error):")
+    for n in a.held_out:
+        q, k, v = next(_workload_samples(a.phase, [n], 1, a.batch, heads, kv_heads, a.head_dim,
+                                         a.seed + 7919, a.dtype, a.peakedness))
+        ref = _dense_reference(q, k, v, not a.no_causal, a.backend, a.block_q, a.block_k)
+        cells = []
+        for s in a.target:
+            try:
+                t = cal.threshold(n, s)
+            except ValueError:
+                cells.append(f"s={s:.2f}: thresh >= 1")
+                continue
+            out, st = attention(q, k, v, t, causal=not a.no_causal, backend=a.backend,
+                                block_q=a.block_q, block_k=a.block_k, return_stats=True,
+                                decode_seed=a.decode_seed)
+            err = float(np.linalg.norm(np.asarray(out, np.float64).reshape(ref.shape) - ref)
+                        / np.linalg.norm(ref))
+            cells.append(f"s={s:.2f}: thresh {t:.3e} -> {st.sparsity:.3f} (err {err:.1e})")
+        print(f"  L={n}: " + ", ".join(cells))
 
