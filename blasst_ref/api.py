@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import reference, tiling
+from . import reference, rule, tiling
 
 BACKENDS = ("auto", "reference", "cpu", "cuda")
 _HOST_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -241,7 +241,8 @@ def _check_scale(scale, dtype_name: str) -> float | None:
     return s
 
 
-def _validate(q, k, v, thresh, causal, scale, backend, block_q, block_k, layout="bhld"):
+def _validate(q, k, v, thresh, causal, scale, backend, block_q, block_k, layout="bhld",
+              decode_seed="sink"):
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be 'bhld' or 'blhd', got {layout!r}")
     on_device = _check_arrays(q, k, v)
@@ -287,15 +288,17 @@ def _validate(q, k, v, thresh, causal, scale, backend, block_q, block_k, layout=
             "backend='cuda' needs CUDA arrays (CuPy, PyTorch CUDA tensors, Numba device "
             "arrays); got numpy arrays. Move them to the GPU, or use backend='cpu'"
         )
+    rule.decode_seeded(decode_seed)  # a ValueError naming the allowed values
     return on_device, (b, hq, lq, dqk), hkv, lk
 
 
 def validate_arguments(q, k, v, thresh=0.0, causal=False, scale=None, backend="auto",
-                       block_q=None, block_k=None):
+                       block_q=None, block_k=None, decode_seed="sink"):
     """The argument checks of :func:`attention`, for the functions built on it
     (:func:`blasst_ref.attention_forward`). Raises as :func:`attention` does; returns
     ``(on_device, (B, Hq, Lq, Dqk), Hkv, Lk)``."""
-    return _validate(q, k, v, thresh, causal, scale, backend, block_q, block_k)
+    return _validate(q, k, v, thresh, causal, scale, backend, block_q, block_k,
+                     decode_seed=decode_seed)
 
 
 # ---------------------------------------------------------------------------------------
@@ -354,7 +357,7 @@ def _device_swap_lh(name, x):
     )
 
 
-def _run_host(backend, q, k, v, thresh, causal, scale, block_q, block_k):
+def _run_host(backend, q, k, v, thresh, causal, scale, block_q, block_k, decode_seed="sink"):
     """Runs a host backend on 4-D arrays. float16 is computed in float32 and cast back; any
     byte order is read, and the output is in the machine's own."""
     out_dtype = q.dtype.newbyteorder("=")
@@ -362,13 +365,15 @@ def _run_host(backend, q, k, v, thresh, causal, scale, block_q, block_k):
     q, k, v = (np.ascontiguousarray(x, dtype=compute) for x in (q, k, v))
     if backend == "reference":
         res = reference.blasst_attention_reference(
-            q, k, v, thresh, causal=causal, scale=scale, block_q=block_q, block_k=block_k
+            q, k, v, thresh, causal=causal, scale=scale, block_q=block_q, block_k=block_k,
+            decode_seed=decode_seed,
         )
         out, tile_map = res.out, res.tile_map
     else:
         from . import cpu  # imported lazily: numba JIT machinery only when asked for
 
-        out, tile_map = cpu.blasst_attention(q, k, v, thresh, causal, scale, block_q, block_k)
+        out, tile_map = cpu.blasst_attention(q, k, v, thresh, causal, scale, block_q, block_k,
+                                             decode_seed=decode_seed)
     return out.astype(out_dtype, copy=False), tile_map
 
 
@@ -409,7 +414,7 @@ def _accepts_torch_host_tensors(fn):
 def attention(
     q, k, v, thresh: float = 0.0, *, causal: bool = False, scale: float | None = None,
     backend: str = "auto", block_q: int | None = None, block_k: int | None = None,
-    return_stats: bool = False, layout: str = "bhld",
+    return_stats: bool = False, layout: str = "bhld", decode_seed: str = "sink",
 ):
     """BLASST attention: FlashAttention that skips negligible key tiles (docs/DESIGN.md §3).
 
@@ -442,6 +447,14 @@ def attention(
             transposed copies of q, k, v and the output on the GPU with the caller's
             library (torch or CuPy; Numba device arrays are refused: give them in
             ``"bhld"``). Shape errors name the layout they read the shapes in.
+        decode_seed: the split-KV skip test of decode (``Lq <= 16``, docs/DESIGN.md §3.5).
+            ``"sink"`` (default): every chunk of keys tests its tiles against
+            ``max(m_r, s0_r)``, ``s0_r`` the row's max scaled score over key tile 0 (the
+            attention-sink tile), so that a chunk far from the sinks skips as much as the
+            threshold allows; ``"none"``: each chunk against its own running max ``m_r``
+            only (more tiles kept, the threshold-vs-length law of calibration broken at
+            long contexts; for comparison). The error bound is the same for both. Prefill
+            accepts either and ignores it (its rows visit tile 0 first).
 
     Returns:
         ``out`` of shape ``(B, Hq, Lq, Dv)`` (3-D for 3-D inputs; ``(B, Lq, Hq, Dv)`` in
@@ -468,7 +481,7 @@ def attention(
     if not isinstance(return_stats, (bool, np.bool_)):
         raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
     on_device, (b, hq, lq, dqk), hkv, lk = _validate(
-        q, k, v, thresh, causal, scale, backend, block_q, block_k, layout
+        q, k, v, thresh, causal, scale, backend, block_q, block_k, layout, decode_seed
     )
     if backend == "auto":
         backend = "cuda" if on_device else "cpu"
@@ -491,7 +504,7 @@ def attention(
         if blhd:
             q, k, v = (_device_swap_lh(n, x) for n, x in (("q", q), ("k", k), ("v", v)))
         out, tile_map, kernel = cuda_backend.attention(
-            q, k, v, thresh, bool(causal), scale, run_q, run_k
+            q, k, v, thresh, bool(causal), scale, run_q, run_k, decode_seed=decode_seed
         )
         if blhd:
             out = _device_swap_lh("out", out)
@@ -500,7 +513,8 @@ def attention(
         q4, k4, v4 = (x[None] if three_d else x for x in (q, k, v))
         if blhd:
             q4, k4, v4 = (np.swapaxes(x, 1, 2) for x in (q4, k4, v4))
-        out, tile_map = _run_host(backend, q4, k4, v4, thresh, bool(causal), scale, run_q, run_k)
+        out, tile_map = _run_host(backend, q4, k4, v4, thresh, bool(causal), scale, run_q, run_k,
+                                  decode_seed)
         kernel = backend
         if blhd:
             out = np.ascontiguousarray(np.swapaxes(out, 1, 2))

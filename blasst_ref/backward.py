@@ -119,11 +119,12 @@ def _host_4d(x, dtype):
 
 def attention_forward(q, k, v, thresh: float = 0.0, *, causal: bool = False,
                       scale: float | None = None, backend: str = "auto",
-                      block_q: int | None = None, block_k: int | None = None):
+                      block_q: int | None = None, block_k: int | None = None,
+                      decode_seed: str = "sink"):
     """:func:`blasst_ref.attention` that also returns what the backward needs.
 
     Args:
-        q, k, v, thresh, causal, scale, backend, block_q, block_k: as
+        q, k, v, thresh, causal, scale, backend, block_q, block_k, decode_seed: as
             :func:`blasst_ref.attention` (same validation, same errors).
 
     Returns:
@@ -131,7 +132,7 @@ def attention_forward(q, k, v, thresh: float = 0.0, *, causal: bool = False,
         :class:`SavedForBackward` (per-row ``lse`` and the tile map).
     """
     on_device, (b, hq, lq, dqk), hkv, lk = api.validate_arguments(
-        q, k, v, thresh, causal, scale, backend, block_q, block_k
+        q, k, v, thresh, causal, scale, backend, block_q, block_k, decode_seed
     )
     if backend == "auto":
         backend = "cuda" if on_device else "cpu"
@@ -144,7 +145,7 @@ def attention_forward(q, k, v, thresh: float = 0.0, *, causal: bool = False,
         from .cuda import backward_v1
 
         out, tile_map, _ = cuda_backend.attention(q, k, v, thresh, causal, scale, block_q,
-                                                  block_k)
+                                                  block_k, decode_seed=decode_seed)
         tile_map = backward_v1.own_tile_map(q, tile_map)  # the fast path reuses its buffer
         lse = backward_v1.row_lse(q, k, tile_map, causal, scale, block_q, block_k)
     else:
@@ -154,7 +155,7 @@ def attention_forward(q, k, v, thresh: float = 0.0, *, causal: bool = False,
         if backend == "reference":
             res = reference.blasst_attention_reference(
                 q4, k4, v4, thresh, causal=causal, scale=scale, block_q=block_q,
-                block_k=block_k,
+                block_k=block_k, decode_seed=decode_seed,
             )
             out, tile_map, lse = res.out, res.tile_map, res.lse
         else:
@@ -162,7 +163,7 @@ def attention_forward(q, k, v, thresh: float = 0.0, *, causal: bool = False,
 
             lse = np.empty((b, hq, lq), dtype)
             out, tile_map = cpu.blasst_attention(q4, k4, v4, thresh, causal, scale, block_q,
-                                                 block_k, lse=lse)
+                                                 block_k, lse=lse, decode_seed=decode_seed)
         out = out.astype(q.dtype, copy=False)
         if three_d:
             out, lse = out[0], lse[0]

@@ -157,15 +157,32 @@ def _visible_mask(rows_q: np.ndarray, j0: int, j1: int, offset: int, causal: boo
     return cols <= rows_q[:, None] + offset
 
 
-def _process_tile(state, q_rows, k, v, rows_q, j0, j1, offset, causal, log_thresh):
-    """Score one tile, apply the skip rule, and fold it in if kept. Returns (code, margin)."""
+def _tile_scores(q_rows, k, rows_q, j0, j1, offset, causal):
+    """Scores ``(rows, j1 - j0)`` of keys ``j0..j1-1``, their visibility mask, and each
+    row's max over the keys it may see (``-inf`` where it sees none; NaN kept)."""
     with np.errstate(invalid="ignore", over="ignore"):
         s = q_rows @ k[j0:j1].T  # q_rows is pre-scaled
     visible = _visible_mask(rows_q, j0, j1, offset, causal)
     with np.errstate(invalid="ignore"):
         tile_max = np.max(np.where(visible, s, -np.inf), axis=1)
-    margin = _tile_margin(tile_max, state.m, log_thresh)  # reported, not used to decide
-    if _rows_vote_skip(tile_max, state.m, log_thresh):
+    return s, visible, tile_max
+
+
+def _seeded_reference(m: np.ndarray, s0: np.ndarray) -> np.ndarray:
+    """``m_ref_r = max_nan(m_r, s0_r)`` row by row (:func:`blasst_ref.rule.max_nan`): the
+    reference of docs/DESIGN.md §3.5's seeded decode (``s0 = -inf`` gives ``m`` itself)."""
+    return np.array([rule.max_nan(a, b) for a, b in zip(m, s0)], dtype=m.dtype)
+
+
+def _process_tile(state, q_rows, k, v, rows_q, j0, j1, offset, causal, log_thresh, s0=None):
+    """Score one tile, apply the skip rule, and fold it in if kept. Returns (code, margin).
+
+    ``s0``: the rows' sink maxima (seeded decode), or ``None``: the rows' reference is their
+    running max ``state.m``."""
+    s, visible, tile_max = _tile_scores(q_rows, k, rows_q, j0, j1, offset, causal)
+    m_ref = state.m if s0 is None else _seeded_reference(state.m, s0)
+    margin = _tile_margin(tile_max, m_ref, log_thresh)  # reported, not used to decide
+    if _rows_vote_skip(tile_max, m_ref, log_thresh):
         return SKIPPED, margin  # no exp, no V load, no P.V; m, l, acc unchanged
     state.update(s, visible, v[j0:j1])
     return COMPUTED, margin
@@ -229,7 +246,7 @@ def _merge_splits(states, dtype):
     return acc, l, m_max
 
 
-def _decode(q, k, v, log_thresh, causal, scale, block_k, dtype):
+def _decode(q, k, v, log_thresh, causal, scale, block_k, dtype, seeded=True):
     b_, hq, lq, dqk = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     group = hq // hkv
@@ -251,11 +268,18 @@ def _decode(q, k, v, log_thresh, causal, scale, block_k, dtype):
             states = []
             for c0 in range(0, max(k_tiles, 1), split_tiles):  # one chunk = one split
                 state = _OnlineSoftmax(group * lq, dv, dtype)
+                s0 = None
+                if seeded and 0 < c0 < k_tiles:
+                    # the sink reference: tile 0's row maxima, scored by this chunk itself
+                    # (Q K^T only: no exp, no V, nothing folded in). Chunk 0 needs none:
+                    # tile 0 is its first tile, and its running max covers it from then on.
+                    s0 = _tile_scores(q_rows, k[b, g], rows_q, 0, min(lk, block_k), offset,
+                                      causal)[2]
                 for kt in range(c0, min(k_tiles, c0 + split_tiles)):
                     j0, j1 = kt * block_k, min(lk, (kt + 1) * block_k)
                     code, mg = _process_tile(
                         state, q_rows, k[b, g], v[b, g], rows_q, j0, j1, offset, causal,
-                        log_thresh,
+                        log_thresh, s0,
                     )
                     tile_map[b, g, 0, kt], margin[b, g, 0, kt] = code, mg
                 states.append(state)
@@ -267,7 +291,7 @@ def _decode(q, k, v, log_thresh, causal, scale, block_k, dtype):
 
 def blasst_attention_reference(
     q, k, v, thresh: float = 0.0, *, causal: bool = False, scale: float | None = None,
-    block_q: int | None = None, block_k: int | None = None,
+    block_q: int | None = None, block_k: int | None = None, decode_seed: str = "sink",
 ) -> ReferenceResult:
     """BLASST attention, tile by tile, in numpy: the specification of every backend.
 
@@ -279,6 +303,10 @@ def blasst_attention_reference(
         block_q, block_k: tile sizes (defaults from :mod:`blasst_ref.tiling`). In decode
             (``Lq <= tiling.DECODE_MAX_Q_LEN``) ``block_q`` is not used: the rows of a tile
             are all query rows of one kv group, and keys are cut into split-KV chunks.
+        decode_seed: ``"sink"`` (default): in decode every split-KV chunk tests its tiles
+            against ``max(m_r, s0_r)``, ``s0_r`` the row's max scaled score over key tile 0
+            (docs/DESIGN.md §3.5); ``"none"``: against its own running max only. Prefill
+            does not use it.
 
     Computes in float32 (float64 for float64 inputs), as the kernels do.
     """
@@ -290,7 +318,8 @@ def blasst_attention_reference(
     scale = 1.0 / np.sqrt(q.shape[3]) if scale is None else float(scale)
     log_thresh = _log_thresh(thresh)
     if tiling.is_decode(lq):
-        out, tile_map, margin, lse = _decode(q, k, v, log_thresh, causal, scale, block_k, dtype)
+        out, tile_map, margin, lse = _decode(q, k, v, log_thresh, causal, scale, block_k, dtype,
+                                             rule.decode_seeded(decode_seed))
         return ReferenceResult(out, tile_map, margin, True, lse)
     out, tile_map, margin, lse = _prefill(
         q, k, v, log_thresh, causal, scale, block_q, block_k, dtype

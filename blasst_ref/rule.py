@@ -141,6 +141,23 @@ def visited_k_tiles(q_stop, q_len, kv_len, block_k, causal):
     return min(n_k_tiles, last // block_k + 1)
 
 
+#: The values of ``attention(..., decode_seed=...)`` (docs/DESIGN.md §3.5): ``"sink"``, every
+#: split-KV chunk measures its tiles against ``m_ref_r = max_nan(m_r, s0_r)`` with ``s0_r`` the
+#: row's max scaled score over key tile 0 (the default); ``"none"``, against its own running
+#: max ``m_r`` only (``s0_r = -inf``).
+DECODE_SEEDS = ("sink", "none")
+
+
+def decode_seeded(decode_seed):
+    """Whether ``decode_seed`` asks for the seeded split-KV test (``"sink"``: True, ``"none"``:
+    False); a ``ValueError`` naming the allowed values for anything else. Host code only
+    (kernels take the bool)."""
+    if isinstance(decode_seed, str) and decode_seed in DECODE_SEEDS:
+        return decode_seed == "sink"
+    raise ValueError(f"decode_seed must be one of {', '.join(map(repr, DECODE_SEEDS))}, "
+                     f"got {decode_seed!r}")
+
+
 #: The functions kernels compile, in this order (each target unpacks its compilations into
 #: these names: :mod:`blasst_ref.cpu.online`, :mod:`blasst_ref.cuda.rule`).
 KERNEL_FUNCTIONS = (row_votes_skip, max_nan, key_visible, last_visible_key, row_sees_keys,

@@ -14,7 +14,9 @@ Phases
 * **decode** (``Lq <= DECODE_MAX_Q_LEN``): the rows of one tile are *all* query rows of all
   query heads of one kv group (``group * Lq`` rows), so the group decides together, as in
   TensorRT-LLM's XQA. The keys are cut into split-KV chunks of whole tiles; each chunk has its
-  own running max (its first tile is dense) and the chunks are merged by log-sum-exp.
+  own running max and the chunks are merged by log-sum-exp. Seeded (``decode_seed="sink"``,
+  docs/DESIGN.md §3.5) a chunk tests its tiles against the sink tile's max too; unseeded its
+  first tile is dense.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ DEFAULT_BLOCK_Q = 128
 DEFAULT_BLOCK_K = 64
 DEFAULT_DECODE_BLOCK_K = 64
 
-#: Split-KV chunking for decode: a chunk holds at least this many key tiles (each chunk's
-#: first tile is always dense, so short chunks cost sparsity) ...
+#: Split-KV chunking for decode: a chunk holds at least this many key tiles (short chunks
+#: cost sparsity: unseeded, each chunk's first tile is dense; seeded, each chunk scores key
+#: tile 0 once more) ...
 MIN_TILES_PER_SPLIT = 32
 #: ... and there are at most this many chunks per (batch, kv head).
 MAX_SPLITS = 64

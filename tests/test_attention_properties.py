@@ -425,7 +425,8 @@ def test_stats_are_consistent(backend, dtype, data):
       never visited and not counted);
     * ``visited_tiles``, ``skipped_tiles``, ``sparsity``, ``per_head`` (``(B, Hq)``; in decode
       the group's value for each of its heads) are the counts of the map;
-    * the first tile a row block visits is never skipped -- in decode, the first tile of every
+    * the first tile a row block visits is never skipped -- in decode, key tile 0 (the
+      seeded rule's sink tile), and with ``decode_seed="none"`` the first tile of every
       split-KV chunk (each chunk starts from its own running max);
     * ``block_q`` (decode: ``group * Lq``), ``block_k``, ``backend``, ``phase``."""
     case = data.draw(S.cases(dtype, peaked=True))
@@ -456,13 +457,14 @@ def test_stats_are_consistent(backend, dtype, data):
     assert stats.per_head.shape == (p.batch, p.hq)
     np.testing.assert_allclose(stats.per_head, per, rtol=1e-15, atol=0)
 
-    # the first visited tile of every row block (decode: of every split-KV chunk) is computed
-    if p.decode:
-        firsts = np.arange(0, n_kt, tiling.decode_split_tiles(p.lk, p.block_k))
-    else:
-        firsts = np.array([0])
-    first = tm[..., firsts]
+    # the first visited tile of every row block is computed (decode, seeded: tile 0; a
+    # later chunk's first tile may be skipped against the sink tile's max)
+    first = tm[..., :1]
     assert np.all(first[first != NOT_VISITED] == COMPUTED)
+    if p.decode:  # unseeded: the first tile of every split-KV chunk
+        _, unseeded = run(backend, case, thresh, decode_seed="none")
+        firsts = unseeded.tile_map[..., ::tiling.decode_split_tiles(p.lk, p.block_k)]
+        assert np.all(firsts[firsts != NOT_VISITED] == COMPUTED)
 
     assert stats.block_k == p.block_k
     assert stats.block_q == (p.group * p.lq if p.decode else p.block_q)

@@ -157,3 +157,19 @@ def test_fast_path_equals_general_path(lq):
         torch.testing.assert_close(fast[0], gen[0], rtol=0, atol=0)
         if thresh == 0.2:
             assert (f_map == 2).any()
+
+
+@pytest.mark.parametrize("decode_seed", ["sink", "none"])
+def test_decode_seed_reaches_the_cuda_kernels(decode_seed, monkeypatch):
+    """``decode_seed`` through the API: the CUDA backend takes the reference's decisions
+    for each seed (several split-KV chunks, an attention sink in key tile 0)."""
+    monkeypatch.setattr(br.tiling, "MIN_TILES_PER_SPLIT", 2)
+    q, k, v = random_qkv(4, 1, 4, 1, 1, 64, 8, dtype=np.float32, q_scale=1.5, sink=12.0)
+    out, stats = br.attention(*(cuda.to_device(x) for x in (q, k, v)), 0.05, block_k=8,
+                              backend="cuda", return_stats=True, decode_seed=decode_seed)
+    ref = br.blasst_attention_reference(q, k, v, 0.05, block_k=8, decode_seed=decode_seed)
+    other = br.blasst_attention_reference(q, k, v, 0.05, block_k=8,
+                                          decode_seed="none" if decode_seed == "sink" else "sink")
+    assert (ref.tile_map != other.tile_map).any(), "the seeds must decide differently here"
+    np.testing.assert_array_equal(stats.tile_map, ref.tile_map)
+    assert rel_err(_host(out), ref.out.astype(np.float64)) < 1e-5

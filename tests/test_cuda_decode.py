@@ -77,7 +77,7 @@ def _assert_v2_refused(q, k, v, causal, block_k):
 
 
 def run_decode(q, k, v, thresh, causal, block_k, *, scale=None, threads=THREADS, chunk=None,
-               version=None):
+               version=None, seeded=True):
     """Launch the CUDA decode kernels on host arrays; returns ``(out, tile_map)`` on the host.
 
     The split-KV chunking comes from ``tiling`` (as the backend's caller passes it); ``out``
@@ -93,6 +93,7 @@ def run_decode(q, k, v, thresh, causal, block_k, *, scale=None, threads=THREADS,
         cuda.to_device(q), cuda.to_device(k), cuda.to_device(v), out, tile_map, log_thresh,
         causal, scale, block_k, tiling.decode_split_tiles(lk, block_k),
         tiling.decode_num_splits(lk, block_k), threads=threads, chunk=chunk, version=version,
+        seeded=seeded,
     )
     return out.copy_to_host(), tile_map.copy_to_host()
 
@@ -257,3 +258,65 @@ def test_rows_without_keys_are_zero(monkeypatch):
     assert rel_err(out, expect) < 1e-5
     ref = reference.blasst_attention_reference(q, k, v, 0.0, causal=True, block_k=bk)
     np.testing.assert_array_equal(tile_map, ref.tile_map)
+
+
+# ---------------------------------------------------------------------------------------
+# the seeded skip test (docs/DESIGN.md §3.5): both seeds, every version, as the reference
+# ---------------------------------------------------------------------------------------
+
+def _far_from_the_sink(lk, d, block_k, dtype):
+    """GQA 4/1: a strong sink at key 0, weak keys elsewhere, one bright key in tile 9.
+    With chunks of 4 tiles, the seeded test skips all of chunk 1 and chunk 2's first tile;
+    the unseeded one computes every chunk's first tile."""
+    rng = np.random.default_rng(11)
+    q, k, v = random_qkv(rng, 1, 4, 1, 1, lk, d, dtype=np.float64)
+    u = rng.standard_normal(d)
+    u /= np.linalg.norm(u)
+    q = 2.0 * u + 0.3 * q
+    k *= 0.2
+    k[0, 0, 0] = 4.0 * math.sqrt(d) * u
+    k[0, 0, 9 * block_k + 3] = 3.5 * math.sqrt(d) * u
+    return tuple(np.ascontiguousarray(x.astype(dtype)) for x in (q, k, v))
+
+
+SEED_CASES = [  # (lk, d, block_k, dtype, causal)
+    (96, 8, 8, np.float32, False),  # v1 only (v2 needs 16-byte rows over whole rounds)
+    (96, 16, 8, np.float32, True),  # v1 and v2
+    (93, 16, 8, np.float16, False),  # v1 and v2, partial last tile
+]
+
+
+@pytest.mark.parametrize("seeded", [True, False], ids=["sink", "none"])
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("case", SEED_CASES, ids=lambda c: f"{c[:3]}-{np.dtype(c[3]).name}")
+def test_seeded_decode_like_reference(case, version, seeded, monkeypatch):
+    """Both seeds, every SIMT version: the reference's tile map (a chunk that skips every
+    tile, a chunk whose first tile is skipped) and its output (zero-weight partials)."""
+    lk, d, bk, dtype, causal = case
+    monkeypatch.setattr(tiling, "MIN_TILES_PER_SPLIT", 4)
+    q, k, v = _far_from_the_sink(lk, d, bk, dtype)
+    if version == 2 and not _v2_applies(q, k, v, bk):
+        return _assert_v2_refused(q, k, v, causal, bk)
+    seed = "sink" if seeded else "none"
+    ref = reference.blasst_attention_reference(q, k, v, 1e-2, causal=causal, block_k=bk,
+                                               decode_seed=seed)
+    codes = ref.tile_map[0, 0, 0]
+    if seeded:
+        assert (codes[4:8] == reference.SKIPPED).all() and codes[8] == reference.SKIPPED
+    else:
+        assert codes[4] == codes[8] == reference.COMPUTED
+    out, tile_map = run_decode(q, k, v, 1e-2, causal, bk, version=version, seeded=seeded)
+    excused = _assert_maps_agree(tile_map, ref)
+    assert not np.isnan(out).any()
+    assert rel_err(out, ref.out) < (TOL[dtype] if not excused else 1e-2)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_seed_skips_a_superset_on_the_gpu(version, monkeypatch):
+    """Same data and threshold: every tile the unseeded kernel skips, the seeded one skips."""
+    monkeypatch.setattr(tiling, "MIN_TILES_PER_SPLIT", 3)
+    q, k, v = random_qkv(5, 1, 4, 2, 1, 192, 16, dtype=np.float32, q_scale=1.5, sink=12.0)
+    maps = {s: run_decode(q, k, v, 0.05, False, 16, version=version, seeded=s)[1]
+            for s in (False, True)}
+    assert ((maps[False] == reference.SKIPPED) <= (maps[True] == reference.SKIPPED)).all()
+    assert (maps[True] == reference.SKIPPED).sum() > (maps[False] == reference.SKIPPED).sum()

@@ -343,8 +343,14 @@ def split_tiles(monkeypatch):
     return use
 
 
-@pytest.mark.parametrize("name", list(DECODE_CASES))
-def test_v3_decode_matches_reference(name, split_tiles):
+#: (case, seeded): every case unseeded; the seeded test (decode_seed="sink") where thresh > 0
+#: (at thresh = 0 nothing votes, and the kernel scores no seed)
+_V3_DECODE_PARAMS = [pytest.param(n, False, id=f"{n}-none") for n in DECODE_CASES] + [
+    pytest.param(n, True, id=f"{n}-sink") for n, c in DECODE_CASES.items() if c[9] > 0]
+
+
+@pytest.mark.parametrize("name, seeded", _V3_DECODE_PARAMS)
+def test_v3_decode_matches_reference(name, seeded, split_tiles):
     b, hq, hkv, lq, lk, d, causal, bk, st, thresh, llm = DECODE_CASES[name]
     split_tiles(st)
     bf16 = False
@@ -360,9 +366,10 @@ def test_v3_decode_matches_reference(name, split_tiles):
     d_out = cuda.to_device(np.full((b, hq, lq, d), np.nan, np.float16))
     log_thresh = -math.inf if thresh == 0 else math.log(thresh)
     DV3.prepare(*(cuda.to_device(x) for x in (qb, kb, vb)), *part, d_map, log_thresh, causal,
-                1 / math.sqrt(d), bk, k_tiles, st, ns, seeded=False)()
+                1 / math.sqrt(d), bk, k_tiles, st, ns, seeded=seeded)()
     merge_kernel[b * hkv * rows, 32](*part, causal, lk, ns, d_out)
-    ref = blasst_attention_reference(qf, kf, vf, thresh, causal=causal, block_k=bk)
+    ref = blasst_attention_reference(qf, kf, vf, thresh, causal=causal, block_k=bk,
+                                     decode_seed="sink" if seeded else "none")
     got_map = d_map.copy_to_host()
     differ = got_map != ref.tile_map
     assert not np.any(differ & ~(np.abs(ref.margin) < 1e-2)), "skip decisions differ"

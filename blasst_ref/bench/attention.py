@@ -150,6 +150,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs (default 0)")
     p.add_argument("--block-q", type=_positive_int, default=None, help="prefill tile rows")
     p.add_argument("--block-k", type=_positive_int, default=None, help="tile keys")
+    p.add_argument("--decode-seed", nargs="+", choices=("sink", "none"), default=["sink"],
+                   help="decode's split-KV skip test: sink (each chunk also against the sink "
+                        "tile's max, the default), none (its own running max only), or both "
+                        "(one table each; auto: thresholds searched per seed)")
     p.add_argument("--repeat", type=_positive_int, default=5,
                    help="timed calls per variant after the warm-up (median reported; default 5)")
     p.add_argument("--threads", type=_positive_int, default=None,
@@ -264,12 +268,16 @@ def run(args) -> int:
     if not args.json:
         print(line, flush=True)
     results = []
-    for case in cases:
+    seeds = list(dict.fromkeys(args.decode_seed))
+    runs = [(c if len(seeds) == 1 or c.phase != "decode"
+             else replace(c, title=f"{c.title}, decode_seed={s}"), s)
+            for c in cases for s in (seeds if c.phase == "decode" else seeds[:1])]
+    for case, seed in runs:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=RuntimeWarning)  # inf/NaN in inputs
             res = run_case(case, backends, repeat=args.repeat, block_q=args.block_q,
                            block_k=args.block_k, tol=args.tol, with_error=not args.no_error,
-                           machine_line=line, quiet=args.quiet)
+                           machine_line=line, quiet=args.quiet, decode_seed=seed)
         results.append(res)
         if args.json:
             for row in res.rows:

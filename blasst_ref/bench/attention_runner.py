@@ -52,7 +52,8 @@ def _tile_sparsity(tile_map) -> tuple[float, int, int]:
 
 
 def resolve_thresholds(case: Case, q, k, v, *, block_q, block_k, tol, search_backend,
-                       progress_factory=None) -> tuple[list[tuple[float, str]], list[str]]:
+                       progress_factory=None, decode_seed: str = "sink",
+                       ) -> tuple[list[tuple[float, str]], list[str]]:
     """Turn the case's specs into ``[(thresh, label)]`` (thresh 0 first, always present: it
     is every backend's baseline) and notes about ``auto:`` searches."""
     out: list[tuple[float, str]] = [(0.0, "0")]
@@ -66,7 +67,8 @@ def resolve_thresholds(case: Case, q, k, v, *, block_q, block_k, tol, search_bac
         bar = progress_factory(f"auto:{spec.target:g} search") if progress_factory else None
         res = find_threshold(q, k, v, spec.target, causal=case.causal, backend=search_backend,
                              block_q=block_q, block_k=block_k, tol=tol, cache=cache,
-                             progress=None if bar is None else bar.update)
+                             progress=None if bar is None else bar.update,
+                             decode_seed=decode_seed)
         if bar is not None:
             bar.close()
         notes.append(
@@ -81,9 +83,10 @@ def resolve_thresholds(case: Case, q, k, v, *, block_q, block_k, tol, search_bac
 
 def run_case(case: Case, backends: list[str], *, repeat: int, block_q=None, block_k=None,
              tol: float = 0.02, with_error: bool = True, machine_line: str = "",
-             quiet: bool = False) -> CaseResult:
+             quiet: bool = False, decode_seed: str = "sink") -> CaseResult:
     """Benchmark one case on ``backends``; returns its rows (the columns are described in
-    :mod:`blasst_ref.bench.attention`'s docstring)."""
+    :mod:`blasst_ref.bench.attention`'s docstring). ``decode_seed``: decode's split-KV skip
+    test for every BLASST row and ``auto:`` search (``"sink"`` or ``"none"``)."""
     from tqdm.auto import tqdm
 
     from .. import attention
@@ -114,7 +117,7 @@ def run_case(case: Case, backends: list[str], *, repeat: int, block_q=None, bloc
         threshes, notes = resolve_thresholds(
             case, sq, sk, sv, block_q=block_q, block_k=block_k, tol=tol,
             search_backend=search_backend,
-            progress_factory=lambda d: bar(f"{case.title}: {d}"),
+            progress_factory=lambda d: bar(f"{case.title}: {d}"), decode_seed=decode_seed,
         )
     result.notes += notes
     exact = dense_oracle(q, k, v, causal=case.causal, scale=scale) if with_error else None
@@ -131,11 +134,13 @@ def run_case(case: Case, backends: list[str], *, repeat: int, block_q=None, bloc
             for t, label in threshes:
                 add(_vname("reference", t), backend, t, label,
                     lambda t=t: attention(q, k, v, t, causal=case.causal, backend="reference",
-                                          block_q=block_q, block_k=block_k, return_stats=True),
+                                          block_q=block_q, block_k=block_k, return_stats=True,
+                                          decode_seed=decode_seed),
                     max_repeat=1)  # slow: one timed run after the warm-up
         elif backend == "cpu":
             for t, label in threshes:
-                kw = dict(causal=case.causal, backend="cpu", block_q=block_q, block_k=block_k)
+                kw = dict(causal=case.causal, backend="cpu", block_q=block_q, block_k=block_k,
+                          decode_seed=decode_seed)
                 add(_vname("cpu", t), backend, t, label,
                     lambda t=t, kw=kw: attention(q, k, v, t, return_stats=True, **kw),
                     timed_fn=lambda t=t, kw=kw: attention(q, k, v, t, **kw))
@@ -154,7 +159,8 @@ def run_case(case: Case, backends: list[str], *, repeat: int, block_q=None, bloc
         elif backend == "cuda":
             (dq, dk, dvv), sync, to_host = dev
             for t, label in threshes:
-                kw = dict(causal=case.causal, backend="cuda", block_q=block_q, block_k=block_k)
+                kw = dict(causal=case.causal, backend="cuda", block_q=block_q, block_k=block_k,
+                          decode_seed=decode_seed)
                 timed, n = back_to_back(lambda t=t, kw=kw: attention(dq, dk, dvv, t, **kw), sync)
                 add(_vname("cuda", t), backend, t, label,
                     lambda t=t, kw=kw: attention(dq, dk, dvv, t, return_stats=True, **kw),
@@ -219,6 +225,7 @@ def run_case(case: Case, backends: list[str], *, repeat: int, block_q=None, bloc
             knobs=dict(case.knobs),
             block_q=None if case.phase == "decode" else bq, block_k=bk,
             thresh=m["thresh"], thresh_spec=m["thresh_spec"],
+            decode_seed=decode_seed if case.phase == "decode" else None,
             sparsity=sparsity, skipped_tiles=skipped, visited_tiles=visited,
             ms=ms, ms_min=tm.min_ms / inner, repeats=len(tm.samples_ms), calls_per_sample=inner,
             warmup_ms=tm.warmup_ms, flops=flops, gflops=flops / (ms * 1e6),

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from .. import tiling
+from .. import rule, tiling
 from ..api import BACKENDS, attention, threshold_for
 from ..reference import dense_attention
 from .search import ThresholdSearch, find_threshold
@@ -110,6 +110,10 @@ class Calibration:
             ``None`` means the defaults of :mod:`blasst_ref.tiling`).
         table: :class:`CalibrationPoint` rows, sorted by ``(context_len, thresh)``.
         r2: coefficient of determination of the fit of ``ln(thresh * L)`` on sparsity.
+        decode_seed: the split-KV skip test the decode samples ran with (``"sink"``, the
+            default of :func:`blasst_ref.attention`, or ``"none"``; docs/DESIGN.md §3.5);
+            use the calibrated thresholds with the same one. Files written before the seed
+            existed were measured unseeded and load as ``"none"``.
     """
 
     alpha: float
@@ -121,8 +125,10 @@ class Calibration:
     backend: str
     table: tuple = field(repr=False)
     r2: float = float("nan")
+    decode_seed: str = "sink"
 
     def __post_init__(self):
+        rule.decode_seeded(self.decode_seed)  # ValueError naming the allowed values
         if isinstance(self.table, (str, bytes)) or not isinstance(self.table, (tuple, list)):
             raise TypeError(f"table must be a list of points, got {self.table!r}")
         for i, p in enumerate(self.table):
@@ -213,7 +219,8 @@ class Calibration:
         return "\n".join(lines)
 
     def __str__(self) -> str:
-        return (f"Calibration({self.phase}, causal={self.causal}): thresh * L = "
+        seed = f", decode_seed={self.decode_seed!r}" if self.phase == "decode" else ""
+        return (f"Calibration({self.phase}, causal={self.causal}{seed}): thresh * L = "
                 f"{self.alpha:.4g} * exp({self.beta:.4g} * sparsity)  (R^2 = {self.r2:.3f}, "
                 f"{sum(p.in_fit for p in self.table)} points, lengths {self.lengths})")
 
@@ -304,6 +311,7 @@ class Calibration:
                              f"\"format\": \"{CALIBRATION_FORMAT}\")")
         d = dict(d)
         d.pop("format")
+        d.setdefault("decode_seed", "none")  # files from before the seeded decode test
         try:
             table = d.get("table")
             if isinstance(table, list):
@@ -510,7 +518,7 @@ def _select_fit_points(rows):
 
 def calibrate(samples, *, phase: str = "prefill", causal: bool = True, thresholds=None,
               block_q: int | None = None, block_k: int | None = None, backend: str = "auto",
-              progress: bool = True) -> Calibration:
+              progress: bool = True, decode_seed: str = "sink") -> Calibration:
     """Calibrate ``thresh * L = alpha * exp(beta * sparsity)`` on sample inputs
     (docs/DESIGN.md §5).
 
@@ -525,6 +533,8 @@ def calibrate(samples, *, phase: str = "prefill", causal: bool = True, threshold
             for :func:`default_thresholds` of the sample lengths.
         block_q, block_k, backend: passed to :func:`blasst_ref.attention`.
         progress: show a tqdm bar over the ``samples x thresholds`` runs.
+        decode_seed: the split-KV skip test of the decode samples (``"sink"``, the default,
+            or ``"none"``; :func:`blasst_ref.attention`); prefill ignores it.
 
     Returns:
         A :class:`Calibration`. Its table pools the samples of each length: sparsity is
@@ -541,6 +551,7 @@ def calibrate(samples, *, phase: str = "prefill", causal: bool = True, threshold
         raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal must be a bool, got {causal!r}")
+    rule.decode_seeded(decode_seed)
     samples = _sample_shapes(samples)
     dims = sorted({int(q.shape[-1]) for q, _, _ in samples})
     if len(dims) > 1:
@@ -576,7 +587,8 @@ def calibrate(samples, *, phase: str = "prefill", causal: bool = True, threshold
             ref_sq = float((ref ** 2).sum())
             for t in thresholds:
                 out, st = attention(q, k, v, float(t), causal=causal, backend=backend,
-                                    block_q=block_q, block_k=block_k, return_stats=True)
+                                    block_q=block_q, block_k=block_k, return_stats=True,
+                                    decode_seed=decode_seed)
                 ran_backend = st.backend
                 err_sq = float(((np.asarray(out, np.float64).reshape(ref.shape) - ref) ** 2).sum())
                 a = acc.setdefault((L, float(t)), [0, 0, 0.0, 0.0, 0])
@@ -601,7 +613,7 @@ def calibrate(samples, *, phase: str = "prefill", causal: bool = True, threshold
                               [p.sparsity for p in fit])
     return Calibration(alpha=alpha, beta=beta, phase=phase, causal=bool(causal),
                        block_q=block_q, block_k=block_k, backend=ran_backend, table=table,
-                       r2=r2)
+                       r2=r2, decode_seed=decode_seed)
 
 
 # ---------------------------------------------------------------------------------------
@@ -639,6 +651,10 @@ def main(argv=None) -> int:
                    help="target sparsities in (0, 1)")
     p.add_argument("--eval-lengths", type=int, nargs="*", default=[1024, 4096, 16384, 65536],
                    help="lengths to print thresholds for")
+    p.add_argument("--held-out", type=int, nargs="*", default=[],
+                   help="lengths to check the fit at: a fresh sample per length (another "
+                        "seed) run at the fitted threshold of each target, its sparsity and "
+                        "error printed")
     p.add_argument("--samples", type=int, default=1, help="samples per length (seeds)")
     p.add_argument("--batch", type=int, default=1, help="batch size B of each sample (default 1)")
     p.add_argument("--heads", type=int, default=None,
@@ -662,6 +678,10 @@ def main(argv=None) -> int:
                         "measured in tiles, so the law holds for one tile size")
     p.add_argument("--block-k", type=int, default=None,
                    help="keys per tile (default: the backend's, 64)")
+    p.add_argument("--decode-seed", choices=rule.DECODE_SEEDS, default="sink",
+                   help="decode's split-KV skip test: sink (every chunk against the sink "
+                        "tile's max too, the default) or none (each chunk against its own "
+                        "running max only)")
     p.add_argument("--per-decade", type=int, default=4, help="trial thresholds per decade")
     p.add_argument("--save", default=None, help="write the calibration as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -679,6 +699,7 @@ def main(argv=None) -> int:
                                a.head_dim, a.seed, a.dtype, a.peakedness)),
         phase=a.phase, causal=not a.no_causal, thresholds=default_thresholds(a.lengths, a.per_decade),
         block_q=a.block_q, block_k=a.block_k, backend=a.backend, progress=not a.quiet,
+        decode_seed=a.decode_seed,
     )
     elapsed = time.perf_counter() - t0
     print(cal)
@@ -712,8 +733,35 @@ def main(argv=None) -> int:
             cells.append(f"L={n}: {t:.3e} (err {e:.1e})" if not math.isnan(t)
                          else f"L={n}: not reached")
         print(f"  s={s:.2f}  " + ", ".join(cells))
+    if a.held_out:
+        _print_held_out(cal, a, heads, kv_heads)
     if a.save:
         cal.save(a.save)
         print(f"\nsaved to {a.save}")
     return 0
+
+
+def _print_held_out(cal, a, heads, kv_heads) -> None:
+    """The fitted thresholds at lengths the fit never saw: the sparsity and the relative L2
+    output error they give on a fresh sample (seed ``a.seed + 7919 + L``)."""
+    print()
+    print("held out: the fitted threshold on a fresh sample at each length (sparsity, error):")
+    for n in a.held_out:
+        q, k, v = next(_workload_samples(a.phase, [n], 1, a.batch, heads, kv_heads, a.head_dim,
+                                         a.seed + 7919, a.dtype, a.peakedness))
+        ref = _dense_reference(q, k, v, not a.no_causal, a.backend, a.block_q, a.block_k)
+        cells = []
+        for s in a.target:
+            try:
+                t = cal.threshold(n, s)
+            except ValueError:
+                cells.append(f"s={s:.2f}: thresh >= 1")
+                continue
+            out, st = attention(q, k, v, t, causal=not a.no_causal, backend=a.backend,
+                                block_q=a.block_q, block_k=a.block_k, return_stats=True,
+                                decode_seed=a.decode_seed)
+            err = float(np.linalg.norm(np.asarray(out, np.float64).reshape(ref.shape) - ref)
+                        / np.linalg.norm(ref))
+            cells.append(f"s={s:.2f}: thresh {t:.3e} -> {st.sparsity:.3f} (err {err:.1e})")
+        print(f"  L={n}: " + ", ".join(cells))
 

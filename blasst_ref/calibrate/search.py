@@ -39,7 +39,7 @@ class ThresholdSearch:
 def find_threshold(q, k, v, target: float, *, causal: bool, backend: str = "cpu",
                    block_q: int | None = None, block_k: int | None = None,
                    tol: float = 0.02, max_evals: int = 40, cache: dict | None = None,
-                   progress=None) -> ThresholdSearch:
+                   progress=None, decode_seed: str = "sink") -> ThresholdSearch:
     """Search the threshold whose tile sparsity on ``(q, k, v)`` is ``target`` +- ``tol``.
 
     Sparsity is a non-decreasing step function of the threshold (docs/DESIGN.md §9 tests that), and
@@ -59,6 +59,8 @@ def find_threshold(q, k, v, target: float, *, causal: bool, backend: str = "cpu"
         cache: a dict ``{log10(thresh): sparsity}`` shared between searches on the *same*
             input (e.g. ``auto:0.5`` then ``auto:0.75``): its points narrow the bracket.
         progress: called with ``1`` after every evaluation (e.g. ``tqdm.update``).
+        decode_seed: decode's split-KV skip test, as for :func:`blasst_ref.attention`
+            (``"sink"`` or ``"none"``; a ``cache`` holds the points of one seed only).
     """
     if not 0.0 < target < 1.0:
         raise ValueError(f"target sparsity must be in (0, 1), got {target!r}")
@@ -69,7 +71,8 @@ def find_threshold(q, k, v, target: float, *, causal: bool, backend: str = "cpu"
         nonlocal evals
         if x not in cache:
             _, st = attention(q, k, v, 10.0 ** x, causal=causal, backend=backend,
-                              block_q=block_q, block_k=block_k, return_stats=True)
+                              block_q=block_q, block_k=block_k, return_stats=True,
+                              decode_seed=decode_seed)
             cache[x] = st.sparsity
             evals += 1
             if progress:

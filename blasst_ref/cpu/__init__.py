@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 def blasst_attention(q, k, v, thresh, causal, scale, block_q, block_k, *, skip_test=True,
-                     out=None, lse=None):
+                     out=None, lse=None, decode_seed="sink"):
     """BLASST attention on the CPU.
 
     Args:
@@ -45,6 +45,8 @@ def blasst_attention(q, k, v, thresh, causal, scale, block_q, block_k, *, skip_t
         lse: optional C-contiguous ``(B, Hq, Lq)`` array of ``q``'s dtype, written with each
             row's log-sum-exp over its kept scaled scores (``-inf`` for a row that sees no
             key): what the backward needs besides the tile map.
+        decode_seed: ``"sink"`` (default) or ``"none"``: the split-KV skip test of decode
+            (docs/DESIGN.md §3.5); prefill ignores it.
 
     Returns:
         ``(out, tile_map)``; ``tile_map`` as ``AttentionStats.tile_map``.
@@ -64,6 +66,7 @@ def blasst_attention(q, k, v, thresh, causal, scale, block_q, block_k, *, skip_t
                             or not lse.flags.c_contiguous):
         raise ValueError(f"lse must be a C-contiguous {q.dtype} array of shape {(n_b, n_hq, lq)}")
     log_thresh = rule.log_threshold(thresh)
+    seeded = rule.decode_seeded(decode_seed)
     causal = bool(causal)
     skip_test = True if skip_test else None  # None: a kernel compiled without the test
     n_kt = tiling.num_tiles(lk, block_k)
@@ -78,7 +81,7 @@ def blasst_attention(q, k, v, thresh, causal, scale, block_q, block_k, *, skip_t
             part_acc = np.empty((n_b, n_hkv, n_splits, n_rows, dv), q.dtype)
             tile_map = np.zeros((n_b, n_hkv, 1, n_kt), np.int8)
             decode_split_kernel(q, k, v, log_thresh, causal, scale, block_k, split_tiles,
-                                skip_test, part_m, part_l, part_acc, tile_map)
+                                skip_test, part_m, part_l, part_acc, tile_map, seeded)
             decode_merge_kernel(part_m, part_l, part_acc, causal, lk, out, lse)
         else:
             tile_map = np.zeros((n_b, n_hq, tiling.num_tiles(lq, block_q), n_kt), np.int8)

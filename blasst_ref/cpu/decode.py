@@ -9,8 +9,12 @@ Two kernels, as on a GPU:
 
 1. :func:`decode_split_kernel`, a ``prange`` over (batch, kv head, split): the rows of every
    tile are all query rows of all query heads of one kv group (they decide together whether
-   to skip), and each split starts with its own running max (its first tile is dense). It
-   writes the split's partial state ``(m, l, acc)``.
+   to skip), and each split starts with its own running max. Seeded (the default,
+   docs/DESIGN.md §3.5), a split other than the first also scores key tile 0 (one extra K
+   tile read, no V) and tests its tiles against ``max(m_r, s0_r)``, so even its first tile
+   may be skipped; unseeded, its first tile is dense. It writes the split's partial state
+   ``(m, l, acc)`` (``m = -inf, l = 0, acc = 0`` for a split that skipped everything: weight
+   0 in the merge).
 2. :func:`decode_merge_kernel`, a ``prange`` over (batch, kv head): rescales the partial
    states to the common max and divides by the merged sum.
 
@@ -26,13 +30,13 @@ from numba import njit, prange
 
 from ..numba_utils import FASTMATH, exp
 from ..rule import COMPUTED, SKIPPED
-from .online import (fold_row, last_visible_key, max_nan, row_sees_keys, rows_agree_to_skip,
-                     visited_k_tiles)
+from .online import (fold_row, last_visible_key, max_nan, row_sees_keys,
+                     rows_agree_to_skip_seeded, visited_k_tiles)
 
 
 @njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
 def decode_split_kernel(q, k, v, log_thresh, causal, scale, block_k, split_tiles, skip_test,
-                        part_m, part_l, part_acc, tile_map):
+                        part_m, part_l, part_acc, tile_map, seeded=True):
     """Partial BLASST states of every split-KV chunk.
 
     Args:
@@ -45,6 +49,10 @@ def decode_split_kernel(q, k, v, log_thresh, causal, scale, block_k, split_tiles
         part_m, part_l: ``(B, Hkv, n_splits, R)`` with ``R = (Hq // Hkv) * Lq``, written.
         part_acc: ``(B, Hkv, n_splits, R, Dv)``, written.
         tile_map: int8 ``(B, Hkv, 1, n_k_tiles)``, zero on entry.
+        seeded: the seeded skip test (docs/DESIGN.md §3.5, ``decode_seed="sink"``): a split
+            that does not start at tile 0 first scores key tile 0 itself (``Q K^T`` only: no
+            exp, no V) and tests each tile against ``max_nan(m_r, s0_r)``, ``s0_r`` row
+            ``r``'s max over that tile; ``False``: against ``m_r`` only.
 
     Row ``r`` of a group is query head ``g * group + r // Lq`` at query position ``r % Lq``.
     """
@@ -72,6 +80,7 @@ def decode_split_kernel(q, k, v, log_thresh, causal, scale, block_k, split_tiles
         l = np.zeros(n_rows, q.dtype)
         acc = np.zeros((n_rows, dv), q.dtype)
         tile_max = np.empty(n_rows, q.dtype)
+        s0 = np.full(n_rows, neg_inf, q.dtype)  # the sink reference (-inf: unseeded)
 
         kt0 = sp * split_tiles
         kt1 = min(k_tiles, kt0 + split_tiles)
@@ -82,6 +91,20 @@ def decode_split_kernel(q, k, v, log_thresh, causal, scale, block_k, split_tiles
                 for d in range(dv):
                     part_acc[b, g, sp, r, d] = dt(0.0)
             continue
+        if seeded and skip_test is not None and kt0 > 0 and log_thresh > -np.inf:
+            # s0: tile 0's row maxima over visible keys, scored as below (same loop, same
+            # rounding as split 0's own scores of tile 0): one extra K tile read per split
+            n0 = min(lk, block_k)
+            k_g = k[b, g]
+            for j in range(n0):
+                k_row = k_g[j]
+                for r in range(n_rows):
+                    if j <= last_visible_key(r % lq, lq, lk, causal):
+                        q_row = q_rows[r]
+                        dot = dt(0.0)
+                        for d in range(dqk):
+                            dot += q_row[d] * k_row[d]
+                        s0[r] = max_nan(dot, s0[r])
         js = kt0 * block_k
         je = min(lk, kt1 * block_k)
         # Q K^T is never skipped: score the whole split first, streaming each K row once
@@ -114,7 +137,7 @@ def decode_split_kernel(q, k, v, log_thresh, causal, scale, block_k, split_tiles
                 tile_max[r] = mx
 
             if skip_test is not None:  # pruned at compile time when None
-                skip = rows_agree_to_skip(tile_max, m, n_rows, log_thresh)
+                skip = rows_agree_to_skip_seeded(tile_max, m, s0, n_rows, log_thresh)
                 if skip:  # the V rows of this tile are never read
                     tile_map[b, g, 0, kt] = SKIPPED
                     continue

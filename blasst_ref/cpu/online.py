@@ -68,3 +68,14 @@ def rows_agree_to_skip(tile_max, m_ref, n_rows, log_thresh):
         if not row_votes_skip(tile_max[r], m_ref[r], log_thresh):
             return False
     return True
+
+
+@njit(inline="always")
+def rows_agree_to_skip_seeded(tile_max, m, s0, n_rows, log_thresh):
+    """:func:`rows_agree_to_skip` of split-KV decode: each row ``r`` measures the tile against
+    ``max_nan(m[r], s0[r])``, its running max raised to the sink maximum ``s0[r]`` of
+    docs/DESIGN.md §3.5's seeded test (``s0 = -inf``, the unseeded test, leaves ``m``)."""
+    for r in range(n_rows):
+        if not row_votes_skip(tile_max[r], max_nan(m[r], s0[r]), log_thresh):
+            return False
+    return True

@@ -34,7 +34,8 @@ import numpy as np
 from numba import config, cuda
 
 from .. import tiling
-from ..rule import log_threshold  # (not `rule`: that name is this package's .rule module)
+from .. import rule as _rule  # (not `rule`: that name is this package's .rule module)
+from ..rule import log_threshold
 from . import launch, numba_internals
 
 __all__ = ["attention", "array_library"]
@@ -156,14 +157,15 @@ def _as_4d(x):
     return arr
 
 
-def attention(q, k, v, thresh, causal, scale, block_q, block_k):
+def attention(q, k, v, thresh, causal, scale, block_q, block_k, *, decode_seed="sink"):
     """BLASST attention on the GPU (validated by :func:`blasst_ref.attention`).
 
     Args:
         q, k, v: CUDA arrays, ``(B, Hq, Lq, Dqk)``, ``(B, Hkv, Lk, Dqk)``, ``(B, Hkv, Lk, Dv)``
             (or 3-D without ``B``), C-contiguous, one dtype: float32 or float16, or a torch
             bfloat16 tensor (read as its bits; computed in float32, stored back as bfloat16).
-        thresh, causal, scale, block_q, block_k: as :func:`blasst_ref.attention`.
+        thresh, causal, scale, block_q, block_k, decode_seed: as
+            :func:`blasst_ref.attention` (``decode_seed``: ``"sink"`` or ``"none"``).
 
     Returns:
         ``(out, tile_map, kernel)``: ``out`` an array of the caller's library with ``q``'s
@@ -192,11 +194,12 @@ def attention(q, k, v, thresh, causal, scale, block_q, block_k):
                 "is False on this machine; use backend='cpu' with numpy arrays"
             )
         _AVAILABLE = True
+    seeded = _rule.decode_seeded(decode_seed)
     if numba_internals.available():
-        res = _attention_fast(q, k, v, thresh, causal, scale, block_q, block_k)
+        res = _attention_fast(q, k, v, thresh, causal, scale, block_q, block_k, seeded)
         if res is not None:
             return res
-    return _attention_general(q, k, v, thresh, causal, scale, block_q, block_k)
+    return _attention_general(q, k, v, thresh, causal, scale, block_q, block_k, seeded)
 
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
@@ -236,7 +239,7 @@ def _raw(name, x):
     return iface["data"][0], shape, dt, _device_id(x)
 
 
-def _attention_fast(q, k, v, thresh, causal, scale, block_q, block_k):
+def _attention_fast(q, k, v, thresh, causal, scale, block_q, block_k, seeded=True):
     """The fast path; ``None`` where it does not apply (then the general path runs)."""
     rq, rk, rv = _raw("q", q), _raw("k", k), _raw("v", v)
     if rq is None or rk is None or rv is None:
@@ -255,7 +258,7 @@ def _attention_fast(q, k, v, thresh, causal, scale, block_q, block_k):
         return None  # the fast versions read 16-byte vectors
     if q4[0] * q4[1] * q4[2] == 0:
         return None
-    runner = launch.fast_plan(q4, k4, v4, dtype, bool(causal), block_q, block_k)
+    runner = launch.fast_plan(q4, k4, v4, dtype, bool(causal), block_q, block_k, seeded)
     if runner is None:
         return None
     out_shape = q_shape[:-1] + (v4[3],)
@@ -282,7 +285,7 @@ def _current_device():
     return _CUR_DEVICE[0]
 
 
-def _attention_general(q, k, v, thresh, causal, scale, block_q, block_k):
+def _attention_general(q, k, v, thresh, causal, scale, block_q, block_k, seeded=True):
     """The general path: Numba views of the arrays, Numba's dispatcher."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_contiguous(name, x)
@@ -310,7 +313,7 @@ def _attention_general(q, k, v, thresh, causal, scale, block_q, block_k):
         tile_map = _as_map(q, (n_b, n_hkv, 1, n_kt))
         kernel = launch.launch_decode(q4, k4, v4, out4, tile_map, log_thresh, bool(causal),
                                       scale, block_k, tiling.decode_split_tiles(lk, block_k),
-                                      tiling.decode_num_splits(lk, block_k))
+                                      tiling.decode_num_splits(lk, block_k), seeded=seeded)
     else:
         tile_map = _as_map(q, (n_b, n_hq, tiling.num_tiles(lq, block_q), n_kt))
         kernel = launch.launch_prefill(q4, k4, v4, out4, tile_map, log_thresh, bool(causal),

@@ -72,8 +72,10 @@ Per key tile
 2. Row max ``m~`` with a NaN-propagating max (a NaN score reaches the vote and, as in the
    reference's ``np.maximum``, the running max).
 3. **Vote**: row ``r`` agrees iff :func:`blasst_ref.rule.row_votes_skip` says so,
-   ``m~_r - m_r < log(thresh)``: a NaN score, or a row that has seen nothing yet, never
-   agrees. Any disagreement (``syncthreads_or``) keeps the tile.
+   ``m~_r - m_ref_r < log(thresh)`` with ``m_ref_r = max_nan(m_r, s0_r)``: seeded (the
+   default, docs/DESIGN.md §3.5), a split that does not start at tile 0 first runs steps 1-2
+   on tile 0 alone to get each row's sink maximum ``s0_r`` (one extra K tile, no V);
+   unseeded, ``s0_r = -inf``. A NaN score, or a row with no reference yet, never agrees. Any disagreement (``syncthreads_or``) keeps the tile.
    Skipped: ``tile_map = 2`` and straight to the next tile: no exp, no V load, no ``P V``.
 4. Kept: ``tile_map = 1``; online-softmax update of ``m``, ``l`` (a row that has still seen
    nothing shifts by 0, keeping ``l = 0``), ``P`` into ``ss`` (0 for masked keys), then
@@ -133,9 +135,10 @@ def plan(rows: int, block_k: int, dqk: int, dv: int, threads: int = THREADS,
 
 
 @functools.lru_cache(maxsize=None)
-def kernel(R, BK, DQK, DV, DC, QW, NT):
+def kernel(R, BK, DQK, DV, DC, QW, NT, SEEDED=True):
     """The split kernel specialised for ``R`` rows, ``BK`` keys per tile, head dims, chunk
-    ``DC``, staged query width ``QW`` and ``NT`` threads (all compile-time constants)."""
+    ``DC``, staged query width ``QW``, ``NT`` threads and the seeded skip test or not
+    (``SEEDED``, docs/DESIGN.md §3.5; all compile-time constants)."""
     NCQ = -(-DQK // DC)  # chunks along Dqk
     NCV = -(-DV // DC)  # chunks along Dv
     Q_RES = QW > DC or NCQ == 1  # all of Q resident in shared memory
@@ -167,6 +170,7 @@ def kernel(R, BK, DQK, DV, DC, QW, NT):
         ls = cuda.shared.array(R, float32)
         als = cuda.shared.array(R, float32)
         tms = cuda.shared.array(R, float32)
+        s0s = cuda.shared.array(R, float32)  # the sink reference s0 (-inf: none)
         acc = cuda.local.array(ACC_N, float32)  # this thread's (r, d) accumulators
         sacc = cuda.local.array(EPS, float32)  # this thread's (r, j) scores
 
@@ -187,6 +191,7 @@ def kernel(R, BK, DQK, DV, DC, QW, NT):
         for r in range(t, R, NT):
             ms[r] = neg_inf
             ls[r] = float32(0.0)
+            s0s[r] = neg_inf
         for e in range(ACC_N):
             acc[e] = float32(0.0)
         if Q_RES:  # the whole pre-scaled Q of the group, once
@@ -201,7 +206,13 @@ def kernel(R, BK, DQK, DV, DC, QW, NT):
 
         kt0 = sp * split_tiles
         kt1 = min(k_tiles, kt0 + split_tiles)
-        for kt in range(kt0, kt1):
+        # Seeded (docs/DESIGN.md §3.5): a split that does not start at tile 0 first scores
+        # tile 0 (steps 1-2 only: its row maxima become s0; no vote, no exp, no V), then
+        # votes every tile of its own against max(m, s0). Split 0's running max covers
+        # tile 0 from its first tile on.
+        seed_here = SEEDED and 0 < kt0 < kt1 and log_thresh > -math.inf
+        for it in range(kt0 - 1 if seed_here else kt0, kt1):
+            kt = it if it >= kt0 else 0
             j0 = kt * BK
             uj0 = uint64(j0)
             # ---- 1. S = Q K^T, chunk by chunk along Dqk --------------------------------
@@ -269,10 +280,16 @@ def kernel(R, BK, DQK, DV, DC, QW, NT):
                     tms[r] = red[t]
                 cuda.syncthreads()
 
+            if it < kt0:  # the seed pass: keep tile 0's maxima, nothing else
+                for r in range(t, R, NT):
+                    s0s[r] = tms[r]
+                cuda.syncthreads()
+                continue
+
             # ---- 3. the group's vote ----------------------------------------------------
             disagree = 0
             for r in range(t, R, NT):  # blasst_ref.rule.row_votes_skip, row by row
-                if not row_votes_skip(tms[r], ms[r], log_thresh):
+                if not row_votes_skip(tms[r], max_nan(ms[r], s0s[r]), log_thresh):
                     disagree = 1
             if cuda.syncthreads_or(disagree) == 0:
                 if t == 0:
@@ -373,7 +390,8 @@ def launch(p, problem, q, k, v, out, tile_map, log_thresh, scale):
     nt, dc, qw = p
     n_work = problem.batch * problem.kv_heads * problem.n_splits
     part_m, part_l, part_acc = combine.partials(n_work, problem.rows, problem.dv)
-    split = kernel(problem.rows, problem.block_k, problem.dqk, problem.dv, dc, qw, nt)
+    split = kernel(problem.rows, problem.block_k, problem.dqk, problem.dv, dc, qw, nt,
+                   problem.seeded)
     split[n_work, nt](q, k, v, float(log_thresh), problem.causal, np.float32(scale),
                       problem.kv_len, problem.k_tiles, problem.split_tiles, problem.n_splits,
                       part_m, part_l, part_acc, tile_map)
@@ -389,7 +407,8 @@ def kernels(p, problem):
     nt, dc, qw = p
     arr, i64 = array_type(problem.dtype, 4), types.int64
     ml, acc = array_type(np.float32, 2), array_type(np.float32, 3)
-    split = kernel(problem.rows, problem.block_k, problem.dqk, problem.dv, dc, qw, nt)
+    split = kernel(problem.rows, problem.block_k, problem.dqk, problem.dv, dc, qw, nt,
+                   problem.seeded)
     return [("decode_v1 split", split, (arr, arr, arr, types.float64, types.boolean,
                                         types.float32, i64, i64, i64, i64, ml, ml, acc,
                                         array_type(np.int8, 4))),

@@ -37,7 +37,9 @@ V rows of its kept tiles, with the same decisions as the reference's sequential 
   2. tile maxima, one thread per (row, tile) (padded rows of ss: no bank conflicts);
   3. votes: one thread per row walks the window, voting with
      :func:`blasst_ref.rule.row_votes_skip` against the prefix max of the window's tile
-     maxima (its ``m_ref``), one thread per tile ANDs the rows and writes tile_map;
+     maxima (seeded, raised to the row's sink maximum ``s0``: its ``m_ref``), one thread
+     per tile ANDs the rows and writes tile_map; seeded (docs/DESIGN.md §3.5), a split
+     that does not start at tile 0 first runs steps 1-2 on tile 0 alone to get ``s0``;
   4. P = exp(s - M) with M the running max at the window's end (rescaling acc, l once per
      window), row sums per (row, tile);
   5. acc += P V over the kept tiles only, (tile, round) pairs flattened so that 4 V rows
@@ -208,10 +210,11 @@ def _kscore_fn(R, VEC, LPK, RSK, BK, BKP, U):
 
 
 @functools.lru_cache(maxsize=None)
-def kernel(R, BK, DQK, DV, VEC, NT, WT, regs=REGS):
+def kernel(R, BK, DQK, DV, VEC, NT, WT, regs=REGS, SEEDED=True):
     """The split kernel for ``R`` rows, ``BK`` keys per tile, head dims, ``VEC`` elements
-    per 16-byte load, ``NT`` threads and windows of ``WT`` tiles (compile-time constants),
-    capped at ``regs`` registers per thread on a GPU."""
+    per 16-byte load, ``NT`` threads and windows of ``WT`` tiles, with the seeded skip test
+    or not (``SEEDED``, docs/DESIGN.md §3.5; compile-time constants), capped at ``regs``
+    registers per thread on a GPU."""
 
     NW = NT // 32  # warps
     LPK = DQK // VEC  # lanes that share one K row (16 for D = 128 in float16)
@@ -224,6 +227,7 @@ def kernel(R, BK, DQK, DV, VEC, NT, WT, regs=REGS):
     U = UNROLL
     assert U == 4, "the K and V loops below are unrolled by hand for 4 loads"
     NRK = WK // RSK  # rounds of K loads per window (a multiple of U)
+    NRK0 = min(NRK, -(-BK // (RSK * U)) * U)  # rounds that cover one tile (the seed pass)
     NRV = BK // RSV  # rounds of V loads per kept tile
     BKP = BK + 1  # padded tile row in ss: conflict-free per-(row, tile) walks
     SSW = WT * BKP
@@ -272,6 +276,7 @@ def kernel(R, BK, DQK, DV, VEC, NT, WT, regs=REGS):
         ls = cuda.shared.array(R, float32)
         als = cuda.shared.array(R, float32)
         shs = cuda.shared.array(R, float32)
+        s0s = cuda.shared.array(R, float32)  # the sink reference s0 (-inf: none)
         sacc = cuda.shared.array((R, DV), float32)
         red = cuda.shared.array(RED_N, float32)
         qr = cuda.local.array(RV, float32)  # this lane's slice of the scaled queries
@@ -304,13 +309,20 @@ def kernel(R, BK, DQK, DV, VEC, NT, WT, regs=REGS):
         if t < R:
             ms[t] = neg_inf
             ls[t] = float32(0.0)
+            s0s[t] = neg_inf
             hzs[t] = last_visible_key(t % lq, lq, lk, causal)
         cuda.syncthreads()
 
         kt0 = sp * split_tiles
         kt1 = min(k_tiles, kt0 + split_tiles)
-        for wt0 in range(kt0, kt1, WT):
-            nwt = min(WT, kt1 - wt0)
+        # Seeded (docs/DESIGN.md §3.5): a split that does not start at tile 0 first runs
+        # steps 1-2 on a window of tile 0 alone (its row maxima become s0: no vote, no exp,
+        # no V) and then votes against max(m, s0). Split 0's running max covers tile 0.
+        seed_here = SEEDED and 0 < kt0 < kt1 and log_thresh > -math.inf
+        for ww in range(kt0 - WT if seed_here else kt0, kt1, WT):
+            seed_pass = ww < kt0
+            wt0 = 0 if seed_pass else ww
+            nwt = 1 if seed_pass else min(WT, kt1 - wt0)
             j0 = wt0 * BK
             jlim = min(lk, (wt0 + nwt) * BK)  # keys past it: masked, never used
             # ---- 1. scores of the whole window: U rows of K in flight per lane (raw words),
@@ -323,7 +335,7 @@ def kernel(R, BK, DQK, DV, VEC, NT, WT, regs=REGS):
             xa1 = ldw(k, (kbase + min(j0 + kk + RSK, jlim - 1)) * DQK + kq)
             xa2 = ldw(k, (kbase + min(j0 + kk + 2 * RSK, jlim - 1)) * DQK + kq)
             xa3 = ldw(k, (kbase + min(j0 + kk + 3 * RSK, jlim - 1)) * DQK + kq)
-            for it in range(0, NRK, U):
+            for it in range(0, NRK0 if seed_pass else NRK, U):
                 kn = kk + U * RSK  # the next group (past the window: clamped, unused)
                 # after this group's math, into its registers (issuing them before it, a
                 # double buffer, measured neutral on an H100 and spilled)
@@ -345,22 +357,33 @@ def kernel(R, BK, DQK, DV, VEC, NT, WT, regs=REGS):
                         mx = max_nan(mx, ss[r, tt * BKP + jj])
                     tmax[r, tt] = mx
             cuda.syncthreads()
+            if seed_pass:  # keep tile 0's maxima, nothing else
+                if t < R:
+                    s0s[t] = tmax[t, 0]
+                cuda.syncthreads()
+                continue
             # ---- 3. the votes. The running max of a row after tile t is the max over *all*
             # tiles <= t, skipped ones included: a skipped tile had m~ < m + log(thresh) < m
             # in every row, so it could not have raised m. Hence one thread per row walks the
             # window's tile maxima (a prefix max), and the whole window is decided before any
             # exp or V load.
+            # Seeded, a skipped tile may hold a max above m (it is below s0 + log(thresh)),
+            # but never above max(m, s0): the prefix max still gives every vote its
+            # reference max(m, s0); the running max itself is taken over the kept tiles
+            # below, once the group has decided.
             if t < R:
                 m_old = ms[t]
                 pm = m_old
+                s0 = s0s[t]
                 for tt in range(nwt):
                     tm = tmax[t, tt]
-                    agree[t, tt] = 1 if row_votes_skip(tm, pm, log_thresh) else 0
+                    agree[t, tt] = 1 if row_votes_skip(tm, max_nan(pm, s0), log_thresh) else 0
                     pm = max_nan(pm, tm)
-                shift = float32(0.0) if pm == neg_inf else pm
-                als[t] = math.exp(m_old - shift)
-                shs[t] = shift
-                ms[t] = pm
+                if not SEEDED:
+                    shift = float32(0.0) if pm == neg_inf else pm
+                    als[t] = math.exp(m_old - shift)
+                    shs[t] = shift
+                    ms[t] = pm
             cuda.syncthreads()
             if t < nwt:
                 kp = 0
@@ -377,6 +400,18 @@ def kernel(R, BK, DQK, DV, VEC, NT, WT, regs=REGS):
                         klist[nk] = tt
                         nk += 1
                 nkept[0] = nk
+            if SEEDED:  # the running max over the kept tiles only
+                if t < R:
+                    m_old = ms[t]
+                    pm = m_old
+                    for tt in range(nwt):
+                        if keep[tt] != 0:
+                            pm = max_nan(pm, tmax[t, tt])
+                    shift = float32(0.0) if pm == neg_inf else pm
+                    als[t] = math.exp(m_old - shift)
+                    shs[t] = shift
+                    ms[t] = pm
+                cuda.syncthreads()
             # (the next barrier, after step 4, publishes klist)
             # ---- 4. P = exp(s - m_window) of kept tiles, row sums per (row, tile) ---------
             for p in range(t, NPAIR, NT):
@@ -497,7 +532,7 @@ def sources(p, problem, sim=False) -> dict:
 def _split(p, problem):
     nt, wt = p
     return kernel(problem.rows, problem.block_k, problem.dqk, problem.dv,
-                  16 // problem.itemsize, nt, wt)
+                  16 // problem.itemsize, nt, wt, REGS, problem.seeded)
 
 
 def launch(p, problem, q, k, v, out, tile_map, log_thresh, scale):

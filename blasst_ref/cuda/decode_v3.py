@@ -299,7 +299,7 @@ def prepare(q4, k4, v4, part_m, part_l, part_acc, tile_map, log_thresh, causal, 
 
 def seeded(problem) -> bool:
     """Whether ``problem`` asks for the seeded skip test (``decode_seed="sink"``)."""
-    return bool(getattr(problem, "seeded", False))
+    return bool(problem.seeded)
 
 
 def accepts(problem, threads=None, chunk=None, **_):

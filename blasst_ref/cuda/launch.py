@@ -172,7 +172,7 @@ def launch_prefill(q, k, v, out, tile_map, log_thresh, causal, scale, block_q, b
 
 
 def launch_decode(q, k, v, out, tile_map, log_thresh, causal, scale, block_k, split_tiles,
-                  n_splits, *, threads=None, chunk=None, version=None):
+                  n_splits, *, threads=None, chunk=None, version=None, seeded=True):
     """BLASST split-KV decode on the GPU, through Numba's dispatcher.
 
     Args:
@@ -192,13 +192,15 @@ def launch_decode(q, k, v, out, tile_map, log_thresh, causal, scale, block_k, sp
             two under the simulator); default: each version's (32 on the simulator).
         chunk: force the head-dim chunk ``DC`` of version 1 (implies ``version=1``).
         version: a version number, or ``None``: the newest that takes the shape.
+        seeded: the seeded skip test (``decode_seed="sink"``, the default; docs/DESIGN.md
+            §3.5), or ``False`` for the unseeded one (``"none"``).
 
     Accumulates in float32. Launches two kernels on the default stream; returns the name of
     the version that ran (``"decode_v3"``).
     """
     problem = Problem.of(q.shape, k.shape, v.shape, q.dtype, causal, 0, block_k,
                          aligned=aligned16(q, k, v), split_tiles=split_tiles,
-                         n_splits=n_splits)
+                         n_splits=n_splits, seeded=seeded)
     if n_splits * split_tiles < problem.n_k_tiles:
         raise ValueError(f"{n_splits} splits of {split_tiles} tiles do not cover "
                          f"{problem.n_k_tiles} tiles")
@@ -213,19 +215,20 @@ _FAST: dict = {}
 _MAX_FAST = 64
 
 
-def fast_plan(q_shape, k_shape, v_shape, dtype, causal, block_q, block_k):
+def fast_plan(q_shape, k_shape, v_shape, dtype, causal, block_q, block_k, seeded=True):
     """A runner for the raw-pointer host path (``runner.run(qp, kp, vp, outp, log_thresh,
     scale) -> tile_map``) of 4-D shapes on 16-byte aligned arrays, cached per shape, dtype,
-    mask and tiles (a call with a cached shape costs one dict lookup); ``None`` where the
+    mask, tiles and decode seed (``seeded``: docs/DESIGN.md §3.5's seeded decode test; a
+    call with a cached shape costs one dict lookup); ``None`` where the
     version that serves the problem has none, no version takes it, or the internals are
     missing (the general path then runs; :mod:`.numba_internals`)."""
     if not numba_internals.available():
         return None
-    key = (q_shape, k_shape, v_shape, dtype, causal, block_q, block_k)
+    key = (q_shape, k_shape, v_shape, dtype, causal, block_q, block_k, bool(seeded))
     runner = _FAST.get(key, False)
     if runner is False:
         runner = _build_fast(Problem.of(q_shape, k_shape, v_shape, dtype, causal, block_q,
-                                        block_k))
+                                        block_k, seeded=seeded))
         if runner is False:  # an internal failed: not cached, the general path from now on
             return None
         if len(_FAST) >= _MAX_FAST:
@@ -250,7 +253,7 @@ def _build_fast(problem: Problem):
 
 def dump_source(name: str, directory=None, *, batch=1, q_heads=32, kv_heads=8, q_len=None,
                 kv_len=4096, dqk=128, dv=None, dtype="float16", causal=True, block_q=128,
-                block_k=64, simulator=False) -> dict:
+                block_k=64, simulator=False, seeded=True) -> dict:
     """The generated kernel source of version ``name`` for one shape, to read.
 
     Args:
@@ -274,7 +277,7 @@ def dump_source(name: str, directory=None, *, batch=1, q_heads=32, kv_heads=8, q
     dv = dqk if dv is None else dv
     problem = Problem.of((batch, q_heads, q_len, dqk), (batch, kv_heads, kv_len, dqk),
                          (batch, kv_heads, kv_len, dv), np.dtype(dtype), causal, block_q,
-                         block_k)
+                         block_k, seeded=seeded)
     if problem.decode != (entry.phase == "decode"):
         raise ValueError(f"{name} serves {entry.phase}, and q_len={q_len} is "
                          f"{'decode' if problem.decode else 'prefill'}")

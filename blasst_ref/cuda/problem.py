@@ -27,6 +27,10 @@ class Problem:
         aligned: every array's data starts on a 16-byte boundary and is C-contiguous (the
             vector loads of the v2 kernels need it).
         split_tiles, n_splits: decode's split-KV chunking (``tiling``'s by default).
+        seeded: decode's seeded skip test (``decode_seed="sink"``, docs/DESIGN.md §3.5): a
+            chunk that does not start at key tile 0 scores that tile itself and tests its
+            tiles against ``max(m_r, s0_r)``; ``False`` (``"none"``): against ``m_r`` only.
+            Every decode version honours it; prefill ignores it (stored as ``False``).
     """
 
     batch: int
@@ -43,10 +47,11 @@ class Problem:
     aligned: bool = True
     split_tiles: int = 0
     n_splits: int = 0
+    seeded: bool = True
 
     @classmethod
     def of(cls, q_shape, k_shape, v_shape, dtype, causal, block_q, block_k, *, aligned=True,
-           split_tiles=None, n_splits=None) -> "Problem":
+           split_tiles=None, n_splits=None, seeded=True) -> "Problem":
         """The problem of 4-D shapes ``q (B, Hq, Lq, Dqk)``, ``k``, ``v``."""
         b, hq, lq, dqk = (int(n) for n in q_shape)
         hkv, lk, dv = int(k_shape[1]), int(k_shape[2]), int(v_shape[3])
@@ -55,7 +60,8 @@ class Problem:
                 else split_tiles
             n_splits = tiling.decode_num_splits(lk, block_k) if n_splits is None else n_splits
         return cls(b, hq, hkv, lq, lk, dqk, dv, np.dtype(dtype), bool(causal), int(block_q),
-                   int(block_k), bool(aligned), int(split_tiles or 0), int(n_splits or 0))
+                   int(block_k), bool(aligned), int(split_tiles or 0), int(n_splits or 0),
+                   bool(seeded) and tiling.is_decode(lq))
 
     @property
     def decode(self) -> bool:
