@@ -52,6 +52,31 @@ def test_quantize_rows_kernel_equals_numpy(m, k, seed):
     assert np.all(err <= 0.5001 * s[:, None])
 
 
+def test_quantize_rows_non_finite_and_extreme_rows():
+    """Rows holding NaN, +-inf, values near the float32 limit (hi - lo overflows), -0.0 or
+    one tiny value: the kernel (serial and parallel) equals the numpy meaning bit for bit
+    (a non-finite row: scale 1, zero point 0, NaN -> 0)."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((40, 67)).astype(np.float32)
+    x[0, 3] = np.nan
+    x[1, 0] = np.inf
+    x[2, 66] = -np.inf
+    x[3, :] = -np.nan
+    x[4, :] = 3e38
+    x[4, 1] = -3e38
+    x[5, :] = -0.0
+    x[6, :] = 0.0
+    x[6, 9] = 1e-30
+    x[7] = -np.abs(x[7])
+    x[8] = np.abs(x[8]) * 1e6
+    q_ref, s_ref, z_ref = quantize_rows_array(x)
+    for threads in (1, 2):
+        q, s, z = Q8.quantize_rows(x, threads=threads)
+        np.testing.assert_array_equal(q, q_ref)
+        np.testing.assert_array_equal(s, s_ref[:, 0])
+        np.testing.assert_array_equal(z, z_ref[:, 0])
+
+
 def test_quantize_rows_equals_onnxruntime_dynamic_quantize_linear():
     """Each row alone through ONNX Runtime's DynamicQuantizeLinear: same q, scale and zero
     point, bit for bit."""
