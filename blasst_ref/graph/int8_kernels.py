@@ -1202,11 +1202,9 @@ def _quantize_row(x, bits, i, q, rscale, rzp, kf):
         zp = np.rint(min(max(-lo / scale, np.float32(0.0)), np.float32(255.0)))
     rscale[i] = scale
     rzp[i] = np.int32(zp)
-    for j in range(n):
-        v = np.rint(row[j] / scale) + zp
-        v = v if v > np.float32(0.0) else np.float32(0.0)
-        v = v if v < np.float32(255.0) else np.float32(255.0)
-        qi[j] = np.uint8(np.int32(v))
+    for j in range(n):  # finite row: no NaN to test for
+        v = np.rint(row[j] / scale)
+        qi[j] = np.uint8(min(max(v + zp, np.float32(0.0)), np.float32(255.0)))
 
 
 @njit(parallel=True, cache=True)
