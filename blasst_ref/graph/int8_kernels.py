@@ -1246,10 +1246,54 @@ def quantize_rows(x, *, threads=None):
     return q, rscale, rzp
 
 
+@njit(parallel=True, cache=True)
+def _run_par_dynamic(tag, x, q, rscale, rzp, w, n, row_block, col_block, p, outf, outq,
+                     outi):
+    """Dynamic int8 in one parallel region: each task owns ``row_block`` rows, quantizes
+    them (:func:`_quantize_row` into ``q``, ``rscale``, ``rzp``, which ``p`` holds too)
+    and then runs every column block of those rows (:func:`_task`, mode 3) while the
+    quantized rows are hot in L1/L2 -- one pass over ``x`` and one fork/join per call,
+    instead of a quantize region and a kernel region."""
+    m = x.shape[0]
+    nb = w.shape[2]
+    mr_max = _uk_dims(len(tag), nb)[0]
+    n_rb = (m + row_block - 1) // row_block
+    n_cb = (n + col_block - 1) // col_block
+    bits = x.view(np.int32)
+    for rb in prange(n_rb):
+        kf = np.empty(2, np.float32)
+        for i in range(rb * row_block, min(m, (rb + 1) * row_block)):
+            _quantize_row(x, bits, i, q, rscale, rzp, kf)
+        cbuf = np.empty((mr_max, col_block), np.int32)
+        fbuf = np.empty(col_block, np.float32)
+        for cb in range(n_cb):
+            _task(tag, rb * n_cb + cb, q, w, n, n_cb, row_block, col_block, p, outf, outq,
+                  outi, cbuf, fbuf)
+
+
+def _dynamic_row_blocks(m, pw, threads):
+    """Rows per task of the one-region dynamic driver (:func:`_run_par_dynamic`): the
+    fewest equal blocks of whole micro-kernel strips, at most :data:`ROW_BLOCK` rows each,
+    whose count is a multiple of ``threads`` (every thread the same rows); None where
+    ``m`` has fewer strips than ``threads`` (the two-region path then runs)."""
+    mr = _UK_SHAPE[_VW[pw.backend]][0]
+    strips = -(-m // mr)
+    if threads <= 1 or strips < threads:
+        return None
+    tasks = threads
+    while True:
+        rb = -(-strips // tasks) * mr
+        if rb <= ROW_BLOCK or rb <= mr:
+            return rb
+        tasks += threads
+
+
 class DynamicQMatMulPlan:
     """``act(x @ W + bias) + residual`` with ``x`` float32 quantized per row at run time
     (dynamic quantization, docs/DESIGN.md §7.4): each call quantizes the rows of ``x``
-    (:func:`quantize_rows`: one pass over ``x``), then runs the u8 x s8 -> s32 kernel whose
+    (:func:`quantize_rows`: one pass over ``x``; on all threads, inside the kernel's own
+    parallel region, each task its own rows: :func:`_run_par_dynamic`), then runs the
+    u8 x s8 -> s32 kernel whose
     epilogue dequantises every output with its row's scale and zero point --
     ``y[m, n] = (row_scale[m] * w_scale[n]) * (acc[m, n] - row_zp[m] * col_sums[n])`` --
     adds the bias, activates, adds the residual and stores float32. Built once per weight
@@ -1276,11 +1320,27 @@ class DynamicQMatMulPlan:
         out = check_out(out, (m, n), np.float32)
         if np.may_share_memory(out, x):
             raise ValueError("out must not overlap x")
-        q, rscale, rzp = quantize_rows(x, threads=self.threads)
+        if m == 0:
+            return out
         cap = _num_threads()
         sched = self._sched.get((m, cap))
         if sched is None:
-            sched = self._sched[(m, cap)] = _schedule(m, pw, self.threads, cap)
+            sched = _schedule(m, pw, self.threads, cap)
+            nt = sched[2]
+            rows = _dynamic_row_blocks(m, pw, nt) if nt == cap else None
+            sched = self._sched[(m, cap)] = (sched, rows)
+        sched, rows = sched
+        if rows is not None:  # one parallel region: quantize + product per row block
+            q = np.empty(x.shape, np.uint8)
+            rscale = np.empty(m, np.float32)
+            rzp = np.empty(m, np.int32)
+            p = _params(3, pw.col_sums, pw.scale, self.bias, self.act, residual,
+                        row_scale=rscale, row_zp=rzp)
+            cb = _blocks(m, n, pw, 1)[1]
+            _run_par_dynamic(_TAG[pw.backend], np.ascontiguousarray(x), q, rscale, rzp,
+                             pw.data, n, rows, cb, p, out, _EMPTY_U2, _EMPTY_I2)
+            return out
+        q, rscale, rzp = quantize_rows(x, threads=self.threads)
         p = _params(3, pw.col_sums, pw.scale, self.bias, self.act, residual,
                     row_scale=rscale, row_zp=rzp)
         _run(q, pw, p, sched, outf=out)
