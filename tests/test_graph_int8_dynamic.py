@@ -155,7 +155,7 @@ def test_dynamic_one_region_driver_equals_numpy_and_two_region_path(m, k, n, act
     plan = Q8.DynamicQMatMulPlan(pw, b, K.ACT_NAMES.index(act))
     cap = numba.get_num_threads()
     if cap > 1:  # CI has 2 cores: the one-region driver is the one under test
-        assert Q8._dynamic_row_blocks(m, pw, cap) is not None
+        assert Q8.dynamic_row_blocks(m, pw, cap) is not None
         assert Q8.auto_threads(m, n, k) == cap
     out = np.full((m, n), np.nan, np.float32)
     got = plan(x, r, out)

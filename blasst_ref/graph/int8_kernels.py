@@ -94,7 +94,8 @@ from .kernels import ACT_NONE, activate, check_act, check_out
 
 __all__ = [
     "BACKENDS", "DynamicQMatMulPlan", "MAX_K", "PackedInt8Weight", "QMatMulPlan",
-    "asm_of_kernel", "auto_threads", "available_int8_backends", "int8_backend",
+    "asm_of_kernel", "auto_threads", "available_int8_backends", "dynamic_row_blocks",
+    "int8_backend",
     "pack_int8_weight", "qmatmul", "qmatmul_dynamic", "qmatmul_s32", "quantize",
     "quantize_rows", "quantize_unchecked",
     "vnni_peak_macs_per_cycle",
@@ -1271,7 +1272,7 @@ def _run_par_dynamic(tag, x, q, rscale, rzp, w, n, row_block, col_block, p, outf
                   outi, cbuf, fbuf)
 
 
-def _dynamic_row_blocks(m, pw, threads):
+def dynamic_row_blocks(m, pw, threads):
     """Rows per task of the one-region dynamic driver (:func:`_run_par_dynamic`): the
     fewest equal blocks of whole micro-kernel strips, at most :data:`ROW_BLOCK` rows each,
     whose count is a multiple of ``threads`` (every thread the same rows); None where
@@ -1327,7 +1328,7 @@ class DynamicQMatMulPlan:
         if sched is None:
             sched = _schedule(m, pw, self.threads, cap)
             nt = sched[2]
-            rows = _dynamic_row_blocks(m, pw, nt) if nt == cap else None
+            rows = dynamic_row_blocks(m, pw, nt) if nt == cap else None
             sched = self._sched[(m, cap)] = (sched, rows)
         sched, rows = sched
         if rows is not None:  # one parallel region: quantize + product per row block
