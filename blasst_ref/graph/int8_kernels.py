@@ -14,7 +14,7 @@ Quantize and calls these lives in the passes):
   store or requantisation to u8.
 * :func:`quantize`: float32 -> u8/s8 per tensor in one compiled pass (the int8 graph's
   entry; bit for bit ``ops.quantize_array``).
-* :func:`int8_backend`: ``"avx512_vnni"``, ``"avx_vnni"`` or ``"portable"``.
+* :func:`int8_backend`: ``"avx512_vnni"``, ``"avx_vnni"``, ``"avx2"`` or ``"portable"``.
 
 The instruction
 ---------------
@@ -32,8 +32,13 @@ in LLVM IR (phi nodes for the accumulators) with calls of the LLVM intrinsic
 ``llvm.x86.avx512.vpdpbusd.512`` (or ``.256``: the 256-bit form, which LLVM emits as the
 EVEX instruction under AVX512VL and as the VEX ``{vex} vpdpbusd`` of AVX-VNNI).
 The backend is chosen once at import from the CPU features LLVM reports for the host
-(what Numba compiles for), or forced with ``BLASST_INT8_BACKEND``. Elsewhere a portable
-Numba path computes the same integers with plain int32 loops.
+(what Numba compiles for), or forced with ``BLASST_INT8_BACKEND``. On AVX2 without VNNI
+(e.g. Zen 3) the same micro-kernel emulates ``vpdpbusd`` exactly: each lane's 4 weight bytes
+split into their even and odd bytes as int16 pairs (shifts, once per weight vector), the
+4 activation bytes likewise, and two ``vpmaddwd`` (int16 products, pairwise int32 sums:
+exact; ``vpmaddubsw`` would saturate) added to the accumulator -- ``MR x NBLK`` = 4 x 2
+blocks of 8 columns, to fit 16 ymm registers. Elsewhere a portable Numba path computes
+the same integers with plain int32 loops.
 
 Packed layout (:class:`PackedInt8Weight`)
 -----------------------------------------
@@ -206,7 +211,8 @@ _BACKEND = _select_backend()
 
 def int8_backend() -> str:
     """The int8 backend chosen at import: ``"avx512_vnni"`` (zmm ``vpdpbusd``),
-    ``"avx_vnni"`` (ymm ``vpdpbusd``) or ``"portable"`` (plain Numba loops). Detected from
+    ``"avx_vnni"`` (ymm ``vpdpbusd``), ``"avx2"`` (ymm, ``vpdpbusd`` emulated exactly by
+    two ``vpmaddwd``) or ``"portable"`` (plain Numba loops). Detected from
     the CPU features Numba compiles for; ``BLASST_INT8_BACKEND`` forces one (a ValueError
     at import if the CPU lacks it)."""
     return _BACKEND
