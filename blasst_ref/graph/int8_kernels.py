@@ -95,6 +95,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from ..numba_utils import FASTMATH
 from .kernels import ACT_NONE, activate, check_act, check_out
 
 __all__ = [
@@ -533,6 +534,16 @@ def _uk_dims(vw, nb):
     return MR_PORTABLE, 1, nb
 
 
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _activate(buf, n, act):
+    """:func:`.kernels.activate` with the float kernels' fast-math flags and numpy's error
+    model (no zero test on divisions), so that its loops vectorise: one thread, 196 K GELUs
+    in chunks of 256, 0.42-0.64 ms against 4.2-4.7 ms as the epilogue ran them before (Zen
+    3). Its own function, not inlined, so that the requantising epilogue around it keeps
+    IEEE arithmetic."""
+    activate(buf, n, act)
+
+
 @njit(cache=True)
 def _epilogue_tile(c, ldc, mr, nc, r0, n0, n, p, outf, outq, outi, res, fbuf):
     """Finish one strip: ``c`` (flat int32 sums in L1, row stride ``ldc``) holds the output
@@ -582,7 +593,7 @@ def _epilogue_tile(c, ldc, mr, nc, r0, n0, n, p, outf, outq, outi, res, fbuf):
         if has_bias:
             for j in range(nc):
                 fbuf[j] += b[j]
-        activate(fbuf, nc, act)
+        _activate(fbuf, nc, act)
         if has_res:
             for j in range(ncu):
                 fbuf[j] += res[ob + j]
