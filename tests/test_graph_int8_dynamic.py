@@ -52,6 +52,31 @@ def test_quantize_rows_kernel_equals_numpy(m, k, seed):
     assert np.all(err <= 0.5001 * s[:, None])
 
 
+def test_quantize_rows_non_finite_and_extreme_rows():
+    """Rows holding NaN, +-inf, values near the float32 limit (hi - lo overflows), -0.0 or
+    one tiny value: the kernel (serial and parallel) equals the numpy meaning bit for bit
+    (a non-finite row: scale 1, zero point 0, NaN -> 0)."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((40, 67)).astype(np.float32)
+    x[0, 3] = np.nan
+    x[1, 0] = np.inf
+    x[2, 66] = -np.inf
+    x[3, :] = -np.nan
+    x[4, :] = 3e38
+    x[4, 1] = -3e38
+    x[5, :] = -0.0
+    x[6, :] = 0.0
+    x[6, 9] = 1e-30
+    x[7] = -np.abs(x[7])
+    x[8] = np.abs(x[8]) * 1e6
+    q_ref, s_ref, z_ref = quantize_rows_array(x)
+    for threads in (1, 2):
+        q, s, z = Q8.quantize_rows(x, threads=threads)
+        np.testing.assert_array_equal(q, q_ref)
+        np.testing.assert_array_equal(s, s_ref[:, 0])
+        np.testing.assert_array_equal(z, z_ref[:, 0])
+
+
 def test_quantize_rows_equals_onnxruntime_dynamic_quantize_linear():
     """Each row alone through ONNX Runtime's DynamicQuantizeLinear: same q, scale and zero
     point, bit for bit."""
@@ -102,6 +127,44 @@ def test_dynamic_kernel_equals_its_numpy_meaning(act, m, k, n, seed, bias, resid
     if act == "gelu":  # erfc in the kernel, scipy's erf in numpy: a few ulps apart
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     else:  # same integers, same float operations in the same order
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("m, k, n, act, residual", [
+    (101, 130, 70, "relu", True),   # rows not a multiple of any micro-kernel's
+    (64, 384, 200, "none", False),
+    (250, 61, 260, "gelu", True),   # more row blocks than threads x 1, columns > one block
+])
+def test_dynamic_one_region_driver_equals_numpy_and_two_region_path(m, k, n, act,
+                                                                     residual):
+    """Above the serial threshold the rows are quantized inside the kernel's parallel
+    region (each task its own rows): the same integers as the numpy meaning (the float
+    output equal, GELU to a few ulps) and bit for bit the serial two-pass path."""
+    import numba
+
+    from blasst_ref.graph import kernels as K
+
+    rng = np.random.default_rng(m * 7 + k)
+    x = rows_with_edge_cases(rng, m, k)
+    x[m // 2, 3] = np.nan  # a non-finite row in a parallel task
+    w = rng.integers(-127, 128, (k, n)).astype(np.int8)
+    ws = (rng.random(n) * 0.02 + 1e-3).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    r = rng.standard_normal((m, n)).astype(np.float32) if residual else None
+    pw = Q8.pack_int8_weight(w, ws)
+    plan = Q8.DynamicQMatMulPlan(pw, b, K.ACT_NAMES.index(act))
+    cap = numba.get_num_threads()
+    if cap > 1:  # CI has 2 cores: the one-region driver is the one under test
+        assert Q8.dynamic_row_blocks(m, pw, cap) is not None
+        assert Q8.auto_threads(m, n, k) == cap
+    out = np.full((m, n), np.nan, np.float32)
+    got = plan(x, r, out)
+    serial = Q8.DynamicQMatMulPlan(pw, b, K.ACT_NAMES.index(act), threads=1)(x, r)
+    np.testing.assert_array_equal(got, serial)
+    want = qmatmul_dynamic_array(x, w, b, r, {"w_scale": ws, "act": act})
+    if act == "gelu":
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    else:
         np.testing.assert_array_equal(got, want)
 
 

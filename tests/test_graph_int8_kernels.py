@@ -3,12 +3,14 @@
 * The integer kernel (u8 x s8 -> s32) equals a numpy int64 product *exactly*, on every
   backend this CPU has (the detected one and the portable one at least), over Hypothesis
   shapes (K not a multiple of 4, M or N of 1) and fills with the extreme values 0/255 and
-  -128/127; the VNNI and portable paths agree bit for bit, serial and parallel.
+  -128/127; the SIMD (VNNI, or AVX2's exact vpmaddwd emulation of vpdpbusd) and portable
+  paths agree bit for bit, serial and parallel.
 * Zero-point compensation is exact (unit scales: the float output is the exact integer
   ``(a - za) @ w``), the float output matches a float64 computation of the dequantised
   product, and the u8 output is ``ops.quantize_array`` of the float output exactly (and of
   the float64 reference except at rounding ties).
-* On a VNNI CPU the compiled kernel's assembly contains ``vpdpbusd``.
+* On a VNNI CPU the compiled kernel's assembly contains ``vpdpbusd`` (``vpmaddwd`` on
+  AVX2).
 * K tails (K % 4 != 0) run on the caller's rows without padding and read no byte past
   them (a guard page); every thread count (1 = the serial driver, 2, capped, auto) gives
   the same bytes.
@@ -37,6 +39,7 @@ from blasst_ref.graph import kernels as K
 from blasst_ref.graph import ops
 
 BACKENDS = list(IK.available_int8_backends())
+#: the micro-kernel backends (VNNI and AVX2): every one this CPU has
 VNNI_BACKENDS = [b for b in BACKENDS if b != "portable"]
 #: The parallel driver is tested on the detected backend and the portable one (each
 #: backend's drivers compile in ~5-8 s the first time; the other VNNI width shares all
@@ -153,6 +156,8 @@ def test_backend_detection():
     assert IK.available_int8_backends({"avx512f", "avx512vnni", "avx512vl"}) == (
         "avx512_vnni", "avx_vnni", "portable")
     assert IK.available_int8_backends({"avx512f", "avx512vnni"}) == ("avx512_vnni", "portable")
+    assert IK.available_int8_backends({"avx2", "fma"}) == ("avx2", "portable")
+    assert IK.available_int8_backends({"avx2", "avxvnni"}) == ("avx_vnni", "avx2", "portable")
 
 
 @pytest.mark.parametrize("value, ok", [("portable", True), ("sse9", False)])
@@ -171,14 +176,16 @@ def test_backend_env_var(value, ok):
 
 def test_asm_contains_vpdpbusd():
     if IK.int8_backend() == "portable":
-        pytest.skip("this CPU has neither AVX512-VNNI nor AVX-VNNI: the portable path runs "
-                    "and no vpdpbusd is emitted")
+        pytest.skip("this CPU has neither AVX2 nor VNNI: the portable path runs and no "
+                    "vpdpbusd is emitted")
     for backend in VNNI_BACKENDS:
         asm = IK.asm_of_kernel(backend)
-        lines = [ln for ln in asm.splitlines() if "vpdpbusd" in ln]
-        assert lines, f"no vpdpbusd in the {backend} kernel"
+        # AVX2 has no vpdpbusd: the kernel emulates it with vpmaddwd on int16 halves
+        ins = "vpmaddwd" if backend == "avx2" else "vpdpbusd"
+        lines = [ln for ln in asm.splitlines() if ins in ln]
+        assert lines, f"no {ins} in the {backend} kernel"
         reg = "zmm" if backend == "avx512_vnni" else "ymm"
-        assert any(reg in ln for ln in lines), f"{backend}: no {reg} vpdpbusd: {lines[:3]}"
+        assert any(reg in ln for ln in lines), f"{backend}: no {reg} {ins}: {lines[:3]}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -193,7 +200,7 @@ def test_pack_layout(backend):
     w = rng.integers(-128, 128, (k, n), dtype=np.int8)
     pw = IK.pack_int8_weight(w, 0.5, backend=backend)
     nb = pw.nb
-    assert nb == (8 if backend == "avx_vnni" else 16)
+    assert nb == (8 if backend in ("avx_vnni", "avx2") else 16)
     assert pw.data.dtype == np.int8 and pw.data.flags.c_contiguous
     assert pw.data.shape == (-(-n // nb), 4, nb, 4)  # Kp = 16
     assert (pw.k, pw.n, pw.backend) == (k, n, backend)

@@ -14,7 +14,7 @@ Quantize and calls these lives in the passes):
   store or requantisation to u8.
 * :func:`quantize`: float32 -> u8/s8 per tensor in one compiled pass (the int8 graph's
   entry; bit for bit ``ops.quantize_array``).
-* :func:`int8_backend`: ``"avx512_vnni"``, ``"avx_vnni"`` or ``"portable"``.
+* :func:`int8_backend`: ``"avx512_vnni"``, ``"avx_vnni"``, ``"avx2"`` or ``"portable"``.
 
 The instruction
 ---------------
@@ -32,8 +32,13 @@ in LLVM IR (phi nodes for the accumulators) with calls of the LLVM intrinsic
 ``llvm.x86.avx512.vpdpbusd.512`` (or ``.256``: the 256-bit form, which LLVM emits as the
 EVEX instruction under AVX512VL and as the VEX ``{vex} vpdpbusd`` of AVX-VNNI).
 The backend is chosen once at import from the CPU features LLVM reports for the host
-(what Numba compiles for), or forced with ``BLASST_INT8_BACKEND``. Elsewhere a portable
-Numba path computes the same integers with plain int32 loops.
+(what Numba compiles for), or forced with ``BLASST_INT8_BACKEND``. On AVX2 without VNNI
+(e.g. Zen 3) the same micro-kernel emulates ``vpdpbusd`` exactly: each lane's 4 weight bytes
+split into their even and odd bytes as int16 pairs (shifts, once per weight vector), the
+4 activation bytes likewise, and two ``vpmaddwd`` (int16 products, pairwise int32 sums:
+exact; ``vpmaddubsw`` would saturate) added to the accumulator -- ``MR x NBLK`` = 4 x 2
+blocks of 8 columns, to fit 16 ymm registers. Elsewhere a portable Numba path computes
+the same integers with plain int32 loops.
 
 Packed layout (:class:`PackedInt8Weight`)
 -----------------------------------------
@@ -90,23 +95,26 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from ..numba_utils import FASTMATH
 from .kernels import ACT_NONE, activate, check_act, check_out
 
 __all__ = [
     "BACKENDS", "DynamicQMatMulPlan", "MAX_K", "PackedInt8Weight", "QMatMulPlan",
-    "asm_of_kernel", "auto_threads", "available_int8_backends", "int8_backend",
+    "asm_of_kernel", "auto_threads", "available_int8_backends", "dynamic_row_blocks",
+    "int8_backend",
     "pack_int8_weight", "qmatmul", "qmatmul_dynamic", "qmatmul_s32", "quantize",
     "quantize_rows", "quantize_unchecked",
     "vnni_peak_macs_per_cycle",
 ]
 
 #: Backend names, widest first.
-BACKENDS = ("avx512_vnni", "avx_vnni", "portable")
+BACKENDS = ("avx512_vnni", "avx_vnni", "avx2", "portable")
 #: Vector width (int32 lanes, = columns per packed block) of each backend's layout.
-_LANES = {"avx512_vnni": 16, "avx_vnni": 8, "portable": 16}
+_LANES = {"avx512_vnni": 16, "avx_vnni": 8, "avx2": 8, "portable": 16}
 #: Code passed to the compiled drivers (a literal: it picks the micro-kernel at compile
-#: time): 16 -> zmm VNNI, 8 -> ymm VNNI, 0 -> portable loops.
-_VW = {"avx512_vnni": 16, "avx_vnni": 8, "portable": 0}
+#: time): 16 -> zmm VNNI, 8 -> ymm VNNI, 7 -> ymm AVX2 (8 lanes, ``vpdpbusd`` emulated exactly
+#: by two ``vpmaddwd``), 0 -> portable loops.
+_VW = {"avx512_vnni": 16, "avx_vnni": 8, "avx2": 7, "portable": 0}
 #: ... passed to them as the length of a tuple: the length is part of the tuple's Numba
 #: type, so each backend gets its own compiled specialisation (and cache entry) from a
 #: plain call, with no per-call literal dispatch.
@@ -124,8 +132,12 @@ MAX_K = (2**31 - 1) // (255 * 128)
 #: MR must be >= 4: tails are cut into micro-kernels of 4, 2 and 1 rows.
 MR_ZMM, NBLK_ZMM = 6, 4
 MR_YMM, NBLK_YMM = 6, 2
+#: AVX2 without VNNI: 4 x 2 blocks -- 8 accumulators, 4 weight vectors (each block's even
+#: and odd bytes as int16) and 2 broadcasts in 16 ymm registers.
+MR_AVX2, NBLK_AVX2 = 4, 2
 MR_PORTABLE = 4
-_UK_SHAPE = {16: (MR_ZMM, NBLK_ZMM), 8: (MR_YMM, NBLK_YMM), 0: (MR_PORTABLE, 1)}
+_UK_SHAPE = {16: (MR_ZMM, NBLK_ZMM), 8: (MR_YMM, NBLK_YMM), 7: (MR_AVX2, NBLK_AVX2),
+             0: (MR_PORTABLE, 1)}
 #: Rows per task (a multiple of every MR above) and the largest number of columns per task
 #: (a multiple of every NR = NBLK * NB above). On Zen 4, 48..192 x 128..512 were all
 #: within noise on 1024^3 and the DLRM shapes.
@@ -172,6 +184,8 @@ def available_int8_backends(features=None) -> tuple[str, ...]:
         out.append("avx512_vnni")
     if "avxvnni" in f or {"avx512vnni", "avx512vl"} <= f:
         out.append("avx_vnni")
+    if "avx2" in f:
+        out.append("avx2")
     out.append("portable")
     return tuple(out)
 
@@ -198,7 +212,8 @@ _BACKEND = _select_backend()
 
 def int8_backend() -> str:
     """The int8 backend chosen at import: ``"avx512_vnni"`` (zmm ``vpdpbusd``),
-    ``"avx_vnni"`` (ymm ``vpdpbusd``) or ``"portable"`` (plain Numba loops). Detected from
+    ``"avx_vnni"`` (ymm ``vpdpbusd``), ``"avx2"`` (ymm, ``vpdpbusd`` emulated exactly by
+    two ``vpmaddwd``) or ``"portable"`` (plain Numba loops). Detected from
     the CPU features Numba compiles for; ``BLASST_INT8_BACKEND`` forces one (a ValueError
     at import if the CPU lacks it)."""
     return _BACKEND
@@ -249,11 +264,52 @@ def _uk_vnni(typingctx, tag, mr, nblk, a, a_off, lda, w, w_off, w_bstride, kq, k
         if nbits == 0:
             return context.get_dummy_value()
         nblk = ncols
-        name = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256"}[nbits]
-        i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
-        vty = ir.VectorType(i32, nbits)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
-                                            name)
+        emulate = nbits == 7  # AVX2: vpdpbusd as two exact vpmaddwd (see _dot below)
+        lanes = 8 if emulate else nbits
+        i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+        vty = ir.VectorType(i32, lanes)
+        if emulate:
+            wty = ir.VectorType(i16, 2 * lanes)
+            fn = cgutils.get_or_insert_function(builder.module,
+                                                ir.FunctionType(vty, [wty, wty]),
+                                                "llvm.x86.avx2.pmadd.wd")
+            eight = ir.Constant(wty, [8] * (2 * lanes))
+            lo_mask = ir.Constant(i32, 0x00FF00FF)
+        else:
+            name = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256"}[nbits]
+            fn = cgutils.get_or_insert_function(builder.module,
+                                                ir.FunctionType(vty, [vty] * 3), name)
+
+        def prep(wv):
+            """A weight vector as the kernel multiplies it: VNNI takes the 4 bytes per lane
+            as they are; AVX2 splits them into the even bytes (k = 4q, 4q+2) and the odd
+            ones (4q+1, 4q+3), each sign-extended to int16 pairs."""
+            if not emulate:
+                return wv
+            x = builder.bitcast(wv, wty)
+            return builder.ashr(builder.shl(x, eight), eight), builder.ashr(x, eight)
+
+        def splat(word):
+            """A row's 4 activation bytes (an i32 word) broadcast to every lane: as they
+            are (VNNI), or as the even and odd bytes zero-extended to int16 pairs (AVX2)."""
+            def bcast(v):
+                return builder.shuffle_vector(
+                    builder.insert_element(undef, v, ir.Constant(i32, 0)), undef, splat_mask)
+            if not emulate:
+                return bcast(word)
+            even = builder.and_(word, lo_mask)
+            odd = builder.and_(builder.lshr(word, ir.Constant(i32, 8)), lo_mask)
+            return builder.bitcast(bcast(even), wty), builder.bitcast(bcast(odd), wty)
+
+        def _dot(acc, bc, wv):
+            """``acc + sum over each lane's 4 bytes of u8 * s8``: one vpdpbusd, or on AVX2
+            ``vpmaddwd(a_even, w_even) + vpmaddwd(a_odd, w_odd)`` -- int16 products of a
+            u8 and an s8 and their pair sums are exact in int32, as in vpdpbusd (vpmaddubsw
+            would saturate)."""
+            if not emulate:
+                return builder.call(fn, [acc, bc, wv])
+            return builder.add(acc, builder.add(builder.call(fn, [bc[0], wv[0]]),
+                                                builder.call(fn, [bc[1], wv[1]])))
         _, _, _, a_v, a_off_v, lda_v, w_v, w_off_v, wbs_v, kq_v, kt_v, c_v, c_off_v, ldc_v = args
         targs = sig.args[1:]
         a_data = builder.bitcast(context.make_array(targs[2])(context, builder, a_v).data,
@@ -278,6 +334,8 @@ def _uk_vnni(typingctx, tag, mr, nblk, a, a_off, lda, w, w_off, w_bstride, kq, k
                                                                          ir.Constant(i64, j)))])
                   for j in range(nblk)]
         zero = ir.Constant(vty, None)
+        undef = ir.Constant(vty, ir.Undefined)
+        splat_mask = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
         entry = builder.basic_block
         loop = builder.append_basic_block("vnni.loop")
         done = builder.append_basic_block("vnni.done")
@@ -291,20 +349,17 @@ def _uk_vnni(typingctx, tag, mr, nblk, a, a_off, lda, w, w_off, w_bstride, kq, k
             p = builder.phi(vty)
             p.add_incoming(zero, entry)
             accs.append(p)
-        wq = builder.mul(q, ir.Constant(i64, 4 * nbits))
-        wvecs = [builder.load(builder.bitcast(builder.gep(wb, [wq]), vty.as_pointer()), align=1)
-                 for wb in w_blks]
+        wq = builder.mul(q, ir.Constant(i64, 4 * lanes))
+        wvecs = [prep(builder.load(builder.bitcast(builder.gep(wb, [wq]), vty.as_pointer()),
+                                   align=1)) for wb in w_blks]
         aq = builder.mul(q, ir.Constant(i64, 4))
         new = []
-        undef = ir.Constant(vty, ir.Undefined)
-        splat_mask = ir.Constant(ir.VectorType(i32, nbits), [0] * nbits)
         for i in range(rows):
             word = builder.load(builder.bitcast(builder.gep(a_rows[i], [aq]), i32.as_pointer()),
                                 align=1)
-            bc = builder.shuffle_vector(builder.insert_element(undef, word, ir.Constant(i32, 0)),
-                                        undef, splat_mask)
+            bc = splat(word)
             for j in range(nblk):
-                new.append(builder.call(fn, [accs[i * nblk + j], bc, wvecs[j]]))
+                new.append(_dot(accs[i * nblk + j], bc, wvecs[j]))
         q_next = builder.add(q, ir.Constant(i64, 1))
         body_end = builder.basic_block
         q.add_incoming(q_next, body_end)
@@ -328,9 +383,9 @@ def _uk_vnni(typingctx, tag, mr, nblk, a, a_off, lda, w, w_off, w_bstride, kq, k
         fin = builder.append_basic_block("vnni.fin")
         builder.cbranch(builder.icmp_signed(">", kt_v, ir.Constant(i64, 0)), tail, fin)
         builder.position_at_end(tail)
-        wq = builder.mul(kq_v, ir.Constant(i64, 4 * nbits))
-        wvecs = [builder.load(builder.bitcast(builder.gep(wb, [wq]), vty.as_pointer()), align=1)
-                 for wb in w_blks]
+        wq = builder.mul(kq_v, ir.Constant(i64, 4 * lanes))
+        wvecs = [prep(builder.load(builder.bitcast(builder.gep(wb, [wq]), vty.as_pointer()),
+                                   align=1)) for wb in w_blks]
         aq = builder.mul(kq_v, ir.Constant(i64, 4))
         last = builder.sub(kt_v, ir.Constant(i64, 1))
         tail_new = []
@@ -343,10 +398,9 @@ def _uk_vnni(typingctx, tag, mr, nblk, a, a_off, lda, w, w_off, w_bstride, kq, k
                 byte = builder.load(builder.gep(a_rows[i], [builder.add(aq, idx)]))
                 val = builder.select(inside, builder.zext(byte, i32), ir.Constant(i32, 0))
                 word = builder.or_(word, builder.shl(val, ir.Constant(i32, 8 * t)))
-            bc = builder.shuffle_vector(builder.insert_element(undef, word, ir.Constant(i32, 0)),
-                                        undef, splat_mask)
+            bc = splat(word)
             for j in range(nblk):
-                tail_new.append(builder.call(fn, [sums[i * nblk + j], bc, wvecs[j]]))
+                tail_new.append(_dot(sums[i * nblk + j], bc, wvecs[j]))
         tail_end = builder.basic_block
         builder.branch(fin)
         builder.position_at_end(fin)
@@ -360,7 +414,7 @@ def _uk_vnni(typingctx, tag, mr, nblk, a, a_off, lda, w, w_off, w_bstride, kq, k
             for j in range(nblk):
                 res = results[i * nblk + j]
                 off = builder.add(builder.mul(ldc_v, ir.Constant(i64, i)),
-                                  ir.Constant(i64, j * nbits))
+                                  ir.Constant(i64, j * lanes))
                 builder.store(res, builder.bitcast(builder.gep(c_data, [off]), vty.as_pointer()),
                               align=4)
         return context.get_dummy_value()
@@ -475,7 +529,19 @@ def _uk_dims(vw, nb):
         return MR_ZMM, NBLK_ZMM, NBLK_ZMM * nb
     if vw == 8:
         return MR_YMM, NBLK_YMM, NBLK_YMM * nb
+    if vw == 7:
+        return MR_AVX2, NBLK_AVX2, NBLK_AVX2 * nb
     return MR_PORTABLE, 1, nb
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _activate(buf, n, act):
+    """:func:`.kernels.activate` with the float kernels' fast-math flags and numpy's error
+    model (no zero test on divisions), so that its loops vectorise: one thread, 196 K GELUs
+    in chunks of 256, 0.42-0.64 ms against 4.2-4.7 ms as the epilogue ran them before (Zen
+    3). Its own function, not inlined, so that the requantising epilogue around it keeps
+    IEEE arithmetic."""
+    activate(buf, n, act)
 
 
 @njit(cache=True)
@@ -527,7 +593,7 @@ def _epilogue_tile(c, ldc, mr, nc, r0, n0, n, p, outf, outq, outi, res, fbuf):
         if has_bias:
             for j in range(nc):
                 fbuf[j] += b[j]
-        activate(fbuf, nc, act)
+        _activate(fbuf, nc, act)
         if has_res:
             for j in range(ncu):
                 fbuf[j] += res[ob + j]
@@ -1090,22 +1156,62 @@ def quantize_unchecked(xf, of, scale, zp, lo, hi, threads=None):
 # ---------------------------------------------------------------------------------------
 
 
+#: order keys of float32 bit patterns (:func:`_row_range`): +inf's key; -inf's key
+_KEY_POS_INF = 0x7F800000
+_KEY_NEG_INF = -0x7F800001
+
+
 @njit(cache=True)
-def _quantize_row(x, i, q, rscale, rzp):
+def _row_range(bits, i, n, kf):
+    """Whether row ``i`` of a float32 array viewed as int32 ``bits`` is all finite; if so,
+    ``kf`` (float32 ``(2,)``, scratch) gets ``lo = min(0, min row)`` and ``hi = max(0, max
+    row)``.
+
+    On integer *order keys* ``b ^ ((b >> 31) & 0x7FFFFFFF)`` of the bit patterns ``b``
+    (signed order of the keys = numeric order of finite floats, with -0 < +0; +inf and
+    positive NaNs at or above +inf's key, -inf and negative NaNs at or below -inf's): an
+    integer min/max reduction, which LLVM vectorises (a float one it keeps scalar without
+    fast-math), and the finiteness test comes with it."""
+    row = bits[i]
+    lo = np.int64(0)  # the key of +0.0
+    hi = np.int64(0)
+    for j in range(n):
+        b = np.int64(row[j])
+        k = b ^ ((b >> 31) & 0x7FFFFFFF)
+        lo = min(lo, k)
+        hi = max(hi, k)
+    kb = kf.view(np.int32)
+    kb[0] = np.int32(lo ^ ((lo >> 31) & 0x7FFFFFFF))  # the key's own inverse
+    kb[1] = np.int32(hi ^ ((hi >> 31) & 0x7FFFFFFF))
+    return hi < _KEY_POS_INF and lo > _KEY_NEG_INF
+
+
+@njit(cache=True)
+def _quantize_row(x, bits, i, q, rscale, rzp, kf):
     """Row ``i`` of ``x`` to u8 with its own scale and zero point, as ONNX's
     ``DynamicQuantizeLinear`` does for a whole tensor: ``lo = min(0, min x)``, ``hi =
     max(0, max x)``, ``scale = (hi - lo) / 255``, ``zp = rint(clip(-lo / scale, 0, 255))``,
     ``q = clip(rint(x / scale) + zp, 0, 255)`` -- float32 IEEE arithmetic, round half to
     even (bit for bit :func:`blasst_ref.graph.ops_dynamic.quantize_rows_array`). A row of
-    zeros gets scale 1 and zero point 0 (every q is 0)."""
+    zeros, or one holding an inf or a NaN, gets scale 1 and zero point 0 (NaN -> 0).
+
+    Two vectorised passes over the row (in L1): the range (:func:`_row_range`), then the
+    quantization (IEEE division: no fast-math, bit-exact). ``kf``: float32 ``(2,)``
+    scratch."""
     row = x[i]
     n = row.shape[0]
-    lo = np.float32(0.0)
-    hi = np.float32(0.0)
-    for j in range(n):
-        v = row[j]
-        lo = min(lo, v)
-        hi = max(hi, v)
+    qi = q[i]
+    if not _row_range(bits, i, n, kf):
+        rscale[i] = np.float32(1.0)
+        rzp[i] = 0
+        for j in range(n):
+            v = np.rint(row[j])
+            if np.isnan(v):
+                v = np.float32(0.0)
+            qi[j] = np.uint8(min(max(v, np.float32(0.0)), np.float32(255.0)))
+        return
+    lo = kf[0]
+    hi = kf[1]
     scale = (hi - lo) / np.float32(255.0)
     if not (scale > np.float32(0.0)) or not np.isfinite(scale):
         scale = np.float32(1.0)
@@ -1114,24 +1220,28 @@ def _quantize_row(x, i, q, rscale, rzp):
         zp = np.rint(min(max(-lo / scale, np.float32(0.0)), np.float32(255.0)))
     rscale[i] = scale
     rzp[i] = np.int32(zp)
-    qi = q[i]
-    for j in range(n):
+    for j in range(n):  # finite row: no NaN to test for
         v = np.rint(row[j] / scale)
-        if np.isnan(v):
-            v = np.float32(0.0)
         qi[j] = np.uint8(min(max(v + zp, np.float32(0.0)), np.float32(255.0)))
 
 
 @njit(parallel=True, cache=True)
 def _quantize_rows_par(x, q, rscale, rzp):
-    for i in prange(x.shape[0]):
-        _quantize_row(x, i, q, rscale, rzp)
+    bits = x.view(np.int32)
+    m = x.shape[0]
+    chunks = min(m, 64)
+    for c in prange(chunks):
+        kf = np.empty(2, np.float32)
+        for i in range(c * m // chunks, (c + 1) * m // chunks):
+            _quantize_row(x, bits, i, q, rscale, rzp, kf)
 
 
 @njit(cache=True)
 def _quantize_rows_serial(x, q, rscale, rzp):
+    bits = x.view(np.int32)
+    kf = np.empty(2, np.float32)
     for i in range(x.shape[0]):
-        _quantize_row(x, i, q, rscale, rzp)
+        _quantize_row(x, bits, i, q, rscale, rzp, kf)
 
 
 def quantize_rows(x, *, threads=None):
@@ -1154,10 +1264,54 @@ def quantize_rows(x, *, threads=None):
     return q, rscale, rzp
 
 
+@njit(parallel=True, cache=True)
+def _run_par_dynamic(tag, x, q, rscale, rzp, w, n, row_block, col_block, p, outf, outq,
+                     outi):
+    """Dynamic int8 in one parallel region: each task owns ``row_block`` rows, quantizes
+    them (:func:`_quantize_row` into ``q``, ``rscale``, ``rzp``, which ``p`` holds too)
+    and then runs every column block of those rows (:func:`_task`, mode 3) while the
+    quantized rows are hot in L1/L2 -- one pass over ``x`` and one fork/join per call,
+    instead of a quantize region and a kernel region."""
+    m = x.shape[0]
+    nb = w.shape[2]
+    mr_max = _uk_dims(len(tag), nb)[0]
+    n_rb = (m + row_block - 1) // row_block
+    n_cb = (n + col_block - 1) // col_block
+    bits = x.view(np.int32)
+    for rb in prange(n_rb):
+        kf = np.empty(2, np.float32)
+        for i in range(rb * row_block, min(m, (rb + 1) * row_block)):
+            _quantize_row(x, bits, i, q, rscale, rzp, kf)
+        cbuf = np.empty((mr_max, col_block), np.int32)
+        fbuf = np.empty(col_block, np.float32)
+        for cb in range(n_cb):
+            _task(tag, rb * n_cb + cb, q, w, n, n_cb, row_block, col_block, p, outf, outq,
+                  outi, cbuf, fbuf)
+
+
+def dynamic_row_blocks(m, pw, threads):
+    """Rows per task of the one-region dynamic driver (:func:`_run_par_dynamic`): the
+    fewest equal blocks of whole micro-kernel strips, at most :data:`ROW_BLOCK` rows each,
+    whose count is a multiple of ``threads`` (every thread the same rows); None where
+    ``m`` has fewer strips than ``threads`` (the two-region path then runs)."""
+    mr = _UK_SHAPE[_VW[pw.backend]][0]
+    strips = -(-m // mr)
+    if threads <= 1 or strips < threads:
+        return None
+    tasks = threads
+    while True:
+        rb = -(-strips // tasks) * mr
+        if rb <= ROW_BLOCK or rb <= mr:
+            return rb
+        tasks += threads
+
+
 class DynamicQMatMulPlan:
     """``act(x @ W + bias) + residual`` with ``x`` float32 quantized per row at run time
     (dynamic quantization, docs/DESIGN.md §7.4): each call quantizes the rows of ``x``
-    (:func:`quantize_rows`: one pass over ``x``), then runs the u8 x s8 -> s32 kernel whose
+    (:func:`quantize_rows`: one pass over ``x``; on all threads, inside the kernel's own
+    parallel region, each task its own rows: :func:`_run_par_dynamic`), then runs the
+    u8 x s8 -> s32 kernel whose
     epilogue dequantises every output with its row's scale and zero point --
     ``y[m, n] = (row_scale[m] * w_scale[n]) * (acc[m, n] - row_zp[m] * col_sums[n])`` --
     adds the bias, activates, adds the residual and stores float32. Built once per weight
@@ -1184,11 +1338,27 @@ class DynamicQMatMulPlan:
         out = check_out(out, (m, n), np.float32)
         if np.may_share_memory(out, x):
             raise ValueError("out must not overlap x")
-        q, rscale, rzp = quantize_rows(x, threads=self.threads)
+        if m == 0:
+            return out
         cap = _num_threads()
         sched = self._sched.get((m, cap))
         if sched is None:
-            sched = self._sched[(m, cap)] = _schedule(m, pw, self.threads, cap)
+            sched = _schedule(m, pw, self.threads, cap)
+            nt = sched[2]
+            rows = dynamic_row_blocks(m, pw, nt) if nt == cap else None
+            sched = self._sched[(m, cap)] = (sched, rows)
+        sched, rows = sched
+        if rows is not None:  # one parallel region: quantize + product per row block
+            q = np.empty(x.shape, np.uint8)
+            rscale = np.empty(m, np.float32)
+            rzp = np.empty(m, np.int32)
+            p = _params(3, pw.col_sums, pw.scale, self.bias, self.act, residual,
+                        row_scale=rscale, row_zp=rzp)
+            cb = _blocks(m, n, pw, 1)[1]
+            _run_par_dynamic(_TAG[pw.backend], np.ascontiguousarray(x), q, rscale, rzp,
+                             pw.data, n, rows, cb, p, out, _EMPTY_U2, _EMPTY_I2)
+            return out
+        q, rscale, rzp = quantize_rows(x, threads=self.threads)
         p = _params(3, pw.col_sums, pw.scale, self.bias, self.act, residual,
                     row_scale=rscale, row_zp=rzp)
         _run(q, pw, p, sched, outf=out)
@@ -1245,4 +1415,4 @@ def vnni_peak_macs_per_cycle(backend=None) -> int:
     core (Zen 4: one zmm or two ymm per cycle; Ice Lake / Sapphire Rapids server cores with
     two FMA units: two zmm per cycle) -- multiply by it and by cores x GHz for a peak."""
     backend = _resolve_backend(backend)
-    return {"avx512_vnni": 64, "avx_vnni": 32, "portable": 0}[backend]
+    return {"avx512_vnni": 64, "avx_vnni": 32, "avx2": 16, "portable": 0}[backend]
