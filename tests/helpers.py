@@ -5,6 +5,8 @@
 * :func:`random_qkv`: fresh, seeded Gaussian ``q, k, v`` in the layout of
   :func:`blasst_ref.attention` (never zeros, never a constant), optionally with sharper
   scores or an attention sink so that ``thresh > 0`` has tiles to skip;
+* :func:`assert_error_bound`: docs/DESIGN.md §3.4's per-row error bound of a BLASST output,
+  and the lemma it rests on, from float64 scores and the tile code of every (row, key);
 * :func:`assert_outputs_close`: two runs of a graph (``{output name: array}``) agree;
 * :func:`record_calls`: a spy that counts the calls of a function (e.g. "weights are packed
   once, at compile time").
@@ -106,3 +108,51 @@ def assert_saved_figure_keeps_its_text(fig, path) -> None:
         inside = (box.x0 >= page.x0 - 1 and box.y0 >= page.y0 - 1
                   and box.x1 <= page.x1 + 1 and box.y1 <= page.y1 + 1)
         assert inside, f"the Axes {ax.get_title()!r} draws outside the page: {box} vs {page}"
+
+
+#: Absolute slack of the §3.4 bound per dtype, in units of the head's ``max |v|`` (the
+#: rounding of the kernel's own arithmetic, which the bound does not model).
+ABS_TOL_V = {np.float64: 1e-11, np.float32: 2e-5, np.float16: 1.5e-3}
+#: Slack of a score recomputed in float64 against the backend's (float32 for float16), relative
+#: to ``1 + max |score|`` (float32 dot products of length <= 576).
+SCORE_TOL = {np.float64: 1e-12, np.float32: 1e-5, np.float16: 1e-5}
+
+
+def assert_error_bound(out, dense, s, codes, v, thresh, dtype) -> float:
+    """Checks docs/DESIGN.md §3.4 per row: ``|out - dense| <= 2 max|v| thresh n_skipped /
+    l_kept`` (+ :data:`ABS_TOL_V`), and the lemma the bound rests on: every key a row sees in
+    a skipped tile has ``exp(s - m) < thresh`` with ``m`` the row's final max, so the tile
+    holding the max is never skipped and ``l_kept >= 1``.
+
+    Args:
+        out: ``(B, Hq, Lq, Dv)`` the BLASST output; ``dense``: the float64 dense oracle.
+        s: ``(B, Hq, Lq, Lk)`` float64 scaled scores, ``-inf`` where masked.
+        codes: ``(B, Hq, Lq, Lk)`` the tile-map code of the tile holding each (row, key).
+        v: ``(B, Hq, Lk, Dv)`` values per query head (kv heads repeated over their group).
+        thresh: the threshold; ``dtype``: the inputs' dtype (picks the tolerances).
+
+    Returns the worst ``err / bound`` (for Hypothesis' notes)."""
+    from blasst_ref.reference import NOT_VISITED, SKIPPED
+
+    visible = np.isfinite(s)
+    sees = visible.any(axis=-1)
+    m = np.where(sees, s.max(axis=-1, initial=-np.inf), 0.0)
+    assert np.all(codes[visible] != NOT_VISITED), "a visible key lies in a tile never visited"
+    skipped = visible & (codes == SKIPPED)
+
+    # the lemma: skipped keys are below thresh relative to the row's final max
+    s_tol = SCORE_TOL[dtype] * (1.0 + np.max(np.abs(s[visible]), initial=0.0))
+    gap = np.where(skipped, s - m[..., None], -np.inf).max(axis=-1)
+    assert np.all(gap < math.log(thresh) + s_tol), np.max(gap) - math.log(thresh)
+    p_kept = np.where(visible & ~skipped, np.exp(np.where(visible, s, 0.0) - m[..., None]), 0.0)
+    l_kept = p_kept.sum(axis=-1)
+    assert np.all(l_kept[sees] >= 1.0 - s_tol)
+
+    vmax = np.abs(np.asarray(v, np.float64)).max(axis=(2, 3))[:, :, None]  # (B, Hq, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bound = np.where(sees, 2 * vmax * thresh * skipped.sum(axis=-1) / l_kept, 0.0)
+    bound = bound + ABS_TOL_V[dtype] * vmax
+    err = np.abs(out.astype(np.float64) - dense).max(axis=-1)
+    worst = float(np.max(err / bound))
+    assert np.all(err <= bound), f"worst err/bound={worst:.3g}"
+    return worst

@@ -13,7 +13,7 @@ float64, the oracle computed from the very values the backend got):
 * float16: computed in float32, then the output is rounded to float16, which alone costs up to
   2**-11 = 4.9e-4 relative per element (measured <= 3.3e-4 in L2). 2e-3 is a 4x margin.
 
-``ABS_TOL_V`` is the same budget as an absolute error per output element, in units of the
+``helpers.ABS_TOL_V`` is the same budget as an absolute error per output element, in units of the
 row's ``max|v|`` (the output is a convex combination of value rows, so ``|out| <= max|v|``);
 it is added to the §3 error bound, which holds exactly in exact arithmetic.
 """
@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import strategies as S
 from conftest import HOST_BACKENDS
-from helpers import random_qkv, rel_err
+from helpers import assert_error_bound, random_qkv, rel_err
 from hypothesis import event, given, note, target
 from hypothesis import strategies as st
 
@@ -34,10 +34,6 @@ from blasst_ref import attention, dense_attention, tiling
 from blasst_ref.reference import COMPUTED, NOT_VISITED, SKIPPED
 
 REL_TOL = {np.float64: 1e-11, np.float32: 1e-5, np.float16: 2e-3}
-ABS_TOL_V = {np.float64: 1e-11, np.float32: 2e-5, np.float16: 1.5e-3}
-#: tolerance on a scaled score recomputed in float64 vs the backend's (float32 for float16),
-#: relative to the largest score magnitude (float32 dot products of length <= 576)
-SCORE_TOL = {np.float64: 1e-12, np.float32: 1e-5, np.float16: 1e-5}
 
 DTYPES = [pytest.param(d, id=np.dtype(d).name) for d in S.HOST_DTYPES]
 
@@ -175,32 +171,10 @@ def test_error_bound(backend, dtype, data):
     target(stats.sparsity, label="sparsity")
     event("sparsity > 0" if stats.skipped_tiles else "sparsity == 0")
 
-    s = scaled_scores(case)  # (B, Hq, Lq, Lk), -inf where masked
-    visible = np.isfinite(s)
-    sees = visible.any(axis=-1)
-    m = np.where(sees, s.max(axis=-1, initial=-np.inf), 0.0)
-    codes = key_codes(p, stats.tile_map)
-    skipped = visible & (codes == SKIPPED)
-    assert np.all(codes[visible] != NOT_VISITED), "a visible key lies in a tile never visited"
-
-    # lemma: skipped keys are below thresh relative to the row's final max
-    s_tol = SCORE_TOL[dtype] * (1.0 + np.max(np.abs(s[visible]), initial=0.0))
-    gap = np.where(skipped, s - m[..., None], -np.inf).max(axis=-1)
-    assert np.all(gap < math.log(thresh) + s_tol), np.max(gap) - math.log(thresh)
-
-    p_kept = np.where(visible & ~skipped, np.exp(np.where(visible, s, 0.0) - m[..., None]), 0.0)
-    l_kept = p_kept.sum(axis=-1)
-    assert np.all(l_kept[sees] >= 1.0 - s_tol)
-
     v = np.repeat(case.v.astype(np.float64), p.group, axis=1)  # (B, Hq, Lk, Dv)
-    vmax = np.abs(v).max(axis=(2, 3))[:, :, None]  # (B, Hq, 1): max |v| of the head
-    n_skipped = skipped.sum(axis=-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        bound = np.where(sees, 2 * vmax * thresh * n_skipped / l_kept, 0.0)
-    bound = bound + ABS_TOL_V[dtype] * vmax
-    err = np.abs(out.astype(np.float64) - oracle(case)).max(axis=-1)
-    note(f"sparsity={stats.sparsity:.3f} worst err/bound={np.max(err / bound):.3g}")
-    assert np.all(err <= bound)
+    worst = assert_error_bound(out, oracle(case), scaled_scores(case),
+                               key_codes(p, stats.tile_map), v, thresh, dtype)
+    note(f"sparsity={stats.sparsity:.3f} worst err/bound={worst:.3g}")
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
