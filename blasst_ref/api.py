@@ -305,7 +305,12 @@ def validate_arguments(q, k, v, thresh=0.0, causal=False, scale=None, backend="a
 # statistics
 
 
-def _stats(tile_map, backend, decode, group, lq, block_q, block_k, kernel) -> AttentionStats:
+def stats_of_tile_map(tile_map, backend, decode, group, lq, block_q, block_k,
+                      kernel) -> AttentionStats:
+    """The :class:`AttentionStats` of a call from its tile map (``(B, H, n_q_tiles,
+    n_k_tiles)`` codes; ``H`` is ``Hkv`` in decode, where ``group = Hq / Hkv`` query heads
+    decide together and a tile row is ``group * lq`` query rows). Used by :func:`attention`
+    and by the callers that run the backends another way (the differentiable torch call)."""
     visited = tile_map != reference.NOT_VISITED
     skipped = tile_map == reference.SKIPPED
     n_visited, n_skipped = int(visited.sum()), int(skipped.sum())
@@ -524,4 +529,5 @@ def attention(
         return out
     # A GPU backend leaves its tile map on the device: it crosses to the host only here.
     tile_map = tile_map.copy_to_host() if hasattr(tile_map, "copy_to_host") else np.asarray(tile_map)
-    return out, _stats(tile_map, backend, decode, hq // hkv, lq, block_q, block_k, kernel)
+    return out, stats_of_tile_map(tile_map, backend, decode, hq // hkv, lq, block_q, block_k,
+                                  kernel)

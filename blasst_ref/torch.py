@@ -69,7 +69,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402  (absolute import: PyTorch, never this module)
 
 from blasst_ref import tiling  # noqa: E402
-from blasst_ref.api import AttentionStats  # noqa: E402
+from blasst_ref.api import AttentionStats, stats_of_tile_map  # noqa: E402
 from blasst_ref.api import attention as _blasst_attention  # noqa: E402
 from blasst_ref.calibrate import Calibration  # noqa: E402
 
@@ -169,19 +169,9 @@ def _stats_of(saved, q, k):
     tm = saved.tile_map
     tm = tm.copy_to_host() if hasattr(tm, "copy_to_host") else np.asarray(tm)
     tm = tm[None] if tm.ndim == 3 else tm
-    visited, skipped = tm != 0, tm == 2  # 0 masked away, 1 computed, 2 skipped
-    n_visited, n_skipped = int(visited.sum()), int(skipped.sum())
-    v_h, s_h = visited.sum(axis=(2, 3)), skipped.sum(axis=(2, 3))
-    per_head = np.divide(s_h, v_h, out=np.zeros(v_h.shape), where=v_h > 0)
-    decode = saved.phase == "decode"
-    group, lq = q.shape[-3] // k.shape[-3], q.shape[-2]
-    if decode:
-        per_head = np.repeat(per_head, group, axis=1)  # (B, Hkv) -> (B, Hq)
-    return AttentionStats(
-        sparsity=n_skipped / n_visited if n_visited else 0.0, skipped_tiles=n_skipped,
-        visited_tiles=n_visited, per_head=per_head,
-        block_q=group * lq if decode else saved.block_q, block_k=saved.block_k,
-        backend=saved.backend, phase=saved.phase, tile_map=tm, kernel=saved.backend)
+    return stats_of_tile_map(tm, saved.backend, saved.phase == "decode",
+                             q.shape[-3] // k.shape[-3], q.shape[-2], saved.block_q,
+                             saved.block_k, saved.backend)
 
 
 def _forward(q, k, v, thresh, causal, scale, backend, block_q, block_k, return_stats):
